@@ -1,0 +1,247 @@
+//! The development stack as a whole: where each part runs, bringing it up (Postgres,
+//! Kafka, topics, migrations) and down, and what runs where.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clisonix_topics::{Admin, KafkaSettings, Outcome, Replication, Topics};
+
+use crate::kafka::{self, KafkaNode};
+use crate::postgres::{redact, Postgres};
+
+/// The stack of this checkout, configured from the environment.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    pub root: PathBuf,
+    /// Our own broker, unless `CLISONIX_KAFKA_BOOTSTRAP` names another Kafka.
+    pub kafka: Option<KafkaNode>,
+    external_kafka: Option<String>,
+    pub postgres: Postgres,
+    pub topics: Topics,
+}
+
+/// What `up` started (so a caller can stop exactly that again).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Started {
+    pub kafka: bool,
+    pub postgres: bool,
+}
+
+impl Started {
+    pub fn any(self) -> bool {
+        self.kafka || self.postgres
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn port(name: &str, default: u16) -> anyhow::Result<u16> {
+    match env(name) {
+        None => Ok(default),
+        Some(v) => v
+            .parse()
+            .with_context(|| format!("{name}={v} is not a port number")),
+    }
+}
+
+impl Stack {
+    pub fn from_env(root: &Path) -> anyhow::Result<Stack> {
+        let state = root.join(".dev");
+        let external_kafka = env("CLISONIX_KAFKA_BOOTSTRAP");
+        let kafka = match external_kafka {
+            Some(_) => None,
+            None => Some(KafkaNode {
+                dir: state.join("kafka"),
+                cache: cache_dir()?.join(format!("kafka-{}", kafka::VERSION)),
+                port: port("CLISONIX_KAFKA_PORT", 19092)?,
+                controller_port: port("CLISONIX_KAFKA_CONTROLLER_PORT", 19093)?,
+            }),
+        };
+        let postgres = match env("DATABASE_URL") {
+            Some(url) => Postgres::External { url },
+            None => Postgres::Private {
+                dir: state.join("postgres"),
+                port: port("CLISONIX_PG_PORT", 15432)?,
+            },
+        };
+        Ok(Stack {
+            root: root.to_owned(),
+            kafka,
+            external_kafka,
+            postgres,
+            topics: Topics::new(env("CLISONIX_TOPIC_PREFIX").unwrap_or_default()),
+        })
+    }
+
+    pub fn bootstrap(&self) -> String {
+        match (&self.kafka, &self.external_kafka) {
+            (Some(node), _) => node.bootstrap(),
+            (None, Some(external)) => external.clone(),
+            (None, None) => unreachable!("either our node or an external one"),
+        }
+    }
+
+    pub fn kafka_settings(&self, client_id: &str) -> KafkaSettings {
+        KafkaSettings::new(self.bootstrap(), client_id)
+    }
+
+    pub fn migrations(&self) -> PathBuf {
+        self.root.join("gateway/migrations")
+    }
+
+    /// Environment variables that point programs at this stack.
+    pub fn env_vars(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("CLISONIX_KAFKA_BOOTSTRAP", self.bootstrap()),
+            ("DATABASE_URL", self.postgres.url()),
+        ]
+    }
+
+    /// Brings everything up; idempotent. Returns what it started.
+    pub fn up(&self, runtime: &tokio::runtime::Runtime) -> anyhow::Result<Started> {
+        let mut started = Started::default();
+        started.postgres = self.postgres.start().context("starting Postgres")?;
+        if let Some(node) = &self.kafka {
+            started.kafka = node.start().context("starting Kafka")?;
+        }
+        let admin =
+            Admin::connect(&self.kafka_settings("clisonix-dev")).context("connecting to Kafka")?;
+        let reports = admin
+            .ensure(&self.topics, Replication::Auto)
+            .context("creating the catalog's topics")?;
+        let conflicts: Vec<String> = reports
+            .iter()
+            .filter_map(|r| match &r.outcome {
+                Outcome::Conflict(diffs) => Some(format!(
+                    "{}: {}",
+                    r.topic,
+                    diffs
+                        .iter()
+                        .map(|d| format!("{} is {} (catalog: {})", d.setting, d.actual, d.expected))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+                _ => None,
+            })
+            .collect();
+        if !conflicts.is_empty() {
+            bail!(
+                "topics differ from the catalog (nothing was changed):\n  {}\n\
+                 Start afresh with ./dev reset --yes, or use CLISONIX_TOPIC_PREFIX.",
+                conflicts.join("\n  ")
+            );
+        }
+        let created = reports
+            .iter()
+            .filter(|r| matches!(r.outcome, Outcome::Created { .. }))
+            .count();
+        if created > 0 {
+            eprintln!("==> Created {created} topics");
+        }
+        runtime
+            .block_on(self.postgres.prepare(&self.migrations()))
+            .context("preparing the database")?;
+        Ok(started)
+    }
+
+    /// Stops what runs of our own stack (external services are left alone).
+    pub fn down(&self) -> anyhow::Result<()> {
+        if let Some(node) = &self.kafka {
+            if node.stop()? {
+                eprintln!("==> Kafka stopped");
+            }
+        }
+        if self.postgres.stop()? {
+            eprintln!("==> Postgres stopped");
+        }
+        Ok(())
+    }
+
+    /// Stops exactly what an `up` started.
+    pub fn down_started(&self, started: Started) -> anyhow::Result<()> {
+        if started.kafka {
+            if let Some(node) = &self.kafka {
+                node.stop()?;
+                eprintln!("==> Kafka stopped");
+            }
+        }
+        if started.postgres && self.postgres.stop()? {
+            eprintln!("==> Postgres stopped");
+        }
+        Ok(())
+    }
+
+    /// Deletes all local data (stops the stack first).
+    pub fn reset(&self) -> anyhow::Result<()> {
+        self.down()?;
+        if let Some(node) = &self.kafka {
+            node.reset()?;
+        }
+        self.postgres.reset()?;
+        Ok(())
+    }
+
+    /// One line per part: what runs where.
+    pub fn status(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        match &self.kafka {
+            Some(node) => lines.push(match node.running() {
+                Some(pid) => format!(
+                    "kafka     running   {} (Apache Kafka {} KRaft, pid {pid}, data {}, log {})",
+                    node.bootstrap(),
+                    kafka::VERSION,
+                    node.dir.join("data").display(),
+                    node.log_file().display()
+                ),
+                None => format!(
+                    "kafka     stopped   {} (./dev up starts it)",
+                    node.bootstrap()
+                ),
+            }),
+            None => lines.push(format!(
+                "kafka     external  {} (CLISONIX_KAFKA_BOOTSTRAP)",
+                self.bootstrap()
+            )),
+        }
+        lines.push(match &self.postgres {
+            Postgres::External { url } => {
+                format!("postgres  external  {} (DATABASE_URL)", redact(url))
+            }
+            Postgres::Private { dir, .. } => {
+                if self.postgres.running() {
+                    format!(
+                        "postgres  running   {} (data {}, log {})",
+                        self.postgres.url(),
+                        dir.join("data").display(),
+                        dir.join("postgres.log").display()
+                    )
+                } else {
+                    format!(
+                        "postgres  stopped   {} (./dev up starts it)",
+                        self.postgres.url()
+                    )
+                }
+            }
+        });
+        lines
+    }
+
+    /// Whether our own parts all run.
+    pub fn running(&self) -> bool {
+        self.kafka.as_ref().is_none_or(|n| n.running().is_some()) && self.postgres.running()
+    }
+}
+
+/// Where fetched artifacts are kept across checkouts.
+fn cache_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = env("CLISONIX_CACHE_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = env("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(dir).join("clisonix"));
+    }
+    let home = env("HOME").context("HOME is not set; set CLISONIX_CACHE_DIR")?;
+    Ok(PathBuf::from(home).join(".cache/clisonix"))
+}
