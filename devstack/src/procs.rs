@@ -101,3 +101,36 @@ pub fn run_checked(cmd: &mut std::process::Command, what: &str) -> anyhow::Resul
     }
     Ok(stdout)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taken_port_is_a_clear_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let err = ensure_port_free(port, "the Kafka broker", "CLISONIX_KAFKA_PORT").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("port {port}")) && text.contains("CLISONIX_KAFKA_PORT"),
+            "{text}"
+        );
+        assert!(port_open(port));
+        drop(listener);
+        assert!(ensure_port_free(port, "x", "Y").is_ok());
+    }
+
+    #[test]
+    fn liveness_checks_the_command_line() {
+        let me = std::process::id() as i32;
+        let exe = std::env::current_exe().unwrap();
+        let name = exe.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(alive(me, &name));
+        assert!(!alive(me, "definitely-not-this-program"));
+        let dir = std::env::temp_dir().join(format!("pid-{me}"));
+        std::fs::write(&dir, format!("{me}\n/some/data/dir\n")).unwrap();
+        assert_eq!(read_pid(&dir), Some(me));
+        std::fs::remove_file(&dir).unwrap();
+    }
+}

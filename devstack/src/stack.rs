@@ -99,9 +99,25 @@ impl Stack {
         ]
     }
 
-    /// Brings everything up; idempotent. Returns what it started.
+    /// Brings everything up; idempotent. Returns what it started. When a step fails,
+    /// what this call started is stopped again, so a failed `up` leaves nothing behind.
     pub fn up(&self, runtime: &tokio::runtime::Runtime) -> anyhow::Result<Started> {
         let mut started = Started::default();
+        let result = self.bring_up(runtime, &mut started);
+        if let Err(error) = result {
+            if let Err(cleanup) = self.down_started(started) {
+                eprintln!("warning: stopping what was started failed: {cleanup:#}");
+            }
+            return Err(error);
+        }
+        Ok(started)
+    }
+
+    fn bring_up(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        started: &mut Started,
+    ) -> anyhow::Result<()> {
         started.postgres = self.postgres.start().context("starting Postgres")?;
         if let Some(node) = &self.kafka {
             started.kafka = node.start().context("starting Kafka")?;
@@ -143,7 +159,7 @@ impl Stack {
         runtime
             .block_on(self.postgres.prepare(&self.migrations()))
             .context("preparing the database")?;
-        Ok(started)
+        Ok(())
     }
 
     /// Stops what runs of our own stack (external services are left alone).

@@ -6,6 +6,7 @@
 //! so they are awaited here with a plain executor and need no async runtime.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use futures::executor::block_on;
 use rdkafka::admin::{
@@ -43,6 +44,8 @@ pub enum AdminError {
         topic: String,
         code: RDKafkaErrorCode,
     },
+    #[error("topic {topic} was created but its partitions have no serving leader yet")]
+    NotReady { topic: String },
     #[error("replication factor {requested} needs that many brokers; the cluster has {brokers}")]
     Replication { requested: i32, brokers: usize },
 }
@@ -254,10 +257,75 @@ impl Admin {
                 },
             });
         }
+        let created: Vec<String> = reports
+            .iter()
+            .filter(|r| matches!(r.outcome, Outcome::Created { .. }))
+            .map(|r| r.topic.clone())
+            .collect();
+        self.wait_ready(&created)?;
         // Report in catalog order.
         let order: Vec<String> = topics.all().map(|(n, _)| n).collect();
         reports.sort_by_key(|r| order.iter().position(|n| *n == r.topic));
         Ok(reports)
+    }
+
+    /// Waits until every partition of `topics` has a leader that answers offset
+    /// queries, so a topic reported as created can be used at once.
+    fn wait_ready(&self, topics: &[String]) -> Result<(), AdminError> {
+        for topic in topics {
+            for partition in 0..self.partition_count_when_listed(topic)? {
+                self.watermarks(topic, partition as i32)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The partition count of a just-created topic, once metadata lists it.
+    fn partition_count_when_listed(&self, topic: &str) -> Result<usize, AdminError> {
+        let deadline = Instant::now() + ADMIN_TIMEOUT;
+        loop {
+            let metadata = self.metadata(Some(topic))?;
+            let listed = metadata.topics().first().filter(|t| {
+                t.error().is_none()
+                    && !t.partitions().is_empty()
+                    && t.partitions()
+                        .iter()
+                        .all(|p| p.leader() >= 0 && p.error().is_none())
+            });
+            if let Some(t) = listed {
+                return Ok(t.partitions().len());
+            }
+            if Instant::now() > deadline {
+                return Err(AdminError::NotReady {
+                    topic: topic.to_owned(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Low and high watermark of a partition, retrying while leadership settles
+    /// (a new topic's leader can be listed before it serves offset queries).
+    fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64), AdminError> {
+        let deadline = Instant::now() + ADMIN_TIMEOUT;
+        loop {
+            match self
+                .client
+                .inner()
+                .fetch_watermarks(topic, partition, ADMIN_TIMEOUT)
+            {
+                Ok(marks) => return Ok(marks),
+                Err(e) if is_transient(&e) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(source) => {
+                    return Err(AdminError::Kafka {
+                        operation: "watermarks",
+                        source,
+                    })
+                }
+            }
+        }
     }
 
     fn partition_count(&self, topic: &str) -> Result<usize, AdminError> {
@@ -351,14 +419,7 @@ impl Admin {
             let metadata = self.metadata(Some(&topic))?;
             let mut partitions = Vec::new();
             for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
-                let (low, high) = self
-                    .client
-                    .inner()
-                    .fetch_watermarks(&topic, p.id(), ADMIN_TIMEOUT)
-                    .map_err(|source| AdminError::Kafka {
-                        operation: "watermarks",
-                        source,
-                    })?;
+                let (low, high) = self.watermarks(&topic, p.id())?;
                 partitions.push(PartitionInfo {
                     id: p.id(),
                     leader: p.leader(),
@@ -379,4 +440,18 @@ impl Admin {
         }
         Ok(out)
     }
+}
+
+/// Errors that pass once partition leadership settles.
+fn is_transient(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::UnknownTopic
+        )
+    )
 }

@@ -480,7 +480,7 @@ fn parse_tals(bytes: &[u8], record: u64) -> Result<(Option<f64>, Vec<Annotation>
             .ok_or_else(|| err(format!("bad onset {:?}", String::from_utf8_lossy(onset))))?;
         let duration_s = match duration {
             None => None,
-            Some(d) if d.is_empty() => None,
+            Some([]) => None,
             Some(d) => Some(
                 std::str::from_utf8(d)
                     .ok()
