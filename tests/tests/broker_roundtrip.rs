@@ -8,6 +8,7 @@ use std::time::Duration;
 use clisonix_e2e::{Received, TestEnv};
 use clisonix_schemas::{decode, encode, examples, AvroRecord};
 use clisonix_topics::catalog::*;
+use clisonix_topics::CATALOG;
 
 /// Encoded (key, value) by (partition, offset).
 type Sent = HashMap<(i32, i64), (Vec<u8>, Vec<u8>)>;
@@ -82,17 +83,10 @@ async fn every_record_type_round_trips_through_the_broker() {
         .map(|i| (examples::dead_letter(i).key(), examples::dead_letter(i)))
         .collect();
 
-    let names: Vec<String> = [
-        EEG_FRAMES,
-        EEG_FEATURES,
-        AUDIO_CHUNKS,
-        EEG_SESSIONS,
-        USAGE_EVENTS,
-        DEAD_LETTERS,
-    ]
-    .iter()
-    .map(|spec| topics.name(spec))
-    .collect();
+    // One topic of each catalog entry, in catalog order (frames first, dead letters last).
+    let names: Vec<String> = CATALOG.iter().map(|spec| topics.name(spec)).collect();
+    assert_eq!(CATALOG[0], EEG_FRAMES);
+    assert_eq!(CATALOG[5], DEAD_LETTERS);
     let mut sent = HashMap::new();
     sent.extend(
         send(&env, &names[0], &frames)
