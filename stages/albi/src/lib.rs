@@ -1,0 +1,401 @@
+//! Albi: turns each session's frames into features per channel and window.
+//!
+//! Windows are counted from the session's first accepted sample: window `w` covers
+//! samples `[w*hop, w*hop + window)` (default 2 s, non-overlapping). Frames are taken
+//! in arrival order per session:
+//! - a frame whose `seq` jumps ahead is accepted and the missing frames are counted as
+//!   `seq_gaps` (the window then spans the gap and says so);
+//! - a frame whose `seq` was already seen is a duplicate: dropped and counted;
+//! - a frame that arrives after a later one (not seen before) is out of order: it cannot
+//!   be put back into samples already windowed, so it is dropped and counted.
+//!
+//! The counts are reported on the next window emitted for the session. Poison frames
+//! (non-finite samples, a sample rate or channel set that changes mid-session, a rate
+//! the features cannot use) are rejected to the dead-letter topic.
+//!
+//! Deterministic: sessions live in ordered maps, and idle sessions are evicted by the
+//! records' own timestamps, never by the wall clock.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use clisonix_schemas::{
+    Bands, DeviceId, Features, Frame, Hjorth, SampleUnit, SessionId, TenantId, Timestamp,
+    WindowQuality,
+};
+use clisonix_signal::{FeatureEngine, SignalError, WindowFeatures, ALGORITHM_VERSION};
+use clisonix_stage::{Output, OutputTopic, RecordMeta, Rejection, Stage};
+
+/// The stage's name (its consumer group) and version.
+pub const NAME: &str = "albi";
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How many sequence numbers behind the newest a duplicate is still recognised.
+const SEEN_HORIZON: u64 = 4096;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlbiConfig {
+    /// Window length in seconds.
+    pub window_seconds: f64,
+    /// Step between window starts in seconds (= window: non-overlapping).
+    pub hop_seconds: f64,
+    /// A session without frames for this long (by record timestamps) is closed and its
+    /// partial window dropped, so it stops holding back the committed offset.
+    pub idle_ms: i64,
+}
+
+impl Default for AlbiConfig {
+    fn default() -> Self {
+        AlbiConfig {
+            window_seconds: 2.0,
+            hop_seconds: 2.0,
+            idle_ms: 10 * 60 * 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct SessionRef {
+    tenant: TenantId,
+    session: SessionId,
+}
+
+/// A frame whose samples are (partly) still buffered.
+#[derive(Debug, Clone, Copy)]
+struct BufferedFrame {
+    offset: i64,
+    first_sample: u64,
+    samples: u64,
+    device_time_us: i64,
+}
+
+#[derive(Debug)]
+struct Session {
+    partition: i32,
+    device: DeviceId,
+    fs: f64,
+    unit: SampleUnit,
+    labels: Vec<String>,
+    window: usize,
+    hop: usize,
+    /// Per channel, samples from `buffer_start` on.
+    buffers: Vec<VecDeque<f32>>,
+    buffer_start: u64,
+    next_window: u64,
+    frames: VecDeque<BufferedFrame>,
+    next_seq: u64,
+    seen: BTreeSet<u64>,
+    gaps: u32,
+    duplicates: u32,
+    out_of_order: u32,
+    last_timestamp_ms: i64,
+}
+
+impl Session {
+    fn buffered_end(&self) -> u64 {
+        self.buffer_start + self.buffers[0].len() as u64
+    }
+
+    /// Device time of session sample `s` (which must be buffered).
+    fn time_of(&self, s: u64) -> Timestamp {
+        let frame = self
+            .frames
+            .iter()
+            .find(|f| s >= f.first_sample && s < f.first_sample + f.samples)
+            .expect("a buffered sample belongs to a buffered frame");
+        let offset = (s - frame.first_sample) as f64 * 1e6 / self.fs;
+        Timestamp::from_micros(frame.device_time_us + offset.round() as i64)
+    }
+}
+
+/// The Albi stage.
+#[derive(Debug)]
+pub struct Albi {
+    config: AlbiConfig,
+    sessions: BTreeMap<SessionRef, Session>,
+    /// One engine per (sample rate, window length), shared by sessions.
+    engines: BTreeMap<(u64, usize), FeatureEngine>,
+    features: WindowFeatures,
+    window: Vec<f64>,
+    /// Per partition, the record timestamp at which idle sessions were last looked for.
+    last_sweep_ms: BTreeMap<i32, i64>,
+}
+
+impl Albi {
+    pub fn new(config: AlbiConfig) -> Albi {
+        Albi {
+            config,
+            sessions: BTreeMap::new(),
+            engines: BTreeMap::new(),
+            features: WindowFeatures::default(),
+            window: Vec::new(),
+            last_sweep_ms: BTreeMap::new(),
+        }
+    }
+
+    /// Open sessions (for metrics).
+    pub fn open_sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    fn sweep_idle(&mut self, partition: i32, now_ms: i64) {
+        let last = self.last_sweep_ms.entry(partition).or_insert(i64::MIN);
+        if now_ms < last.saturating_add(1000) {
+            return;
+        }
+        *last = now_ms;
+        let idle = self.config.idle_ms;
+        self.sessions
+            .retain(|_, s| s.partition != partition || now_ms - s.last_timestamp_ms <= idle);
+    }
+
+    fn emit_ready_windows(&mut self, key: SessionRef, out: &mut Vec<Output>) {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let engine = self
+            .engines
+            .get_mut(&(session.fs.to_bits(), session.window))
+            .expect("an engine exists for every open session");
+        loop {
+            let start = session.next_window * session.hop as u64;
+            let end = start + session.window as u64;
+            if session.buffered_end() < end {
+                break;
+            }
+            let window_start = session.time_of(start);
+            let skip = (start - session.buffer_start) as usize;
+            let quality_counts = (session.gaps, session.duplicates, session.out_of_order);
+            for (c, buffer) in session.buffers.iter().enumerate() {
+                self.window.clear();
+                self.window.extend(
+                    buffer
+                        .range(skip..skip + session.window)
+                        .map(|&v| f64::from(v)),
+                );
+                engine
+                    .compute(&self.window, &mut self.features)
+                    .expect("frames are checked finite and windows sized by the engine");
+                let f = &self.features;
+                let features = Features {
+                    tenant_id: key.tenant,
+                    session_id: key.session,
+                    device_id: session.device.clone(),
+                    channel_index: c as u32,
+                    channel_label: session.labels[c].clone(),
+                    window_index: session.next_window,
+                    window_start_sample: start,
+                    window_start,
+                    window_samples: session.window as u32,
+                    sample_rate_hz: session.fs,
+                    unit: session.unit,
+                    algorithm_version: ALGORITHM_VERSION.to_owned(),
+                    abs: bands(f.abs),
+                    total_abs: f.total_abs,
+                    rel: bands(f.rel),
+                    peak_alpha_hz: f.peak_alpha_hz,
+                    peak_alpha_psd: f.peak_alpha_psd,
+                    spectral_entropy: f.spectral_entropy,
+                    hjorth: Hjorth {
+                        activity: f.hjorth_activity,
+                        mobility: f.hjorth_mobility,
+                        complexity: f.hjorth_complexity,
+                    },
+                    aperiodic_exponent: f.aperiodic_exponent,
+                    psd_resolution_hz: engine.resolution_hz(),
+                    psd: f.psd.clone(),
+                    quality: WindowQuality {
+                        flat: f.flat,
+                        clipped_fraction: f.clipped_fraction,
+                        line_noise_50hz: f.line_noise_50hz,
+                        line_noise_60hz: f.line_noise_60hz,
+                        seq_gaps: quality_counts.0,
+                        duplicate_frames: quality_counts.1,
+                        out_of_order_frames: quality_counts.2,
+                    },
+                };
+                out.push(Output::new(
+                    OutputTopic::EegFeatures,
+                    &features.key(),
+                    &features,
+                ));
+            }
+            session.gaps = 0;
+            session.duplicates = 0;
+            session.out_of_order = 0;
+            session.next_window += 1;
+            // Drop what no later window needs.
+            let keep_from = session.next_window * session.hop as u64;
+            let drop = keep_from.saturating_sub(session.buffer_start) as usize;
+            let drop = drop.min(session.buffers[0].len());
+            for buffer in &mut session.buffers {
+                buffer.drain(..drop);
+            }
+            session.buffer_start += drop as u64;
+            while session
+                .frames
+                .front()
+                .is_some_and(|f| f.first_sample + f.samples <= session.buffer_start)
+            {
+                session.frames.pop_front();
+            }
+        }
+    }
+}
+
+fn bands(values: [Option<f64>; 5]) -> Bands {
+    let [delta, theta, alpha, beta, gamma] = values;
+    Bands {
+        delta,
+        theta,
+        alpha,
+        beta,
+        gamma,
+    }
+}
+
+impl Stage for Albi {
+    type Input = Frame;
+
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn version(&self) -> &'static str {
+        VERSION
+    }
+
+    fn process(
+        &mut self,
+        frame: Frame,
+        meta: RecordMeta,
+        out: &mut Vec<Output>,
+    ) -> Result<(), Rejection> {
+        let now_ms = meta.timestamp_ms.unwrap_or(frame.received_at.as_millis());
+        self.sweep_idle(meta.partition, now_ms);
+        if let Some(i) = frame.samples.iter().position(|v| !v.is_finite()) {
+            return Err(Rejection::new(
+                "non_finite_samples",
+                format!("sample {i} of frame {} is {}", frame.seq, frame.samples[i]),
+            ));
+        }
+        if frame.channel_labels.is_empty() {
+            return Err(Rejection::new("no_channels", "the frame has no channels"));
+        }
+        let key = SessionRef {
+            tenant: frame.tenant_id,
+            session: frame.session_id,
+        };
+        let fs = frame.sample_rate_hz;
+        match self.sessions.get_mut(&key) {
+            Some(session) => {
+                if session.fs != fs {
+                    return Err(Rejection::new(
+                        "sample_rate_changed",
+                        format!(
+                            "session at {} Hz, frame {} at {fs} Hz",
+                            session.fs, frame.seq
+                        ),
+                    ));
+                }
+                if session.labels != frame.channel_labels {
+                    return Err(Rejection::new(
+                        "channels_changed",
+                        format!("frame {} has other channels than its session", frame.seq),
+                    ));
+                }
+                session.last_timestamp_ms = now_ms;
+                if frame.seq < session.next_seq {
+                    if session.seen.contains(&frame.seq)
+                        || session.next_seq - frame.seq > SEEN_HORIZON
+                    {
+                        session.duplicates += 1;
+                    } else {
+                        session.out_of_order += 1;
+                        session.seen.insert(frame.seq);
+                    }
+                    return Ok(());
+                }
+                if frame.seq > session.next_seq {
+                    let missing = frame.seq - session.next_seq;
+                    session.gaps = session
+                        .gaps
+                        .saturating_add(missing.min(u32::MAX as u64) as u32);
+                }
+            }
+            None => {
+                let window = (self.config.window_seconds * fs).round() as usize;
+                let hop = ((self.config.hop_seconds * fs).round() as usize).max(1);
+                let engine_key = (fs.to_bits(), window);
+                if let std::collections::btree_map::Entry::Vacant(slot) =
+                    self.engines.entry(engine_key)
+                {
+                    let engine = FeatureEngine::new(fs, window).map_err(|e| match e {
+                        SignalError::SampleRate(_) => Rejection::new(
+                            "unsupported_sample_rate",
+                            format!("frame {}: {e}", frame.seq),
+                        ),
+                        other => Rejection::new("unsupported_window", other.to_string()),
+                    })?;
+                    slot.insert(engine);
+                }
+                self.sessions.insert(
+                    key,
+                    Session {
+                        partition: meta.partition,
+                        device: frame.device_id.clone(),
+                        fs,
+                        unit: frame.unit,
+                        labels: frame.channel_labels.clone(),
+                        window,
+                        hop,
+                        buffers: vec![VecDeque::new(); frame.channel_labels.len()],
+                        buffer_start: 0,
+                        next_window: 0,
+                        frames: VecDeque::new(),
+                        next_seq: frame.seq,
+                        seen: BTreeSet::new(),
+                        gaps: 0,
+                        duplicates: 0,
+                        out_of_order: 0,
+                        last_timestamp_ms: now_ms,
+                    },
+                );
+            }
+        }
+        let session = self.sessions.get_mut(&key).expect("inserted above");
+        let n = frame.samples_per_channel as u64;
+        let first_sample = session.buffered_end();
+        for (c, buffer) in session.buffers.iter_mut().enumerate() {
+            buffer.extend(frame.channel(c));
+        }
+        if n > 0 {
+            session.frames.push_back(BufferedFrame {
+                offset: meta.offset,
+                first_sample,
+                samples: n,
+                device_time_us: frame.device_time.as_micros(),
+            });
+        }
+        session.seen.insert(frame.seq);
+        session.next_seq = frame.seq + 1;
+        let horizon = session.next_seq.saturating_sub(SEEN_HORIZON);
+        while session.seen.first().is_some_and(|&s| s < horizon) {
+            session.seen.pop_first();
+        }
+        self.emit_ready_windows(key, out);
+        Ok(())
+    }
+
+    fn needed_from(&self, partition: i32) -> Option<i64> {
+        self.sessions
+            .values()
+            .filter(|s| s.partition == partition)
+            .filter_map(|s| s.frames.front().map(|f| f.offset))
+            .min()
+    }
+
+    fn forget(&mut self, partition: i32) {
+        self.sessions.retain(|_, s| s.partition != partition);
+        self.last_sweep_ms.remove(&partition);
+    }
+}
