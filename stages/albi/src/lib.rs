@@ -14,7 +14,10 @@
 //! the features cannot use) are rejected to the dead-letter topic.
 //!
 //! Deterministic: sessions live in ordered maps, and idle sessions are evicted by the
-//! records' own timestamps, never by the wall clock.
+//! records' own timestamps, never by the wall clock. An open session holds the
+//! committed offset at its first frame ([`Stage::needed_from`]): window numbers count
+//! from the session's first sample, so a restarted Albi re-reads the whole open session
+//! (cheaply: replayed windows are counted off without computing features).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -62,7 +65,6 @@ struct SessionRef {
 /// A frame whose samples are (partly) still buffered.
 #[derive(Debug, Clone, Copy)]
 struct BufferedFrame {
-    offset: i64,
     first_sample: u64,
     samples: u64,
     device_time_us: i64,
@@ -71,6 +73,9 @@ struct BufferedFrame {
 #[derive(Debug)]
 struct Session {
     partition: i32,
+    /// Offset of the session's first frame: its window numbering and sequence state
+    /// are built from there, so a restart must re-read from there.
+    first_offset: i64,
     device: DeviceId,
     fs: f64,
     unit: SampleUnit,
@@ -148,7 +153,9 @@ impl Albi {
             .retain(|_, s| s.partition != partition || now_ms - s.last_timestamp_ms <= idle);
     }
 
-    fn emit_ready_windows(&mut self, key: SessionRef, out: &mut Vec<Output>) {
+    /// Emits every window the buffered samples complete; with `compute` false (replay)
+    /// the windows are only counted off, as their features are already out.
+    fn emit_ready_windows(&mut self, key: SessionRef, compute: bool, out: &mut Vec<Output>) {
         let Some(session) = self.sessions.get_mut(&key) else {
             return;
         };
@@ -165,7 +172,8 @@ impl Albi {
             let window_start = session.time_of(start);
             let skip = (start - session.buffer_start) as usize;
             let quality_counts = (session.gaps, session.duplicates, session.out_of_order);
-            for (c, buffer) in session.buffers.iter().enumerate() {
+            let channels = if compute { session.buffers.len() } else { 0 };
+            for (c, buffer) in session.buffers.iter().enumerate().take(channels) {
                 self.window.clear();
                 self.window.extend(
                     buffer
@@ -342,6 +350,7 @@ impl Stage for Albi {
                     key,
                     Session {
                         partition: meta.partition,
+                        first_offset: meta.offset,
                         device: frame.device_id.clone(),
                         fs,
                         unit: frame.unit,
@@ -370,7 +379,6 @@ impl Stage for Albi {
         }
         if n > 0 {
             session.frames.push_back(BufferedFrame {
-                offset: meta.offset,
                 first_sample,
                 samples: n,
                 device_time_us: frame.device_time.as_micros(),
@@ -382,7 +390,7 @@ impl Stage for Albi {
         while session.seen.first().is_some_and(|&s| s < horizon) {
             session.seen.pop_first();
         }
-        self.emit_ready_windows(key, out);
+        self.emit_ready_windows(key, !meta.replay, out);
         Ok(())
     }
 
@@ -390,7 +398,7 @@ impl Stage for Albi {
         self.sessions
             .values()
             .filter(|s| s.partition == partition)
-            .filter_map(|s| s.frames.front().map(|f| f.offset))
+            .map(|s| s.first_offset)
             .min()
     }
 

@@ -22,6 +22,10 @@ pub struct RecordMeta {
     pub offset: i64,
     /// Kafka timestamp, milliseconds since the epoch.
     pub timestamp_ms: Option<i64>,
+    /// The record is re-read to rebuild state after a restart or rebalance: its outputs
+    /// were already written and will be discarded, so a stage may skip costly work
+    /// that only produces outputs (but must update its state exactly as usual).
+    pub replay: bool,
 }
 
 /// Which catalog topic an output goes to.

@@ -1,0 +1,180 @@
+//! `clisonix-stage`: runs one stream stage.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use clisonix_albi::{Albi, AlbiConfig};
+use clisonix_stage_runtime::{router, run, Health, RuntimeConfig};
+use clisonix_topics::{KafkaSettings, Topics};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+const EXAMPLES: &str = "\
+Examples:
+  # Albi on the local stack, metrics on :9464
+  clisonix-stage albi
+
+  # A second instance in the same group (each instance needs its own id)
+  clisonix-stage --instance-id albi-1 --http-addr 127.0.0.1:9465 albi
+
+  # Overlapping 4 s windows every second
+  clisonix-stage albi --window-seconds 4 --hop-seconds 1";
+
+#[derive(Debug, Parser)]
+#[command(name = "clisonix-stage", version, about = "Run a Clisonix stream stage", after_help = EXAMPLES)]
+struct Cli {
+    /// Kafka bootstrap servers
+    #[arg(long, env = "CLISONIX_KAFKA_BOOTSTRAP", default_value = clisonix_topics::client::DEFAULT_BOOTSTRAP, global = true)]
+    bootstrap: String,
+    /// Prefix of every topic name
+    #[arg(long, env = "CLISONIX_TOPIC_PREFIX", default_value = "", global = true)]
+    topic_prefix: String,
+    /// Consumer group (default: the stage's name)
+    #[arg(long, env = "CLISONIX_STAGE_GROUP", global = true)]
+    group: Option<String>,
+    /// This instance's stable id (e.g. the pod name); a restart with the same id fences
+    /// the previous incarnation's open transaction (default: the host name)
+    #[arg(long, env = "CLISONIX_INSTANCE_ID", global = true)]
+    instance_id: Option<String>,
+    /// Where /metrics, /health and /ready listen
+    #[arg(
+        long,
+        env = "CLISONIX_STAGE_HTTP_ADDR",
+        default_value = "127.0.0.1:9464",
+        global = true
+    )]
+    http_addr: SocketAddr,
+    /// Largest batch (one transaction)
+    #[arg(long, default_value_t = 500, global = true)]
+    batch_max: usize,
+    /// How long a batch waits for more records, in milliseconds
+    #[arg(long, default_value_t = 50, global = true)]
+    batch_linger_ms: u64,
+    #[command(subcommand)]
+    stage: StageCmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum StageCmd {
+    /// Albi: eeg.frames -> eeg.features
+    Albi {
+        /// Window length in seconds
+        #[arg(long, default_value_t = 2.0)]
+        window_seconds: f64,
+        /// Step between windows in seconds (default: the window length)
+        #[arg(long)]
+        hop_seconds: Option<f64>,
+        /// Close a session after this many seconds without frames
+        #[arg(long, default_value_t = 600)]
+        idle_seconds: i64,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,librdkafka=warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "stage failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "local".into())
+}
+
+async fn serve(cli: Cli) -> anyhow::Result<()> {
+    let (stage, window, hop, idle) = match cli.stage {
+        StageCmd::Albi {
+            window_seconds,
+            hop_seconds,
+            idle_seconds,
+        } => (
+            "albi",
+            window_seconds,
+            hop_seconds.unwrap_or(window_seconds),
+            idle_seconds,
+        ),
+    };
+    let config = RuntimeConfig {
+        kafka: KafkaSettings::new(&cli.bootstrap, format!("clisonix-{stage}")),
+        topics: Topics::new(cli.topic_prefix),
+        group: cli.group.unwrap_or_else(|| stage.to_owned()),
+        instance_id: cli.instance_id.unwrap_or_else(hostname),
+        batch_max: cli.batch_max.max(1),
+        batch_linger: Duration::from_millis(cli.batch_linger_ms),
+    };
+    let shutdown = CancellationToken::new();
+    let health = Health::default();
+
+    let listener = tokio::net::TcpListener::bind(cli.http_addr)
+        .await
+        .with_context(|| format!("binding {}", cli.http_addr))?;
+    info!(addr = %listener.local_addr()?, "serving /metrics, /health, /ready");
+    let server = {
+        let shutdown = shutdown.clone();
+        let app = router(health.clone());
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await
+        })
+    };
+    tokio::spawn(signals(shutdown.clone()));
+
+    let albi = Albi::new(AlbiConfig {
+        window_seconds: window,
+        hop_seconds: hop,
+        idle_ms: idle * 1000,
+    });
+    let result = run(albi, config, health, shutdown.clone()).await;
+    // Whatever ended the stage ends the server too.
+    shutdown.cancel();
+    match tokio::time::timeout(Duration::from_secs(10), server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => error!(error = %e, "the HTTP server failed"),
+        Ok(Err(e)) => error!(error = %e, "the HTTP server task failed"),
+        Err(_) => error!("the HTTP server did not stop within 10 s"),
+    }
+    result.context("running the stage")
+}
+
+/// Cancels `shutdown` on SIGTERM or Ctrl-C.
+async fn signals(shutdown: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: finishing the batch in hand, then stopping"),
+        _ = tokio::signal::ctrl_c() => info!("Ctrl-C: finishing the batch in hand, then stopping"),
+        _ = shutdown.cancelled() => {}
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,511 @@
+//! The loop every stage runs in: consume a batch, decode, process, then produce the
+//! outputs, the dead letters and the input offsets in one Kafka transaction.
+//!
+//! Exactly once, without a state store:
+//! - each batch is one transaction: outputs, dead letters and offsets commit together
+//!   or not at all (consumers of the outputs read committed);
+//! - the offset committed for a partition is the oldest input the stage's open state
+//!   still needs ([`Stage::needed_from`]), not the last one processed, and its commit
+//!   metadata records the last offset whose outputs are already out
+//!   (`emitted_through=N`);
+//! - after a restart, a rebalance or an aborted transaction the partition is re-read
+//!   from the committed offset: records up to `emitted_through` rebuild the stage's
+//!   state and their outputs are discarded; the rest is processed normally. Stages are
+//!   deterministic, so the outputs are the same set as a run that never stopped.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use clisonix_schemas::{decode, encode, AvroRecord, DeadLetter, Header, Timestamp};
+use clisonix_stage::{OutputTopic, RecordMeta, Rejection, Stage};
+use clisonix_topics::catalog::{
+    AUDIO_CHUNKS, CATALOG, DEAD_LETTERS, EEG_FEATURES, EEG_SESSIONS, USAGE_EVENTS,
+};
+use clisonix_topics::{KafkaSettings, Topics};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use tokio::task::block_in_place;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::http::Health;
+
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
+const METADATA_KEY: &str = "emitted_through=";
+const LAG_EVERY: Duration = Duration::from_secs(5);
+
+/// How a stage connects and batches.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub kafka: KafkaSettings,
+    pub topics: Topics,
+    /// The consumer group (default: the stage's name).
+    pub group: String,
+    /// Stable per instance (e.g. the pod name): restarting with the same id fences the
+    /// previous incarnation's open transaction at once.
+    pub instance_id: String,
+    pub batch_max: usize,
+    pub batch_linger: Duration,
+}
+
+/// Why a stage stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("the stage's input family {0} travels on no catalog topic")]
+    NoInputTopic(clisonix_schemas::Family),
+    #[error("Kafka {what} failed: {source}")]
+    Kafka {
+        what: &'static str,
+        #[source]
+        source: KafkaError,
+    },
+}
+
+fn kafka(what: &'static str) -> impl FnOnce(KafkaError) -> RuntimeError {
+    move |source| RuntimeError::Kafka { what, source }
+}
+
+#[derive(Debug)]
+enum Event {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+/// Records partition assignments and revocations, which librdkafka reports from
+/// inside a poll; the loop applies them before the records that poll returned.
+#[derive(Debug, Default)]
+struct RebalanceEvents {
+    events: Mutex<Vec<Event>>,
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
+    tpl.elements().iter().map(|e| e.partition()).collect()
+}
+
+impl ClientContext for RebalanceEvents {}
+
+impl ConsumerContext for RebalanceEvents {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            self.events
+                .lock()
+                .expect("not poisoned")
+                .push(Event::Revoked(partitions(tpl)));
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.events
+                .lock()
+                .expect("not poisoned")
+                .push(Event::Assigned(partitions(tpl)));
+        }
+    }
+}
+
+/// Per assigned partition.
+#[derive(Debug, Clone, Copy)]
+struct PartitionState {
+    /// Outputs of records up to here are already out (from the commit metadata).
+    emitted_through: i64,
+    /// The last record processed in this incarnation.
+    last: Option<i64>,
+}
+
+struct Loop<S: Stage> {
+    stage: S,
+    consumer: StreamConsumer<RebalanceEvents>,
+    producer: FutureProducer,
+    health: Health,
+    input: String,
+    dead_letters: String,
+    topics: Topics,
+    parts: BTreeMap<i32, PartitionState>,
+    config: RuntimeConfig,
+}
+
+/// Runs `stage` until `shutdown` is cancelled (finishing and committing the batch in
+/// hand, then leaving the group) or a Kafka error makes going on unsafe.
+pub async fn run<S: Stage + 'static>(
+    stage: S,
+    config: RuntimeConfig,
+    health: Health,
+    shutdown: CancellationToken,
+) -> Result<(), RuntimeError> {
+    let family = S::Input::FAMILY;
+    let spec = CATALOG
+        .iter()
+        .find(|t| t.value == family)
+        .ok_or(RuntimeError::NoInputTopic(family))?;
+    let input = config.topics.name(spec);
+    let consumer: StreamConsumer<RebalanceEvents> = config
+        .kafka
+        .consumer(&config.group)
+        .create_with_context(RebalanceEvents::default())
+        .map_err(kafka("creating the consumer"))?;
+    let producer: FutureProducer = config
+        .kafka
+        .producer()
+        .set(
+            "transactional.id",
+            format!("{}-{}", config.group, config.instance_id),
+        )
+        .set("transaction.timeout.ms", "30000")
+        .create()
+        .map_err(kafka("creating the producer"))?;
+    block_in_place(|| producer.init_transactions(KAFKA_TIMEOUT))
+        .map_err(kafka("initialising transactions"))?;
+    consumer
+        .subscribe(&[&input])
+        .map_err(kafka("subscribing"))?;
+    info!(stage = stage.name(), %input, group = %config.group, "stage running");
+    let mut this = Loop {
+        dead_letters: config.topics.name(&DEAD_LETTERS),
+        topics: config.topics.clone(),
+        stage,
+        consumer,
+        producer,
+        health,
+        input,
+        parts: BTreeMap::new(),
+        config,
+    };
+    this.health.ready.store(true, Ordering::Relaxed);
+    let result = this.run(shutdown).await;
+    this.health.ready.store(false, Ordering::Relaxed);
+    // Leave the group now rather than when the session times out.
+    this.consumer.unsubscribe();
+    info!(stage = this.stage.name(), "stage stopped");
+    result
+}
+
+impl<S: Stage> Loop<S> {
+    async fn run(&mut self, shutdown: CancellationToken) -> Result<(), RuntimeError> {
+        let mut last_lag = Instant::now();
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(()),
+                m = self.consumer.recv() => m.map(|m| m.detach()),
+            };
+            let started = Instant::now();
+            let deadline = tokio::time::Instant::now() + self.config.batch_linger;
+            let mut batch: Vec<OwnedMessage> = Vec::new();
+            let mut next = Some(first);
+            while let Some(received) = next.take() {
+                // Rebalances reported by that poll come before its record.
+                self.apply_events(&mut batch)?;
+                match received {
+                    Ok(m) => batch.push(m),
+                    Err(error) => warn!(%error, "consumer error"),
+                }
+                if batch.len() >= self.config.batch_max {
+                    break;
+                }
+                if let Ok(m) = tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                    next = Some(m.map(|m| m.detach()));
+                }
+            }
+            self.apply_events(&mut batch)?;
+            if batch.is_empty() {
+                continue;
+            }
+            let outputs = block_in_place(|| self.process(&batch));
+            match block_in_place(|| self.commit(&batch, &outputs)) {
+                Ok(()) => {
+                    self.metric_transaction("committed");
+                    let stage = self.stage.name();
+                    self.health
+                        .metrics
+                        .batch
+                        .with_label_values(&[stage])
+                        .observe(started.elapsed().as_secs_f64());
+                }
+                Err(error) => {
+                    self.metric_transaction("aborted");
+                    warn!(%error, "transaction failed; rewinding to the committed offsets");
+                    block_in_place(|| self.abort_and_rewind())?;
+                }
+            }
+            if last_lag.elapsed() >= LAG_EVERY {
+                last_lag = Instant::now();
+                block_in_place(|| self.update_lag());
+            }
+        }
+    }
+
+    fn metric_transaction(&self, outcome: &str) {
+        self.health
+            .metrics
+            .transactions
+            .with_label_values(&[self.stage.name(), outcome])
+            .inc();
+    }
+
+    /// Applies assignments and revocations: state of a revoked partition is dropped
+    /// (with its records in the batch); a newly assigned one starts afresh from its
+    /// committed offset, remembering what was already emitted.
+    fn apply_events(&mut self, batch: &mut Vec<OwnedMessage>) -> Result<(), RuntimeError> {
+        let events: Vec<Event> =
+            std::mem::take(&mut *self.consumer.context().events.lock().expect("not poisoned"));
+        for event in events {
+            match event {
+                Event::Revoked(ps) => {
+                    info!(partitions = ?ps, "partitions revoked");
+                    for p in ps {
+                        self.stage.forget(p);
+                        self.parts.remove(&p);
+                        batch.retain(|m| m.partition() != p);
+                    }
+                }
+                Event::Assigned(ps) => {
+                    info!(partitions = ?ps, "partitions assigned");
+                    let committed = block_in_place(|| self.committed(&ps))?;
+                    info!(marks = ?committed, "committed offsets' emitted-through marks");
+                    for (p, state) in committed {
+                        self.stage.forget(p);
+                        self.parts.insert(p, state);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Committed offsets and `emitted_through` marks of partitions.
+    fn committed(&self, ps: &[i32]) -> Result<Vec<(i32, PartitionState)>, RuntimeError> {
+        let mut tpl = TopicPartitionList::new();
+        for &p in ps {
+            tpl.add_partition(&self.input, p);
+        }
+        let committed = self
+            .consumer
+            .committed_offsets(tpl, KAFKA_TIMEOUT)
+            .map_err(kafka("fetching committed offsets"))?;
+        Ok(committed
+            .elements()
+            .iter()
+            .map(|e| {
+                let emitted_through = e
+                    .metadata()
+                    .strip_prefix(METADATA_KEY)
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(-1);
+                (
+                    e.partition(),
+                    PartitionState {
+                        emitted_through,
+                        last: None,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Decodes and processes a batch; returns the records to produce.
+    fn process(&mut self, batch: &[OwnedMessage]) -> Vec<(String, Vec<u8>, Vec<u8>)> {
+        let stage_name = self.stage.name();
+        let metrics = self.health.metrics.clone();
+        let mut outputs = Vec::new();
+        let mut buf = Vec::new();
+        for m in batch {
+            let p = m.partition();
+            let state = self.parts.entry(p).or_insert(PartitionState {
+                emitted_through: -1,
+                last: None,
+            });
+            let replaying = m.offset() <= state.emitted_through;
+            state.last = Some(m.offset());
+            metrics.records_in.with_label_values(&[stage_name]).inc();
+            if replaying {
+                metrics.replayed.with_label_values(&[stage_name]).inc();
+            }
+            let started = Instant::now();
+            let meta = RecordMeta {
+                partition: p,
+                offset: m.offset(),
+                timestamp_ms: m.timestamp().to_millis(),
+                replay: replaying,
+            };
+            buf.clear();
+            let result = match m.payload() {
+                None => Err(Rejection::new("empty", "the record has no value")),
+                Some(bytes) => match decode::<S::Input>(bytes) {
+                    Ok(record) => self.stage.process(record, meta, &mut buf),
+                    Err(e) => Err(Rejection::new(e.reason_code(), e.to_string())),
+                },
+            };
+            metrics
+                .processing
+                .with_label_values(&[stage_name])
+                .observe(started.elapsed().as_secs_f64());
+            if replaying {
+                continue;
+            }
+            for o in buf.drain(..) {
+                let topic = self.output_topic(o.topic);
+                metrics
+                    .records_out
+                    .with_label_values(&[stage_name, &topic])
+                    .inc();
+                outputs.push((topic, o.key, o.value));
+            }
+            if let Err(rejection) = result {
+                warn!(stage = stage_name, partition = p, offset = m.offset(), code = rejection.code,
+                      detail = %rejection.detail, "record rejected to the dead-letter topic");
+                metrics
+                    .dead_letters
+                    .with_label_values(&[stage_name, rejection.code])
+                    .inc();
+                outputs.push(self.dead_letter(m, rejection));
+            }
+        }
+        outputs
+    }
+
+    fn output_topic(&self, topic: OutputTopic) -> String {
+        self.topics.name(match topic {
+            OutputTopic::EegFeatures => &EEG_FEATURES,
+            OutputTopic::AudioChunks => &AUDIO_CHUNKS,
+            OutputTopic::EegSessions => &EEG_SESSIONS,
+            OutputTopic::UsageEvents => &USAGE_EVENTS,
+        })
+    }
+
+    fn dead_letter(&self, m: &OwnedMessage, rejection: Rejection) -> (String, Vec<u8>, Vec<u8>) {
+        let headers = m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| Header {
+                        name: h.key.to_owned(),
+                        value: h.value.map(<[u8]>::to_vec),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let letter = DeadLetter {
+            stage: self.stage.name().to_owned(),
+            stage_version: self.stage.version().to_owned(),
+            source_topic: m.topic().to_owned(),
+            source_partition: m.partition(),
+            source_offset: m.offset(),
+            source_timestamp_ms: m.timestamp().to_millis(),
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+            headers,
+            reason_code: rejection.code.to_owned(),
+            reason_detail: rejection.detail,
+            failed_at: Timestamp::now(),
+        };
+        let key = encode(&letter.key()).expect("a dead-letter key encodes");
+        let value = encode(&letter).expect("a dead letter encodes");
+        (self.dead_letters.clone(), key, value)
+    }
+
+    /// Produces the outputs and commits the batch's offsets in one transaction.
+    fn commit(
+        &self,
+        batch: &[OwnedMessage],
+        outputs: &[(String, Vec<u8>, Vec<u8>)],
+    ) -> Result<(), KafkaError> {
+        self.producer.begin_transaction()?;
+        for (topic, key, value) in outputs {
+            loop {
+                let record = FutureRecord::to(topic).key(key).payload(value);
+                match self.producer.send_result(record) {
+                    // Delivery is confirmed by the commit, which fails if any send did.
+                    Ok(_delivery) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err((e, _)) => return Err(e),
+                }
+            }
+        }
+        let mut offsets = TopicPartitionList::new();
+        let touched: std::collections::BTreeSet<i32> =
+            batch.iter().map(|m| m.partition()).collect();
+        for p in touched {
+            let Some(state) = self.parts.get(&p) else {
+                continue;
+            };
+            let Some(last) = state.last else { continue };
+            let from = self
+                .stage
+                .needed_from(p)
+                .map_or(last + 1, |needed| needed.min(last + 1));
+            offsets.add_partition_offset(&self.input, p, Offset::Offset(from))?;
+            if let Some(mut e) = offsets.find_partition(&self.input, p) {
+                // Never lower the mark while replaying below it.
+                e.set_metadata(format!("{METADATA_KEY}{}", last.max(state.emitted_through)));
+            }
+        }
+        // A consumer that returned records has joined its group, so this is always set.
+        let Some(group) = self.consumer.group_metadata() else {
+            return Err(KafkaError::Canceled);
+        };
+        self.producer
+            .send_offsets_to_transaction(&offsets, &group, KAFKA_TIMEOUT)?;
+        self.producer.commit_transaction(KAFKA_TIMEOUT)?;
+        Ok(())
+    }
+
+    /// After a failed transaction: abort it, drop all state and re-read every assigned
+    /// partition from its committed offset.
+    fn abort_and_rewind(&mut self) -> Result<(), RuntimeError> {
+        self.producer
+            .abort_transaction(KAFKA_TIMEOUT)
+            .map_err(kafka("aborting a transaction"))?;
+        let ps: Vec<i32> = self.parts.keys().copied().collect();
+        for (p, state) in self.committed(&ps)? {
+            self.stage.forget(p);
+            self.parts.insert(p, state);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for &p in &ps {
+            tpl.add_partition(&self.input, p);
+        }
+        let committed = self
+            .consumer
+            .committed_offsets(tpl, KAFKA_TIMEOUT)
+            .map_err(kafka("fetching committed offsets"))?;
+        for e in committed.elements() {
+            let offset = match e.offset() {
+                Offset::Offset(o) => Offset::Offset(o),
+                _ => Offset::Beginning,
+            };
+            self.consumer
+                .seek(&self.input, e.partition(), offset, KAFKA_TIMEOUT)
+                .map_err(kafka("seeking back"))?;
+        }
+        Ok(())
+    }
+
+    fn update_lag(&self) {
+        let Ok(positions) = self.consumer.position() else {
+            return;
+        };
+        for e in positions.elements() {
+            let Offset::Offset(position) = e.offset() else {
+                continue;
+            };
+            if let Ok((_, high)) =
+                self.consumer
+                    .fetch_watermarks(&self.input, e.partition(), Duration::from_secs(2))
+            {
+                self.health
+                    .metrics
+                    .lag
+                    .with_label_values(&[self.stage.name(), &e.partition().to_string()])
+                    .set(high - position);
+            }
+        }
+    }
+}
