@@ -38,6 +38,7 @@ use crate::http::Health;
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 const METADATA_KEY: &str = "emitted_through=";
 const LAG_EVERY: Duration = Duration::from_secs(5);
+const IDLE_TICK: Duration = Duration::from_millis(250);
 
 /// How a stage connects and batches.
 #[derive(Debug, Clone)]
@@ -193,6 +194,16 @@ impl<S: Stage> Loop<S> {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
                 m = self.consumer.recv() => m.map(|m| m.detach()),
+                // Idle: still apply rebalances (an instance may own only empty
+                // partitions) and keep the lag current.
+                _ = tokio::time::sleep(IDLE_TICK) => {
+                    self.apply_events(&mut Vec::new())?;
+                    if last_lag.elapsed() >= LAG_EVERY {
+                        last_lag = Instant::now();
+                        block_in_place(|| self.update_lag());
+                    }
+                    continue;
+                }
             };
             let started = Instant::now();
             let deadline = tokio::time::Instant::now() + self.config.batch_linger;
