@@ -20,7 +20,7 @@ on loopback, the catalog's topics and the database migrations.";
 
 const EXAMPLES: &str = "\
 Examples:
-  ./dev run                 # the main job: stack up, stream a real recording through eeg.frames
+  ./dev run                 # the main job: stack up, Albi, a real recording -> eeg.frames -> eeg.features
   ./dev test                # the whole test suite on the real broker and database
   ./dev up && ./dev status  # bring the stack up and see what runs where
   eval \"$(./dev env)\"       # point your shell (cargo test, the tools) at the stack
@@ -67,7 +67,8 @@ enum Cmd {
         #[arg(short = 'n', long, default_value_t = 50)]
         lines: usize,
     },
-    /// The main job: bring the stack up, stream a recording through eeg.frames, read it back
+    /// The main job: bring the stack up, run Albi, stream a recording through eeg.frames,
+    /// read it back and read its features
     Run {
         /// The EDF/BDF recording (default: the shared example recording)
         #[arg(long)]
@@ -180,9 +181,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let options = run::PlayOptions { frame_ms, realtime };
             let settings = stack.kafka_settings("clisonix-dev-run");
             let outcome = rt.block_on(async {
-                tokio::select! {
-                    result = run::play(&settings, &stack.topics, &file, &options) => Some(result),
+                // Albi runs alongside, in its own consumer group, as it would in production.
+                let albi_stop = tokio_util::sync::CancellationToken::new();
+                let albi = tokio::spawn(clisonix_stage_runtime::run(
+                    clisonix_albi::Albi::new(clisonix_albi::AlbiConfig::default()),
+                    clisonix_stage_runtime::RuntimeConfig {
+                        kafka: stack.kafka_settings("clisonix-albi"),
+                        topics: stack.topics.clone(),
+                        group: clisonix_albi::NAME.to_owned(),
+                        instance_id: "dev-run".to_owned(),
+                        batch_max: 500,
+                        batch_linger: std::time::Duration::from_millis(50),
+                    },
+                    clisonix_stage_runtime::Health::default(),
+                    albi_stop.clone(),
+                ));
+                let job = async {
+                    let summary = run::play(&settings, &stack.topics, &file, &options).await?;
+                    // Albi's default windows: 2 s, non-overlapping.
+                    let window = (2.0 * summary.sample_rate_hz).round() as u64;
+                    let windows = summary.samples_per_channel / window;
+                    let expected = windows as usize * summary.channels;
+                    let started = std::time::Instant::now();
+                    let features = run::features_of(
+                        &settings,
+                        &stack.topics,
+                        summary.session,
+                        expected,
+                        std::time::Duration::from_secs(180),
+                    )
+                    .await?;
+                    anyhow::Ok((summary, features, started.elapsed()))
+                };
+                let outcome = tokio::select! {
+                    result = job => Some(result),
                     _ = tokio::signal::ctrl_c() => None,
+                };
+                albi_stop.cancel();
+                match albi.await {
+                    Ok(Ok(())) => outcome,
+                    Ok(Err(e)) => Some(Err(anyhow::Error::from(e).context("Albi failed"))),
+                    Err(e) => Some(Err(anyhow::anyhow!("the Albi task failed: {e}"))),
                 }
             });
             drop(rt);
@@ -205,7 +244,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     finish(&stack, started)?;
                     return Err(error);
                 }
-                Some(Ok(s)) => {
+                Some(Ok((s, features, features_took))) => {
                     finish(&stack, started)?;
                     println!(
                         "Done: session {} — {} frames ({} channels, {} Hz, {:.1} s of EEG, {:.2} MB) \
@@ -224,6 +263,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         s.frames as f64 / s.produce.as_secs_f64(),
                         s.verify.as_secs_f64()
                     );
+                    print_features(&features, features_took);
                 }
             }
         }
@@ -257,5 +297,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn print_status(stack: &Stack) {
     for line in stack.status() {
         println!("{line}");
+    }
+}
+
+/// A few lines about the features Albi computed: enough to see it worked.
+fn print_features(features: &[clisonix_schemas::Features], took: std::time::Duration) {
+    let windows = features
+        .iter()
+        .map(|f| f.window_index)
+        .max()
+        .map_or(0, |w| w + 1);
+    println!(
+        "Albi: {} feature records ({windows} windows x {} channels) in eeg.features, all read back within {:.1} s of the last frame.",
+        features.len(),
+        features.len() / windows.max(1) as usize,
+        took.as_secs_f64()
+    );
+    println!(
+        "  {:<6} {:>6} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "channel", "window", "delta", "alpha", "beta", "peak Hz", "entropy"
+    );
+    for f in features
+        .iter()
+        .filter(|f| f.channel_label == "Cz" || f.channel_label == "Oz")
+        .take(6)
+    {
+        let pct = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{:.1} %", 100.0 * v));
+        println!(
+            "  {:<6} {:>6} {:>10} {:>10} {:>10} {:>9} {:>9}",
+            f.channel_label,
+            f.window_index,
+            pct(f.rel.delta),
+            pct(f.rel.alpha),
+            pct(f.rel.beta),
+            f.peak_alpha_hz
+                .map_or("-".to_owned(), |v| format!("{v:.0}")),
+            f.spectral_entropy
+                .map_or("-".to_owned(), |v| format!("{v:.3}")),
+        );
     }
 }

@@ -1,13 +1,16 @@
 //! The main job, at this stage of the product: stream a real recording's frames
-//! through `eeg.frames` and read them back, checking every byte.
+//! through `eeg.frames`, read them back checking every byte, and read the features
+//! Albi (running alongside) computes from them out of `eeg.features`.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clisonix_edf::{FrameSpec, Framer, Reader};
-use clisonix_schemas::{decode, encode, DeviceId, Frame, SessionId, TenantId, Timestamp};
-use clisonix_topics::catalog::EEG_FRAMES;
+use clisonix_schemas::{
+    decode, encode, DeviceId, FeatureKey, Features, Frame, SessionId, TenantId, Timestamp,
+};
+use clisonix_topics::catalog::{EEG_FEATURES, EEG_FRAMES};
 use clisonix_topics::{KafkaSettings, Topics};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -35,6 +38,8 @@ pub struct PlaySummary {
     pub partition: i32,
     pub offsets: (i64, i64),
     pub verify: Duration,
+    /// Samples per channel streamed (for the expected number of windows).
+    pub samples_per_channel: u64,
 }
 
 /// Streams the recording at `path` into `eeg.frames`, then consumes the same range
@@ -156,6 +161,7 @@ pub async fn play(
         partition,
         offsets,
         verify: verify_started.elapsed(),
+        samples_per_channel: (eeg_seconds * fs).round() as u64,
     })
 }
 
@@ -231,4 +237,51 @@ async fn verify(
         sent.len()
     );
     Ok(())
+}
+
+/// Waits until `expected` feature records of `session` are in `eeg.features` (read
+/// committed) and returns them ordered by window and channel.
+pub async fn features_of(
+    settings: &KafkaSettings,
+    topics: &Topics,
+    session: SessionId,
+    expected: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Features>> {
+    let topic = topics.name(&EEG_FEATURES);
+    let consumer: StreamConsumer = settings
+        .consumer(&format!("clisonix-dev-features-{}", uuid::Uuid::new_v4()))
+        .create()
+        .context("creating a consumer")?;
+    consumer.subscribe(&[&topic])?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut found = std::collections::BTreeMap::new();
+    while found.len() < expected {
+        let message = match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(m) => m?,
+            Err(_) => bail!(
+                "only {} of {expected} feature records arrived within {timeout:?}",
+                found.len()
+            ),
+        };
+        let Some(key) = message.key().and_then(|k| decode::<FeatureKey>(k).ok()) else {
+            continue;
+        };
+        if key.session_id != session {
+            continue;
+        }
+        let features: Features =
+            decode(message.payload().unwrap_or_default()).context("decoding a feature record")?;
+        if found
+            .insert((key.window_index, key.channel_index), features)
+            .is_some()
+        {
+            bail!(
+                "window {} of channel {} arrived twice",
+                key.window_index,
+                key.channel_index
+            );
+        }
+    }
+    Ok(found.into_values().collect())
 }
