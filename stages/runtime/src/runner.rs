@@ -277,9 +277,13 @@ impl<S: Stage> Loop<S> {
                 }
                 Event::Assigned(ps) => {
                     info!(partitions = ?ps, "partitions assigned");
-                    let committed = block_in_place(|| self.committed(&ps))?;
-                    info!(marks = ?committed, "committed offsets' emitted-through marks");
-                    for (p, state) in committed {
+                    for (p, offset, state) in block_in_place(|| self.committed(&ps))? {
+                        info!(
+                            partition = p,
+                            ?offset,
+                            state.emitted_through,
+                            "resuming partition"
+                        );
                         self.stage.forget(p);
                         self.parts.insert(p, state);
                     }
@@ -289,8 +293,9 @@ impl<S: Stage> Loop<S> {
         Ok(())
     }
 
-    /// Committed offsets and `emitted_through` marks of partitions.
-    fn committed(&self, ps: &[i32]) -> Result<Vec<(i32, PartitionState)>, RuntimeError> {
+    /// Committed offsets (where re-reading starts) and `emitted_through` marks of
+    /// partitions.
+    fn committed(&self, ps: &[i32]) -> Result<Vec<(i32, Offset, PartitionState)>, RuntimeError> {
         let mut tpl = TopicPartitionList::new();
         for &p in ps {
             tpl.add_partition(&self.input, p);
@@ -308,13 +313,11 @@ impl<S: Stage> Loop<S> {
                     .strip_prefix(METADATA_KEY)
                     .and_then(|n| n.parse().ok())
                     .unwrap_or(-1);
-                (
-                    e.partition(),
-                    PartitionState {
-                        emitted_through,
-                        last: None,
-                    },
-                )
+                let state = PartitionState {
+                    emitted_through,
+                    last: None,
+                };
+                (e.partition(), e.offset(), state)
             })
             .collect())
     }
@@ -475,25 +478,15 @@ impl<S: Stage> Loop<S> {
             .abort_transaction(KAFKA_TIMEOUT)
             .map_err(kafka("aborting a transaction"))?;
         let ps: Vec<i32> = self.parts.keys().copied().collect();
-        for (p, state) in self.committed(&ps)? {
+        for (p, offset, state) in self.committed(&ps)? {
             self.stage.forget(p);
             self.parts.insert(p, state);
-        }
-        let mut tpl = TopicPartitionList::new();
-        for &p in &ps {
-            tpl.add_partition(&self.input, p);
-        }
-        let committed = self
-            .consumer
-            .committed_offsets(tpl, KAFKA_TIMEOUT)
-            .map_err(kafka("fetching committed offsets"))?;
-        for e in committed.elements() {
-            let offset = match e.offset() {
+            let from = match offset {
                 Offset::Offset(o) => Offset::Offset(o),
                 _ => Offset::Beginning,
             };
             self.consumer
-                .seek(&self.input, e.partition(), offset, KAFKA_TIMEOUT)
+                .seek(&self.input, p, from, KAFKA_TIMEOUT)
                 .map_err(kafka("seeking back"))?;
         }
         Ok(())
