@@ -213,6 +213,15 @@ pub struct TestDatabase {
 }
 
 impl TestDatabase {
+    /// A connection URL for this database (for services that connect themselves).
+    pub fn url(&self) -> String {
+        self.options
+            .clone()
+            .database(&self.name)
+            .to_url_lossy()
+            .to_string()
+    }
+
     pub async fn drop_now(self) {
         self.pool.close().await;
         if let Ok(mut admin) = self.options.clone().database("postgres").connect().await {

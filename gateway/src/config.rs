@@ -1,0 +1,196 @@
+//! Configuration: defaults, then environment variables. Secrets are wrapped so they
+//! never print; in production mode the gateway refuses a missing or default secret.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The development signing secret; refused in production mode.
+pub const DEV_JWT_SECRET: &str = "clisonix-development-secret-do-not-use-in-production";
+
+/// A value that must not appear in logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub database_url: Secret,
+    pub jwt_secret: Secret,
+    pub issuer: String,
+    pub audience: String,
+    pub access_ttl: Duration,
+    pub refresh_ttl: Duration,
+    /// `CLISONIX_ENV=production`: default secrets are refused.
+    pub production: bool,
+    /// Apply the database migrations at start.
+    pub migrate: bool,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+}
+
+/// Every invalid setting at once.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigError(pub Vec<String>);
+
+impl Config {
+    /// Development defaults (no database URL).
+    pub fn defaults() -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            database_url: Secret::new(""),
+            jwt_secret: Secret::new(DEV_JWT_SECRET),
+            issuer: "clisonix".into(),
+            audience: "clisonix-api".into(),
+            access_ttl: Duration::from_secs(15 * 60),
+            refresh_ttl: Duration::from_secs(30 * 24 * 3600),
+            production: false,
+            migrate: true,
+            max_body_bytes: 64 * 1024,
+        }
+    }
+
+    /// Defaults overridden by `CLISONIX_*` variables and `DATABASE_URL`.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// As [`Config::from_env`], reading variables through `var` (for tests).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut c = Config::defaults();
+        let mut errors = Vec::new();
+        let mut parse = |name: &str, apply: &mut dyn FnMut(&str) -> Result<(), String>| {
+            if let Some(v) = var(name).filter(|v| !v.is_empty()) {
+                if let Err(e) = apply(&v) {
+                    errors.push(format!("{name}={v:?}: {e}"));
+                }
+            }
+        };
+        parse("CLISONIX_GATEWAY_LISTEN", &mut |v| {
+            c.listen = v.parse().map_err(|e| format!("{e}"))?;
+            Ok(())
+        });
+        parse("DATABASE_URL", &mut |v| {
+            c.database_url = Secret::new(v);
+            Ok(())
+        });
+        parse("CLISONIX_JWT_SECRET", &mut |v| {
+            c.jwt_secret = Secret::new(v);
+            Ok(())
+        });
+        parse("CLISONIX_JWT_ISSUER", &mut |v| {
+            c.issuer = v.into();
+            Ok(())
+        });
+        parse("CLISONIX_JWT_AUDIENCE", &mut |v| {
+            c.audience = v.into();
+            Ok(())
+        });
+        parse("CLISONIX_ACCESS_TTL_SECONDS", &mut |v| {
+            c.access_ttl = Duration::from_secs(v.parse().map_err(|e| format!("{e}"))?);
+            Ok(())
+        });
+        parse("CLISONIX_REFRESH_TTL_SECONDS", &mut |v| {
+            c.refresh_ttl = Duration::from_secs(v.parse().map_err(|e| format!("{e}"))?);
+            Ok(())
+        });
+        parse("CLISONIX_ENV", &mut |v| match v {
+            "production" => {
+                c.production = true;
+                Ok(())
+            }
+            "development" => Ok(()),
+            _ => Err("expected production or development".into()),
+        });
+        parse("CLISONIX_MIGRATE", &mut |v| {
+            c.migrate = v.parse().map_err(|_| "expected true or false".to_owned())?;
+            Ok(())
+        });
+        if c.database_url.expose().is_empty() {
+            errors.push("DATABASE_URL is not set".into());
+        }
+        if c.production {
+            let s = c.jwt_secret.expose();
+            if s == DEV_JWT_SECRET || var("CLISONIX_JWT_SECRET").is_none() {
+                errors
+                    .push("CLISONIX_JWT_SECRET must be set in production (not the default)".into());
+            } else if s.len() < 32 {
+                errors.push("CLISONIX_JWT_SECRET must be at least 32 bytes".into());
+            }
+        }
+        if errors.is_empty() {
+            Ok(c)
+        } else {
+            Err(ConfigError(errors))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_vars(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn production_refuses_default_or_short_secrets_and_reports_everything() {
+        let err = from(&[("CLISONIX_ENV", "production")]).unwrap_err();
+        assert_eq!(err.0.len(), 2, "{err}");
+        let err = from(&[
+            ("CLISONIX_ENV", "production"),
+            ("DATABASE_URL", "postgres://x"),
+            ("CLISONIX_JWT_SECRET", DEV_JWT_SECRET),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("not the default"));
+        let err = from(&[
+            ("CLISONIX_ENV", "production"),
+            ("DATABASE_URL", "postgres://x"),
+            ("CLISONIX_JWT_SECRET", "short"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("32 bytes"));
+        let ok = from(&[
+            ("CLISONIX_ENV", "production"),
+            ("DATABASE_URL", "postgres://x"),
+            ("CLISONIX_JWT_SECRET", &"k".repeat(40)),
+        ])
+        .unwrap();
+        assert!(ok.production);
+        assert_eq!(format!("{:?}", ok.jwt_secret), "Secret(***)");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = from(&[
+            ("DATABASE_URL", "postgres://x"),
+            ("CLISONIX_ACCESS_TTL_SECONDS", "soon"),
+            ("CLISONIX_GATEWAY_LISTEN", "here"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.0.len(), 2);
+        assert!(err.to_string().contains("CLISONIX_ACCESS_TTL_SECONDS"));
+    }
+}

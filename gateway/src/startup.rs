@@ -1,0 +1,190 @@
+//! Building and running the gateway: `Application::build(config)` connects to the
+//! database, applies migrations when asked and binds the listener, so tests start the
+//! real thing on port 0; `run_until_stopped` serves until the shutdown token fires.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::accounts;
+use crate::auth::Keys;
+use crate::config::Config;
+use crate::error::{ApiError, REQUEST_ID};
+
+/// The seed's API metrics, defined once.
+#[derive(Debug, Clone)]
+pub struct ApiMetrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+}
+
+impl ApiMetrics {
+    fn new() -> ApiMetrics {
+        let registry = Registry::new();
+        let labels = ["route", "method", "status"];
+        let requests = IntCounterVec::new(
+            Opts::new("clisonix_api_requests_total", "API requests"),
+            &labels,
+        )
+        .expect("valid metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new("clisonix_api_latency_seconds", "API request latency")
+                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16).expect("valid buckets")),
+            &labels,
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(requests.clone()))
+            .expect("registered once");
+        registry
+            .register(Box::new(latency.clone()))
+            .expect("registered once");
+        ApiMetrics {
+            registry,
+            requests,
+            latency,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub config: Arc<Config>,
+    pub keys: Keys,
+    pub metrics: ApiMetrics,
+}
+
+pub fn router(state: AppState) -> Router {
+    let max_body = state.config.max_body_bytes;
+    Router::new()
+        .route("/v1/auth/signup", post(accounts::signup))
+        .route("/v1/auth/login", post(accounts::login))
+        .route("/v1/auth/refresh", post(accounts::refresh))
+        .route("/v1/auth/logout", post(accounts::logout))
+        .route("/v1/me", get(accounts::me))
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// Gives each request an id (echoed in `x-request-id` and error bodies) and records
+/// the request metrics by matched route.
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64)
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().to_string();
+    let mut response = REQUEST_ID.scope(id.clone(), next.run(request)).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    let status = response.status().as_u16().to_string();
+    let labels = [route.as_str(), method.as_str(), status.as_str()];
+    state.metrics.requests.with_label_values(&labels).inc();
+    state
+        .metrics
+        .latency
+        .with_label_values(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn ready(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    sqlx::query("SELECT 1")
+        .execute(&state.pool)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                format!("database: {e}"),
+            )
+        })?;
+    Ok("ready")
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let mut buf = Vec::new();
+    TextEncoder::new()
+        .encode(&state.metrics.registry.gather(), &mut buf)
+        .expect("text encoding cannot fail");
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        buf,
+    )
+}
+
+/// A built gateway, bound and ready to serve.
+#[derive(Debug)]
+pub struct Application {
+    listener: tokio::net::TcpListener,
+    state: AppState,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Application> {
+        use anyhow::Context;
+        let pool = PgPoolOptions::new()
+            .max_connections(20)
+            .connect(config.database_url.expose())
+            .await
+            .context("connecting to the database")?;
+        if config.migrate {
+            sqlx::migrate!("./migrations")
+                .run(&pool)
+                .await
+                .context("applying the migrations")?;
+        }
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let state = AppState {
+            pool,
+            keys: Keys::new(&config),
+            config: Arc::new(config),
+            metrics: ApiMetrics::new(),
+        };
+        Ok(Application { listener, state })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        let app = router(self.state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+    }
+}

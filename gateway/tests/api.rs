@@ -1,0 +1,434 @@
+//! The gateway over real HTTP on the real Postgres, a fresh database per test.
+
+use std::time::Duration;
+
+use clisonix_e2e::{TestDatabase, TestEnv};
+use clisonix_gateway::{Application, Config};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+struct TestApp {
+    addr: String,
+    db: Option<TestDatabase>,
+    stop: CancellationToken,
+    config: Config,
+}
+
+struct Reply {
+    status: u16,
+    headers: String,
+    body: Value,
+}
+
+impl TestApp {
+    async fn spawn() -> TestApp {
+        let env = TestEnv::get();
+        let db = env.fresh_database().await;
+        let mut config = Config::defaults();
+        config.database_url = clisonix_gateway::config::Secret::new(db.url());
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        let app = Application::build(config.clone())
+            .await
+            .expect("the gateway builds");
+        let addr = format!("127.0.0.1:{}", app.port());
+        let stop = CancellationToken::new();
+        tokio::spawn(app.run_until_stopped(stop.clone()));
+        TestApp {
+            addr,
+            db: Some(db),
+            stop,
+            config,
+        }
+    }
+
+    async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let mut stream = tokio::net::TcpStream::connect(&self.addr).await.unwrap();
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        let body = body.unwrap_or("");
+        if !body.is_empty()
+            && !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
+            req.push_str("Content-Type: application/json\r\n");
+        }
+        req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut raw))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        // Bodies come with a Content-Length here (no chunking for these small replies).
+        let body = serde_json::from_str(rest).unwrap_or(Value::String(rest.to_owned()));
+        Reply {
+            status,
+            headers: head.to_lowercase(),
+            body,
+        }
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Reply {
+        self.request("POST", path, Some(&body.to_string()), &[])
+            .await
+    }
+
+    async fn me(&self, token: &str) -> Reply {
+        self.request(
+            "GET",
+            "/v1/me",
+            None,
+            &[("Authorization", &format!("Bearer {token}"))],
+        )
+        .await
+    }
+
+    async fn signup(&self, email: &str) -> Value {
+        let r = self
+            .post(
+                "/v1/auth/signup",
+                json!({"email": email, "password": "Correct horse 42", "tenant_name": "Acme Lab"}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.body
+    }
+
+    async fn audit_actions(&self) -> Vec<String> {
+        sqlx::query_scalar("SELECT action FROM audit_log ORDER BY id")
+            .fetch_all(&self.db.as_ref().unwrap().pool)
+            .await
+            .unwrap()
+    }
+
+    async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(db) = self.db.take() {
+            db.drop_now().await;
+        }
+    }
+}
+
+fn assert_error(r: &Reply, status: u16, code: &str) {
+    assert_eq!(r.status, status, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], code, "{}", r.body);
+    let id = r.body["error"]["request_id"].as_str().unwrap();
+    assert!(
+        !id.is_empty() && r.headers.contains(&format!("x-request-id: {id}")),
+        "{}",
+        r.headers
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_up_log_in_refresh_and_log_out() {
+    let app = TestApp::spawn().await;
+    let tokens = app.signup("  Ada@Example.org ").await;
+    assert_eq!(tokens["role"], "owner");
+    assert_eq!(tokens["token_type"], "Bearer");
+    let me = app.me(tokens["access_token"].as_str().unwrap()).await;
+    assert_eq!(me.status, 200, "{}", me.body);
+    assert_eq!(me.body["email"], "ada@example.org");
+    assert_eq!(me.body["tenant_name"], "Acme Lab");
+    assert_eq!(me.body["tenant_id"], tokens["tenant_id"]);
+
+    let login = app
+        .post(
+            "/v1/auth/login",
+            json!({"email": "ADA@example.org", "password": "Correct horse 42"}),
+        )
+        .await;
+    assert_eq!(login.status, 200, "{}", login.body);
+    let wrong = app
+        .post(
+            "/v1/auth/login",
+            json!({"email": "ada@example.org", "password": "Wrong horse 42!"}),
+        )
+        .await;
+    assert_error(&wrong, 401, "invalid_credentials");
+    let nobody = app
+        .post(
+            "/v1/auth/login",
+            json!({"email": "bob@example.org", "password": "Correct horse 42"}),
+        )
+        .await;
+    assert_error(&nobody, 401, "invalid_credentials");
+
+    let refresh = login.body["refresh_token"].as_str().unwrap();
+    let renewed = app
+        .post("/v1/auth/refresh", json!({"refresh_token": refresh}))
+        .await;
+    assert_eq!(renewed.status, 200, "{}", renewed.body);
+    assert_ne!(renewed.body["refresh_token"], login.body["refresh_token"]);
+    assert_eq!(
+        app.me(renewed.body["access_token"].as_str().unwrap())
+            .await
+            .status,
+        200
+    );
+    let next = renewed.body["refresh_token"].as_str().unwrap();
+    let out = app
+        .post("/v1/auth/logout", json!({"refresh_token": next}))
+        .await;
+    assert_eq!(out.status, 204);
+    let after = app
+        .post("/v1/auth/refresh", json!({"refresh_token": next}))
+        .await;
+    assert_error(&after, 401, "unauthorized");
+    // The sign-up session is a separate family and still works.
+    let first = app
+        .post(
+            "/v1/auth/refresh",
+            json!({"refresh_token": tokens["refresh_token"]}),
+        )
+        .await;
+    assert_eq!(first.status, 200);
+
+    assert_eq!(
+        app.audit_actions().await,
+        ["signup", "login", "login_failed", "login_failed"]
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_refresh_token_revokes_its_family() {
+    let app = TestApp::spawn().await;
+    let tokens = app.signup("eve@example.org").await;
+    let stolen = tokens["refresh_token"].clone();
+    let legit = app
+        .post("/v1/auth/refresh", json!({"refresh_token": stolen}))
+        .await;
+    assert_eq!(legit.status, 200);
+    let replay = app
+        .post("/v1/auth/refresh", json!({"refresh_token": stolen}))
+        .await;
+    assert_error(&replay, 401, "unauthorized");
+    // The legitimate successor is revoked too: the family is burnt.
+    let successor = app
+        .post(
+            "/v1/auth/refresh",
+            json!({"refresh_token": legit.body["refresh_token"]}),
+        )
+        .await;
+    assert_error(&successor, 401, "unauthorized");
+    assert!(app
+        .audit_actions()
+        .await
+        .contains(&"refresh_token_reused".to_owned()));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_stale_tokens_are_rejected() {
+    let app = TestApp::spawn().await;
+    let tokens = app.signup("mal@example.org").await;
+    let good: Value = {
+        let token = tokens["access_token"].as_str().unwrap();
+        let payload = token.split('.').nth(1).unwrap();
+        serde_json::from_slice(&base64url_decode(payload)).unwrap()
+    };
+    let secret = app.config.jwt_secret.expose().as_bytes().to_vec();
+    let now = good["iat"].as_u64().unwrap();
+    let sign = |alg: Algorithm, key: &[u8], claims: &Value| {
+        jsonwebtoken::encode(&Header::new(alg), claims, &EncodingKey::from_secret(key)).unwrap()
+    };
+    let with = |k: &str, v: Value| {
+        let mut c = good.clone();
+        c[k] = v;
+        c
+    };
+    let none = format!(
+        "{}.{}.",
+        base64url_encode(br#"{"alg":"none","typ":"JWT"}"#),
+        base64url_encode(good.to_string().as_bytes())
+    );
+    let cases = [
+        ("alg none", none),
+        ("HS512", sign(Algorithm::HS512, &secret, &good)),
+        (
+            "wrong key",
+            sign(Algorithm::HS256, b"another-secret-another-secret-xx", &good),
+        ),
+        (
+            "expired",
+            sign(Algorithm::HS256, &secret, &with("exp", json!(now - 3600))),
+        ),
+        (
+            "not yet valid",
+            sign(Algorithm::HS256, &secret, &with("nbf", json!(now + 3600))),
+        ),
+        (
+            "wrong audience",
+            sign(
+                Algorithm::HS256,
+                &secret,
+                &with("aud", json!("someone-else")),
+            ),
+        ),
+        (
+            "wrong issuer",
+            sign(Algorithm::HS256, &secret, &with("iss", json!("evil"))),
+        ),
+        ("tampered", {
+            let t = tokens["access_token"].as_str().unwrap();
+            let mut parts: Vec<&str> = t.split('.').collect();
+            let forged = base64url_encode(with("role", json!("admin")).to_string().as_bytes());
+            parts[1] = &forged;
+            parts.join(".")
+        }),
+        ("garbage", "not.a.token".to_owned()),
+    ];
+    assert_eq!(
+        app.me(&sign(Algorithm::HS256, &secret, &good)).await.status,
+        200,
+        "the control works"
+    );
+    for (what, token) in cases {
+        let r = app.me(&token).await;
+        assert_error(&r, 401, "unauthorized");
+        assert!(r.status == 401, "{what}");
+    }
+    let missing = app.request("GET", "/v1/me", None, &[]).await;
+    assert_error(&missing, 401, "unauthorized");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_one_error_shape() {
+    let app = TestApp::spawn().await;
+    let r = app
+        .request("POST", "/v1/auth/signup", Some("{not json"), &[])
+        .await;
+    assert_error(&r, 400, "invalid_json");
+    let r = app
+        .post(
+            "/v1/auth/signup",
+            json!({"email": "a@example.org", "tenant_name": "x"}),
+        )
+        .await;
+    assert_error(&r, 422, "invalid_field");
+    assert_eq!(r.body["error"]["field"], "password");
+    let r = app
+        .post(
+            "/v1/auth/signup",
+            json!({"email": "a@example.org", "password": "short", "tenant_name": "x"}),
+        )
+        .await;
+    assert_error(&r, 422, "weak_password");
+    assert_eq!(r.body["error"]["field"], "password");
+    let r = app
+        .post(
+            "/v1/auth/signup",
+            json!({"email": "not-an-email", "password": "Correct horse 42", "tenant_name": "x"}),
+        )
+        .await;
+    assert_error(&r, 422, "invalid_email");
+    let big =
+        json!({"email": "a@example.org", "password": "x".repeat(100_000), "tenant_name": "x"})
+            .to_string();
+    let r = app
+        .request("POST", "/v1/auth/signup", Some(&big), &[])
+        .await;
+    assert_error(&r, 413, "body_too_large");
+    let r = app
+        .request(
+            "POST",
+            "/v1/auth/login",
+            Some("{}"),
+            &[("Content-Type", "text/plain")],
+        )
+        .await;
+    assert_error(&r, 415, "unsupported_media_type");
+    let r = app
+        .request(
+            "GET",
+            "/v1/nothing-here",
+            None,
+            &[("x-request-id", "req-42")],
+        )
+        .await;
+    assert_error(&r, 404, "not_found");
+    assert_eq!(r.body["error"]["request_id"], "req-42");
+    app.signup("dup@example.org").await;
+    let r = app.post("/v1/auth/signup", json!({"email": "DUP@example.org", "password": "Correct horse 42", "tenant_name": "Other"})).await;
+    assert_error(&r, 409, "email_taken");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_ready_and_metrics() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.request("GET", "/health", None, &[]).await.status, 200);
+    assert_eq!(app.request("GET", "/ready", None, &[]).await.status, 200);
+    app.post(
+        "/v1/auth/login",
+        json!({"email": "x@example.org", "password": "Correct horse 42"}),
+    )
+    .await;
+    let r = app.request("GET", "/metrics", None, &[]).await;
+    let text = r.body.as_str().unwrap_or_default().to_owned();
+    assert!(
+        text.contains(
+            r#"clisonix_api_requests_total{method="POST",route="/v1/auth/login",status="401"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("clisonix_api_latency_seconds_bucket"),
+        "{text}"
+    );
+    app.stop().await;
+}
+
+fn base64url_encode(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+fn base64url_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'-' => 62,
+        _ => 63,
+    };
+    let mut out = Vec::new();
+    let (mut bits, mut n) = (0u32, 0);
+    for &c in text.as_bytes() {
+        bits = (bits << 6) | u32::from(value(c));
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+        }
+    }
+    out
+}
