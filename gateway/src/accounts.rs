@@ -67,7 +67,8 @@ pub struct Tokens {
 
 type Peer = ConnectInfo<std::net::SocketAddr>;
 
-async fn audit(
+/// Appends to the audit log.
+pub async fn audit(
     state: &AppState,
     tenant: Option<Uuid>,
     user: Option<Uuid>,
@@ -197,6 +198,13 @@ pub async fn login(
 ) -> Result<Json<Tokens>, ApiError> {
     let email = auth::normalize_email(&body.email)?;
     let ip = peer.ip().to_string();
+    if let Err(wait) = state.login_limits.attempt(&email, &ip) {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_attempts",
+            format!("too many log-in attempts; retry in {wait} s"),
+        ));
+    }
     let account: Option<(Uuid, String)> =
         sqlx::query_as("SELECT id, password_hash FROM users WHERE email = $1")
             .bind(&email)

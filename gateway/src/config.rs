@@ -41,6 +41,9 @@ pub struct Config {
     pub migrate: bool,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Log-in attempts allowed per account, and per client address, in 5 minutes.
+    pub login_attempts_per_account: usize,
+    pub login_attempts_per_ip: usize,
 }
 
 /// Every invalid setting at once.
@@ -62,6 +65,8 @@ impl Config {
             production: false,
             migrate: true,
             max_body_bytes: 64 * 1024,
+            login_attempts_per_account: 10,
+            login_attempts_per_ip: 100,
         }
     }
 

@@ -6,7 +6,10 @@ pub mod accounts;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod keys;
+pub mod limits;
 pub mod startup;
+pub mod tenant;
 
 pub use config::Config;
 pub use startup::{router, AppState, Application};

@@ -22,6 +22,9 @@ use crate::accounts;
 use crate::auth::Keys;
 use crate::config::Config;
 use crate::error::{ApiError, REQUEST_ID};
+use crate::keys::KeyVerifier;
+use crate::limits::AttemptLimiter;
+use crate::tenant;
 
 /// The seed's API metrics, defined once.
 #[derive(Debug, Clone)]
@@ -66,6 +69,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub keys: Keys,
     pub metrics: ApiMetrics,
+    pub login_limits: Arc<AttemptLimiter>,
+    pub api_keys: Arc<KeyVerifier>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -75,7 +80,17 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/auth/login", post(accounts::login))
         .route("/v1/auth/refresh", post(accounts::refresh))
         .route("/v1/auth/logout", post(accounts::logout))
+        .route("/v1/auth/password", post(tenant::change_password))
         .route("/v1/me", get(accounts::me))
+        .route(
+            "/v1/api-keys",
+            post(tenant::create_key).get(tenant::list_keys),
+        )
+        .route(
+            "/v1/api-keys/{id}",
+            axum::routing::delete(tenant::revoke_key),
+        )
+        .route("/v1/audit", get(tenant::audit_log))
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -169,6 +184,12 @@ impl Application {
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let state = AppState {
+            api_keys: Arc::new(KeyVerifier::new(pool.clone())),
+            login_limits: Arc::new(AttemptLimiter::new(
+                std::time::Duration::from_secs(300),
+                config.login_attempts_per_account,
+                config.login_attempts_per_ip,
+            )),
             pool,
             keys: Keys::new(&config),
             config: Arc::new(config),

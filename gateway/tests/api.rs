@@ -24,9 +24,14 @@ struct Reply {
 
 impl TestApp {
     async fn spawn() -> TestApp {
+        Self::spawn_with(|_| {}).await
+    }
+
+    async fn spawn_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
         let env = TestEnv::get();
         let db = env.fresh_database().await;
         let mut config = Config::defaults();
+        adjust(&mut config);
         config.database_url = clisonix_gateway::config::Secret::new(db.url());
         config.listen = "127.0.0.1:0".parse().unwrap();
         let app = Application::build(config.clone())
@@ -85,6 +90,21 @@ impl TestApp {
     async fn post(&self, path: &str, body: Value) -> Reply {
         self.request("POST", path, Some(&body.to_string()), &[])
             .await
+    }
+
+    async fn authed(&self, method: &str, path: &str, token: &str, body: Option<Value>) -> Reply {
+        let body = body.map(|b| b.to_string());
+        self.request(
+            method,
+            path,
+            body.as_deref(),
+            &[("Authorization", &format!("Bearer {token}"))],
+        )
+        .await
+    }
+
+    fn pool(&self) -> &sqlx::PgPool {
+        &self.db.as_ref().unwrap().pool
     }
 
     async fn me(&self, token: &str) -> Reply {
@@ -431,4 +451,279 @@ fn base64url_decode(text: &str) -> Vec<u8> {
         }
     }
     out
+}
+
+fn token(v: &Value) -> String {
+    v["access_token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_are_shown_once_verified_and_revoked_at_once() {
+    let app = TestApp::spawn().await;
+    let owner = app.signup("ops@example.org").await;
+    let admin = token(&owner);
+    let created = app
+        .authed(
+            "POST",
+            "/v1/api-keys",
+            &admin,
+            Some(json!({"name": "headset 1", "scopes": ["ingest", "read", "ingest"]})),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let key = created.body["key"].as_str().unwrap().to_owned();
+    let prefix = created.body["prefix"].as_str().unwrap();
+    assert!(key.starts_with(prefix));
+    assert_eq!(created.body["scopes"], json!(["ingest", "read"]));
+    let list = app.authed("GET", "/v1/api-keys", &admin, None).await;
+    assert_eq!(list.status, 200);
+    assert_eq!(list.body.as_array().unwrap().len(), 1);
+    assert_eq!(list.body[0]["prefix"], prefix);
+    assert!(
+        !list.body.to_string().contains(&key[12..]),
+        "the secret is never listed"
+    );
+    let stored: Vec<u8> = sqlx::query_scalar("SELECT key_hash FROM api_keys")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_ne!(stored, key.as_bytes(), "only a hash is stored");
+
+    let verifier = clisonix_gateway::keys::KeyVerifier::new(app.pool().clone());
+    let verified = verifier.verify(&key).await.unwrap();
+    assert_eq!(
+        verified.tenant_id.to_string(),
+        owner["tenant_id"].as_str().unwrap()
+    );
+    assert!(verified.allows(clisonix_gateway::keys::Scope::Ingest));
+    assert!(!verified.allows(clisonix_gateway::keys::Scope::Admin));
+    assert!(matches!(
+        verifier.verify("ck_00000000_nope").await,
+        Err(clisonix_gateway::keys::KeyError::Unknown)
+    ));
+    let used: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT last_used_at FROM api_keys")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    assert!(used.is_some(), "the last use is recorded");
+
+    let id = created.body["id"].as_str().unwrap();
+    assert_eq!(
+        app.authed("DELETE", &format!("/v1/api-keys/{id}"), &admin, None)
+            .await
+            .status,
+        204
+    );
+    let revoked_at = std::time::Instant::now();
+    loop {
+        match verifier.verify(&key).await {
+            Err(clisonix_gateway::keys::KeyError::Revoked) => break,
+            Ok(_) => assert!(
+                revoked_at.elapsed()
+                    <= clisonix_gateway::keys::KeyVerifier::CACHE_TTL + Duration::from_millis(200),
+                "a revoked key stops working within the cache time"
+            ),
+            Err(e) => panic!("{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let again = app
+        .authed("DELETE", &format!("/v1/api-keys/{id}"), &admin, None)
+        .await;
+    assert_error(&again, 404, "not_found");
+
+    let expiring = app
+        .authed(
+            "POST",
+            "/v1/api-keys",
+            &admin,
+            Some(json!({"name": "temp", "scopes": ["read"], "expires_in_days": 1})),
+        )
+        .await;
+    let k2 = expiring.body["key"].as_str().unwrap();
+    sqlx::query("UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE prefix = $1")
+        .bind(expiring.body["prefix"].as_str().unwrap())
+        .execute(app.pool())
+        .await
+        .unwrap();
+    let fresh = clisonix_gateway::keys::KeyVerifier::new(app.pool().clone());
+    assert!(matches!(
+        fresh.verify(k2).await,
+        Err(clisonix_gateway::keys::KeyError::Expired)
+    ));
+    let bad = app
+        .authed(
+            "POST",
+            "/v1/api-keys",
+            &admin,
+            Some(json!({"name": "x", "scopes": ["root"]})),
+        )
+        .await;
+    assert_error(&bad, 422, "invalid_field");
+    assert_eq!(bad.body["error"]["field"], "scopes");
+
+    let audit = app.authed("GET", "/v1/audit", &admin, None).await;
+    let actions: Vec<&str> = audit
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "api_key_created",
+            "api_key_revoked",
+            "api_key_created",
+            "signup"
+        ]
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_are_enforced_and_tenants_never_see_each_other() {
+    let app = TestApp::spawn().await;
+    let a = app.signup("a@example.org").await;
+    let b = app.signup("b@example.org").await;
+    let key = app
+        .authed(
+            "POST",
+            "/v1/api-keys",
+            &token(&a),
+            Some(json!({"name": "a's", "scopes": ["read"]})),
+        )
+        .await;
+    let id = key.body["id"].as_str().unwrap();
+    // Tenant B sees none of A's keys and cannot touch them: 404, not 403.
+    let list = app.authed("GET", "/v1/api-keys", &token(&b), None).await;
+    assert_eq!(list.body, json!([]));
+    let r = app
+        .authed("DELETE", &format!("/v1/api-keys/{id}"), &token(&b), None)
+        .await;
+    assert_error(&r, 404, "not_found");
+    let audit = app.authed("GET", "/v1/audit", &token(&b), None).await;
+    assert!(audit
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["action"] == "signup"));
+    assert_eq!(audit.body.as_array().unwrap().len(), 1);
+
+    // A plain member of A's tenant may not manage it.
+    sqlx::query(
+        "INSERT INTO memberships (tenant_id, user_id, role) VALUES ($1::uuid, $2::uuid, 'member')",
+    )
+    .bind(a["tenant_id"].as_str().unwrap())
+    .bind(b["user_id"].as_str().unwrap())
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let member = app
+        .post("/v1/auth/login", json!({"email": "b@example.org", "password": "Correct horse 42", "tenant_id": a["tenant_id"]}))
+        .await;
+    assert_eq!(member.status, 200, "{}", member.body);
+    assert_eq!(member.body["role"], "member");
+    for (method, path) in [
+        ("GET", "/v1/api-keys".to_owned()),
+        ("GET", "/v1/audit".to_owned()),
+        ("DELETE", format!("/v1/api-keys/{id}")),
+    ] {
+        let r = app.authed(method, &path, &token(&member.body), None).await;
+        assert_error(&r, 403, "forbidden");
+    }
+    let me = app.me(&token(&member.body)).await;
+    assert_eq!(me.body["tenant_id"], a["tenant_id"]);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_the_password_ends_every_session() {
+    let app = TestApp::spawn().await;
+    let t = app.signup("pw@example.org").await;
+    let wrong = app
+        .authed(
+            "POST",
+            "/v1/auth/password",
+            &token(&t),
+            Some(json!({"current_password": "Nope nope 123", "new_password": "Better horse 43"})),
+        )
+        .await;
+    assert_error(&wrong, 403, "wrong_password");
+    let weak = app
+        .authed(
+            "POST",
+            "/v1/auth/password",
+            &token(&t),
+            Some(json!({"current_password": "Correct horse 42", "new_password": "weak"})),
+        )
+        .await;
+    assert_error(&weak, 422, "weak_password");
+    assert_eq!(weak.body["error"]["field"], "new_password");
+    let ok = app
+        .authed(
+            "POST",
+            "/v1/auth/password",
+            &token(&t),
+            Some(
+                json!({"current_password": "Correct horse 42", "new_password": "Better horse 43"}),
+            ),
+        )
+        .await;
+    assert_eq!(ok.status, 204, "{}", ok.body);
+    let old = app
+        .post(
+            "/v1/auth/refresh",
+            json!({"refresh_token": t["refresh_token"]}),
+        )
+        .await;
+    assert_error(&old, 401, "unauthorized");
+    let old_pw = app
+        .post(
+            "/v1/auth/login",
+            json!({"email": "pw@example.org", "password": "Correct horse 42"}),
+        )
+        .await;
+    assert_error(&old_pw, 401, "invalid_credentials");
+    let new_pw = app
+        .post(
+            "/v1/auth/login",
+            json!({"email": "pw@example.org", "password": "Better horse 43"}),
+        )
+        .await;
+    assert_eq!(new_pw.status, 200);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_in_attempts_are_rate_limited() {
+    let app = TestApp::spawn_with(|c| c.login_attempts_per_account = 3).await;
+    app.signup("rl@example.org").await;
+    for _ in 0..3 {
+        let r = app
+            .post(
+                "/v1/auth/login",
+                json!({"email": "rl@example.org", "password": "Guess guess 99"}),
+            )
+            .await;
+        assert_error(&r, 401, "invalid_credentials");
+    }
+    let r = app
+        .post(
+            "/v1/auth/login",
+            json!({"email": "RL@example.org", "password": "Correct horse 42"}),
+        )
+        .await;
+    assert_error(&r, 429, "too_many_attempts");
+    let other = app
+        .post(
+            "/v1/auth/login",
+            json!({"email": "someone@example.org", "password": "Correct horse 42"}),
+        )
+        .await;
+    assert_error(&other, 401, "invalid_credentials");
+    app.stop().await;
 }

@@ -1,0 +1,82 @@
+//! Login attempt limits per account and per client address: a sliding window of
+//! attempts, kept in memory (one gateway instance's view; behind several instances
+//! each enforces its own share).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+pub struct AttemptLimiter {
+    window: Duration,
+    per_account: usize,
+    per_ip: usize,
+    attempts: Mutex<HashMap<String, VecDeque<Instant>>>,
+}
+
+impl AttemptLimiter {
+    pub fn new(window: Duration, per_account: usize, per_ip: usize) -> AttemptLimiter {
+        AttemptLimiter {
+            window,
+            per_account,
+            per_ip,
+            attempts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records an attempt; `Err(seconds to wait)` when either limit is exceeded.
+    pub fn attempt(&self, account: &str, ip: &str) -> Result<(), u64> {
+        let now = Instant::now();
+        let mut attempts = self.attempts.lock().expect("not poisoned");
+        if attempts.len() > 100_000 {
+            let window = self.window;
+            attempts.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) < window));
+        }
+        let mut wait = 0;
+        for (key, limit) in [
+            (format!("a:{account}"), self.per_account),
+            (format!("i:{ip}"), self.per_ip),
+        ] {
+            let q = attempts.entry(key).or_default();
+            while q
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= self.window)
+            {
+                q.pop_front();
+            }
+            if q.len() >= limit {
+                let oldest = *q.front().expect("non-empty at the limit");
+                let left = self.window.saturating_sub(now.duration_since(oldest));
+                wait = wait.max(left.as_secs().max(1));
+            }
+        }
+        if wait > 0 {
+            return Err(wait);
+        }
+        for key in [format!("a:{account}"), format!("i:{ip}")] {
+            attempts.entry(key).or_default().push_back(now);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accounts_and_addresses_are_limited_separately() {
+        let l = AttemptLimiter::new(Duration::from_secs(60), 3, 5);
+        for _ in 0..3 {
+            l.attempt("ada", "1.1.1.1").unwrap();
+        }
+        assert!(
+            l.attempt("ada", "2.2.2.2").is_err(),
+            "the account is limited from anywhere"
+        );
+        l.attempt("bob", "1.1.1.1").unwrap();
+        l.attempt("eve", "1.1.1.1").unwrap();
+        let wait = l.attempt("zed", "1.1.1.1").unwrap_err();
+        assert!((1..=60).contains(&wait));
+    }
+}
