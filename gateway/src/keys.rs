@@ -95,6 +95,15 @@ pub enum KeyError {
     Database(#[from] sqlx::Error),
 }
 
+#[derive(Debug, sqlx::FromRow)]
+struct KeyRow {
+    id: Uuid,
+    tenant_id: Uuid,
+    scopes: Vec<String>,
+    expires_at: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+}
+
 type CacheEntry = (
     Result<(VerifiedKey, Option<DateTime<Utc>>), KeyFailure>,
     Instant,
@@ -140,7 +149,7 @@ impl KeyVerifier {
         let answer = match cached {
             Some(answer) => answer,
             None => {
-                let row: Option<(Uuid, Uuid, Vec<String>, Option<DateTime<Utc>>, Option<DateTime<Utc>>)> =
+                let row: Option<KeyRow> =
                     sqlx::query_as(
                         "SELECT id, tenant_id, scopes, expires_at, revoked_at FROM api_keys WHERE key_hash = $1",
                     )
@@ -149,14 +158,14 @@ impl KeyVerifier {
                     .await?;
                 let answer = match row {
                     None => Err(KeyFailure::Unknown),
-                    Some((_, _, _, _, Some(_))) => Err(KeyFailure::Revoked),
-                    Some((key_id, tenant_id, scopes, expires, None)) => Ok((
+                    Some(row) if row.revoked_at.is_some() => Err(KeyFailure::Revoked),
+                    Some(row) => Ok((
                         VerifiedKey {
-                            key_id,
-                            tenant_id,
-                            scopes: scopes.iter().filter_map(|s| Scope::parse(s)).collect(),
+                            key_id: row.id,
+                            tenant_id: row.tenant_id,
+                            scopes: row.scopes.iter().filter_map(|s| Scope::parse(s)).collect(),
                         },
-                        expires,
+                        row.expires_at,
                     )),
                 };
                 let mut cache = self.cache.lock().expect("not poisoned");
