@@ -88,7 +88,7 @@ pub async fn audit(
 }
 
 /// Issues an access token and starts (or continues) a refresh-token family.
-async fn issue_tokens(
+pub async fn issue_tokens(
     state: &AppState,
     user: Uuid,
     tenant: Uuid,

@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod keys;
 pub mod limits;
+pub mod members;
 pub mod startup;
 pub mod tenant;
 

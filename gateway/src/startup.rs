@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::error::{ApiError, REQUEST_ID};
 use crate::keys::KeyVerifier;
 use crate::limits::AttemptLimiter;
+use crate::members;
 use crate::tenant;
 
 /// The seed's API metrics, defined once.
@@ -91,6 +92,13 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(tenant::revoke_key),
         )
         .route("/v1/audit", get(tenant::audit_log))
+        .route("/v1/members", get(members::list))
+        .route(
+            "/v1/members/{user_id}",
+            axum::routing::put(members::change_role),
+        )
+        .route("/v1/invitations", post(members::invite))
+        .route("/v1/auth/accept-invitation", post(members::accept))
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))

@@ -727,3 +727,144 @@ async fn log_in_attempts_are_rate_limited() {
     assert_error(&other, 401, "invalid_credentials");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invitations_and_role_changes_are_audited() {
+    let app = TestApp::spawn().await;
+    let owner = app.signup("boss@example.org").await;
+    let other = app.signup("solo@example.org").await;
+    let invite = app
+        .authed(
+            "POST",
+            "/v1/invitations",
+            &token(&owner),
+            Some(json!({"email": "New.Hire@example.org", "role": "premium"})),
+        )
+        .await;
+    assert_eq!(invite.status, 201, "{}", invite.body);
+    let inv = invite.body["token"].as_str().unwrap().to_owned();
+    let weak = app
+        .post(
+            "/v1/auth/accept-invitation",
+            json!({"token": inv, "password": "weak"}),
+        )
+        .await;
+    assert_error(&weak, 422, "weak_password");
+    let joined = app
+        .post(
+            "/v1/auth/accept-invitation",
+            json!({"token": inv, "password": "Fresh start 2026"}),
+        )
+        .await;
+    assert_eq!(joined.status, 200, "{}", joined.body);
+    assert_eq!(joined.body["role"], "premium");
+    assert_eq!(joined.body["tenant_id"], owner["tenant_id"]);
+    let again = app
+        .post(
+            "/v1/auth/accept-invitation",
+            json!({"token": inv, "password": "Fresh start 2026"}),
+        )
+        .await;
+    assert_error(&again, 410, "invitation_used");
+    let unknown = app
+        .post(
+            "/v1/auth/accept-invitation",
+            json!({"token": "inv_nope", "password": "Fresh start 2026"}),
+        )
+        .await;
+    assert_error(&unknown, 404, "not_found");
+
+    // An existing account joins a second tenant with its own password.
+    let second = app
+        .authed(
+            "POST",
+            "/v1/invitations",
+            &token(&owner),
+            Some(json!({"email": "solo@example.org", "role": "member"})),
+        )
+        .await;
+    let wrong = app
+        .post(
+            "/v1/auth/accept-invitation",
+            json!({"token": second.body["token"], "password": "Wrong pass 123"}),
+        )
+        .await;
+    assert_error(&wrong, 401, "invalid_credentials");
+    let ok = app
+        .post(
+            "/v1/auth/accept-invitation",
+            json!({"token": second.body["token"], "password": "Correct horse 42"}),
+        )
+        .await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.body["role"], "member");
+
+    let members = app.authed("GET", "/v1/members", &token(&owner), None).await;
+    assert_eq!(members.body.as_array().unwrap().len(), 3);
+    let new_hire = joined.body["user_id"].as_str().unwrap();
+    let promote = app
+        .authed(
+            "PUT",
+            &format!("/v1/members/{new_hire}"),
+            &token(&owner),
+            Some(json!({"role": "admin"})),
+        )
+        .await;
+    assert_eq!(promote.status, 204, "{}", promote.body);
+    let owner_id = owner["user_id"].as_str().unwrap();
+    let demote_owner = app
+        .authed(
+            "PUT",
+            &format!("/v1/members/{owner_id}"),
+            &token(&owner),
+            Some(json!({"role": "member"})),
+        )
+        .await;
+    assert_error(&demote_owner, 404, "not_found");
+    let grant_owner = app
+        .authed(
+            "PUT",
+            &format!("/v1/members/{new_hire}"),
+            &token(&owner),
+            Some(json!({"role": "owner"})),
+        )
+        .await;
+    assert_error(&grant_owner, 422, "invalid_field");
+    // Another tenant's admin cannot see or change these members.
+    let foreign = app
+        .authed(
+            "PUT",
+            &format!("/v1/members/{new_hire}"),
+            &token(&other),
+            Some(json!({"role": "member"})),
+        )
+        .await;
+    assert_error(&foreign, 404, "not_found");
+    let foreign_list = app.authed("GET", "/v1/members", &token(&other), None).await;
+    assert_eq!(foreign_list.body.as_array().unwrap().len(), 1);
+
+    let audit = app.authed("GET", "/v1/audit", &token(&owner), None).await;
+    let actions: Vec<&str> = audit
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "role_changed",
+            "invitation_accepted",
+            "invitation_created",
+            "invitation_accepted",
+            "invitation_created",
+            "signup"
+        ]
+    );
+    assert_eq!(
+        audit.body[0]["detail"],
+        json!({"user_id": new_hire, "from": "premium", "to": "admin"})
+    );
+    app.stop().await;
+}
