@@ -155,6 +155,15 @@ pub async fn invite(
     ))
 }
 
+#[derive(Debug, sqlx::FromRow)]
+struct InvitationRow {
+    tenant_id: Uuid,
+    email: String,
+    role: String,
+    expires_at: DateTime<Utc>,
+    accepted_at: Option<DateTime<Utc>>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Accept {
@@ -171,13 +180,20 @@ pub async fn accept(
     ApiJson(body): ApiJson<Accept>,
 ) -> Result<Json<Tokens>, ApiError> {
     let hash = auth::token_hash(&body.token);
-    let invitation: Option<(Uuid, String, String, DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(
+    let invitation: Option<InvitationRow> = sqlx::query_as(
         "SELECT tenant_id, email, role, expires_at, accepted_at FROM invitations WHERE token_hash = $1",
     )
     .bind(&hash)
     .fetch_optional(&state.pool)
     .await?;
-    let Some((tenant, email, role, expires, accepted)) = invitation else {
+    let Some(InvitationRow {
+        tenant_id: tenant,
+        email,
+        role,
+        expires_at: expires,
+        accepted_at: accepted,
+    }) = invitation
+    else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
