@@ -212,7 +212,8 @@ pub async fn accept(
             .bind(&email)
             .fetch_optional(&state.pool)
             .await?;
-    let user = match account {
+    // Check the password (or hash the new one) before the transaction: argon2 is slow.
+    let (user, new_hash) = match account {
         Some((id, stored)) => {
             if !auth::verify_password(body.password, stored).await? {
                 return Err(ApiError::new(
@@ -221,21 +222,18 @@ pub async fn accept(
                     "wrong password for this account",
                 ));
             }
-            id
+            (id, None)
         }
         None => {
             auth::check_password(&body.password, "password")?;
-            let id = Uuid::new_v4();
-            let new_hash = auth::hash_password(body.password).await?;
-            sqlx::query("INSERT INTO users (id, email, password_hash) VALUES ($1, $2, $3)")
-                .bind(id)
-                .bind(&email)
-                .bind(new_hash)
-                .execute(&state.pool)
-                .await?;
-            id
+            (
+                Uuid::new_v4(),
+                Some(auth::hash_password(body.password).await?),
+            )
         }
     };
+    // Claiming the invitation, creating the account and joining commit together or not
+    // at all: of two people racing with one token, one wins and the other changes nothing.
     let mut tx = state.pool.begin().await?;
     let claimed = sqlx::query(
         "UPDATE invitations SET accepted_at = now() WHERE token_hash = $1 AND accepted_at IS NULL",
@@ -249,6 +247,23 @@ pub async fn accept(
             "invitation_used",
             "the invitation was used or expired",
         ));
+    }
+    if let Some(new_hash) = new_hash {
+        let created = sqlx::query(
+            "INSERT INTO users (id, email, password_hash) VALUES ($1, $2, $3) ON CONFLICT (email) DO NOTHING",
+        )
+        .bind(user)
+        .bind(&email)
+        .bind(new_hash)
+        .execute(&mut *tx)
+        .await?;
+        if created.rows_affected() == 0 {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "email_taken",
+                "an account with this email was just created; accept again with its password",
+            ));
+        }
     }
     sqlx::query("INSERT INTO memberships (tenant_id, user_id, role) VALUES ($1, $2, $3) ON CONFLICT (tenant_id, user_id) DO NOTHING")
         .bind(tenant)

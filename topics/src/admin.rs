@@ -244,7 +244,7 @@ impl Admin {
         for (name, spec) in topics.all() {
             let partitions = match existing.get(&name) {
                 Some(&p) => p,
-                None if raced.contains(&name) => self.partition_count(&name)?,
+                None if raced.contains(&name) => self.partition_count_when_listed(&name)?,
                 None => continue,
             };
             let differences = self.differences(&name, spec, partitions)?;
@@ -280,7 +280,8 @@ impl Admin {
         Ok(())
     }
 
-    /// The partition count of a just-created topic, once metadata lists it.
+    /// The partition count of a (possibly just created) topic, once metadata lists it
+    /// with a leader for every partition.
     fn partition_count_when_listed(&self, topic: &str) -> Result<usize, AdminError> {
         let deadline = Instant::now() + ADMIN_TIMEOUT;
         loop {
@@ -326,15 +327,6 @@ impl Admin {
                 }
             }
         }
-    }
-
-    fn partition_count(&self, topic: &str) -> Result<usize, AdminError> {
-        Ok(self
-            .metadata(Some(topic))?
-            .topics()
-            .first()
-            .map(|t| t.partitions().len())
-            .unwrap_or(0))
     }
 
     fn differences(
