@@ -260,6 +260,7 @@ pub async fn login(
 /// refresh token stops working. Presenting a replaced token revokes its whole family.
 pub async fn refresh(
     State(state): State<AppState>,
+    ConnectInfo(peer): Peer,
     ApiJson(body): ApiJson<RefreshRequest>,
 ) -> Result<Json<Tokens>, ApiError> {
     let hash = auth::token_hash(&body.refresh_token);
@@ -293,7 +294,7 @@ pub async fn refresh(
             Some(user),
             "refresh_token_reused",
             serde_json::json!({"family": family}),
-            "",
+            &peer.ip().to_string(),
         )
         .await?;
         return Err(ApiError::unauthorized(
