@@ -31,7 +31,7 @@ where
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SignUp {
     pub email: String,
@@ -39,7 +39,7 @@ pub struct SignUp {
     pub tenant_name: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LogIn {
     pub email: String,
@@ -48,13 +48,13 @@ pub struct LogIn {
     pub tenant_id: Option<Uuid>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshRequest {
     pub refresh_token: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Tokens {
     pub user_id: Uuid,
     pub tenant_id: Uuid,
@@ -132,6 +132,7 @@ pub async fn issue_tokens(
     })
 }
 
+#[utoipa::path(post, path = "/v1/auth/signup", tag = "auth", request_body = SignUp, responses((status = 201, description = "The tenant, its owner and their tokens", body = Tokens), (status = 409, description = "The email has an account", body = crate::openapi::ErrorBody), (status = 400, description = "Malformed JSON", body = crate::openapi::ErrorBody), (status = 422, description = "A field is invalid", body = crate::openapi::ErrorBody)))]
 /// `POST /v1/auth/signup`: a new tenant and its owner.
 pub async fn signup(
     State(state): State<AppState>,
@@ -190,6 +191,7 @@ pub async fn signup(
     Ok((StatusCode::CREATED, Json(tokens)))
 }
 
+#[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = LogIn, responses((status = 200, body = Tokens), (status = 401, description = "Wrong email or password", body = crate::openapi::ErrorBody), (status = 429, description = "Too many attempts", body = crate::openapi::ErrorBody), (status = 400, description = "Malformed JSON", body = crate::openapi::ErrorBody), (status = 422, description = "A field is invalid", body = crate::openapi::ErrorBody)))]
 /// `POST /v1/auth/login`.
 pub async fn login(
     State(state): State<AppState>,
@@ -256,6 +258,7 @@ pub async fn login(
     Ok(Json(issue_tokens(&state, user, tenant, &role, None).await?))
 }
 
+#[utoipa::path(post, path = "/v1/auth/refresh", tag = "auth", request_body = RefreshRequest, responses((status = 200, description = "New tokens; the presented refresh token stops working", body = Tokens), (status = 401, description = "Missing, invalid or expired token", body = crate::openapi::ErrorBody), (status = 400, description = "Malformed JSON", body = crate::openapi::ErrorBody), (status = 422, description = "A field is invalid", body = crate::openapi::ErrorBody)))]
 /// `POST /v1/auth/refresh`: a new access token and a new refresh token; the old
 /// refresh token stops working. Presenting a replaced token revokes its whole family.
 pub async fn refresh(
@@ -321,6 +324,7 @@ pub async fn refresh(
     ))
 }
 
+#[utoipa::path(post, path = "/v1/auth/logout", tag = "auth", request_body = RefreshRequest, responses((status = 204, description = "The session family is revoked"), (status = 401, description = "Missing, invalid or expired token", body = crate::openapi::ErrorBody), (status = 400, description = "Malformed JSON", body = crate::openapi::ErrorBody), (status = 422, description = "A field is invalid", body = crate::openapi::ErrorBody)))]
 /// `POST /v1/auth/logout`: revokes the refresh token's family.
 pub async fn logout(
     State(state): State<AppState>,
@@ -341,7 +345,7 @@ pub async fn logout(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Me {
     pub user_id: Uuid,
     pub email: String,
@@ -350,6 +354,7 @@ pub struct Me {
     pub role: String,
 }
 
+#[utoipa::path(get, path = "/v1/me", tag = "auth", security(("bearer" = [])), responses((status = 200, body = Me), (status = 401, description = "Missing, invalid or expired token", body = crate::openapi::ErrorBody)))]
 /// `GET /v1/me`: who the access token speaks for.
 pub async fn me(
     State(state): State<AppState>,

@@ -9,6 +9,7 @@ pub mod error;
 pub mod keys;
 pub mod limits;
 pub mod members;
+pub mod openapi;
 pub mod startup;
 pub mod tenant;
 

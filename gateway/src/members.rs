@@ -29,7 +29,7 @@ fn grantable(role: &str) -> Result<&str, ApiError> {
     }
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Member {
     pub user_id: Uuid,
     pub email: String,
@@ -37,6 +37,7 @@ pub struct Member {
     pub created_at: DateTime<Utc>,
 }
 
+#[utoipa::path(get, path = "/v1/members", tag = "tenant", security(("bearer" = [])), responses((status = 200, body = [Member]), (status = 401, description = "Missing, invalid or expired token", body = crate::openapi::ErrorBody), (status = 403, description = "Needs the admin role", body = crate::openapi::ErrorBody)))]
 /// `GET /v1/members` (admin).
 pub async fn list(
     State(state): State<AppState>,
@@ -52,12 +53,13 @@ pub async fn list(
     Ok(Json(members))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RoleChange {
     pub role: String,
 }
 
+#[utoipa::path(put, path = "/v1/members/{user_id}", tag = "tenant", security(("bearer" = [])), params(("user_id" = uuid::Uuid, Path, description = "The member")), request_body = RoleChange, responses((status = 204, description = "Changed"), (status = 404, description = "No such member (or the owner)", body = crate::openapi::ErrorBody), (status = 401, description = "Missing, invalid or expired token", body = crate::openapi::ErrorBody), (status = 403, description = "Needs the admin role", body = crate::openapi::ErrorBody), (status = 400, description = "Malformed JSON", body = crate::openapi::ErrorBody), (status = 422, description = "A field is invalid", body = crate::openapi::ErrorBody)))]
 /// `PUT /v1/members/{user_id}` (admin): changes a member's role (the owner's role is
 /// not changed here).
 pub async fn change_role(
@@ -96,14 +98,14 @@ pub async fn change_role(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Invite {
     pub email: String,
     pub role: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Invitation {
     /// Shown only here: the invited person presents it to accept.
     pub token: String,
@@ -112,6 +114,7 @@ pub struct Invitation {
     pub expires_at: DateTime<Utc>,
 }
 
+#[utoipa::path(post, path = "/v1/invitations", tag = "tenant", security(("bearer" = [])), request_body = Invite, responses((status = 201, description = "The invitation token, shown only here", body = Invitation), (status = 401, description = "Missing, invalid or expired token", body = crate::openapi::ErrorBody), (status = 403, description = "Needs the admin role", body = crate::openapi::ErrorBody), (status = 400, description = "Malformed JSON", body = crate::openapi::ErrorBody), (status = 422, description = "A field is invalid", body = crate::openapi::ErrorBody)))]
 /// `POST /v1/invitations` (admin): invites an email address with a role (valid 7 days).
 pub async fn invite(
     State(state): State<AppState>,
@@ -164,7 +167,7 @@ struct InvitationRow {
     accepted_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Accept {
     pub token: String,
@@ -172,6 +175,7 @@ pub struct Accept {
     pub password: String,
 }
 
+#[utoipa::path(post, path = "/v1/auth/accept-invitation", tag = "auth", request_body = Accept, responses((status = 200, body = Tokens), (status = 404, description = "No such invitation", body = crate::openapi::ErrorBody), (status = 410, description = "Used or expired", body = crate::openapi::ErrorBody), (status = 401, description = "Wrong password for the existing account", body = crate::openapi::ErrorBody), (status = 400, description = "Malformed JSON", body = crate::openapi::ErrorBody), (status = 422, description = "A field is invalid", body = crate::openapi::ErrorBody)))]
 /// `POST /v1/auth/accept-invitation`: joins the tenant, creating the account when the
 /// email has none; answers with tokens for that tenant.
 pub async fn accept(

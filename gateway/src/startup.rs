@@ -99,9 +99,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/invitations", post(members::invite))
         .route("/v1/auth/accept-invitation", post(members::accept))
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
+        .route(
+            "/docs",
+            get(|| async { axum::response::Html(crate::openapi::DOCS_PAGE) }),
+        )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
@@ -139,7 +144,26 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
     response
 }
 
-async fn ready(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+/// `GET /health`: the process is up.
+#[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, description = "Up", body = String)))]
+pub async fn health() -> &'static str {
+    "ok"
+}
+
+/// `GET /openapi.json`: this API's OpenAPI 3.1 document.
+async fn openapi_json() -> impl IntoResponse {
+    use utoipa::OpenApi;
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        crate::openapi::ApiDoc::openapi()
+            .to_pretty_json()
+            .unwrap_or_default(),
+    )
+}
+
+/// `GET /ready`: the database answers.
+#[utoipa::path(get, path = "/ready", tag = "operations", responses((status = 200, description = "Ready", body = String), (status = 503, description = "The database does not answer", body = crate::openapi::ErrorBody)))]
+pub async fn ready(State(state): State<AppState>) -> Result<&'static str, ApiError> {
     sqlx::query("SELECT 1")
         .execute(&state.pool)
         .await
@@ -153,7 +177,9 @@ async fn ready(State(state): State<AppState>) -> Result<&'static str, ApiError> 
     Ok("ready")
 }
 
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+/// `GET /metrics`: Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus metrics", body = String)))]
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let mut buf = Vec::new();
     TextEncoder::new()
         .encode(&state.metrics.registry.gather(), &mut buf)

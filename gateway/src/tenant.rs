@@ -28,7 +28,7 @@ pub fn require_admin(caller: &Caller) -> Result<(), ApiError> {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewKeyRequest {
     pub name: String,
@@ -37,7 +37,7 @@ pub struct NewKeyRequest {
     pub expires_in_days: Option<u32>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CreatedKey {
     pub id: Uuid,
     /// The key itself: shown only in this answer.
@@ -48,7 +48,7 @@ pub struct CreatedKey {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct KeyInfo {
     pub id: Uuid,
     pub prefix: String,
@@ -62,6 +62,7 @@ pub struct KeyInfo {
 
 type Peer = ConnectInfo<std::net::SocketAddr>;
 
+#[utoipa::path(post, path = "/v1/api-keys", tag = "api keys", security(("bearer" = [])), request_body = NewKeyRequest, responses((status = 201, description = "The key, shown only here", body = CreatedKey), (status = 401, description = "Missing, invalid or expired token", body = crate::openapi::ErrorBody), (status = 403, description = "Needs the admin role", body = crate::openapi::ErrorBody), (status = 400, description = "Malformed JSON", body = crate::openapi::ErrorBody), (status = 422, description = "A field is invalid", body = crate::openapi::ErrorBody)))]
 /// `POST /v1/api-keys` (admin).
 pub async fn create_key(
     State(state): State<AppState>,
@@ -142,6 +143,7 @@ pub async fn create_key(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/api-keys", tag = "api keys", security(("bearer" = [])), responses((status = 200, body = [KeyInfo]), (status = 401, description = "Missing, invalid or expired token", body = crate::openapi::ErrorBody), (status = 403, description = "Needs the admin role", body = crate::openapi::ErrorBody)))]
 /// `GET /v1/api-keys` (admin): the tenant's keys, without secrets.
 pub async fn list_keys(
     State(state): State<AppState>,
@@ -157,6 +159,7 @@ pub async fn list_keys(
     Ok(Json(keys))
 }
 
+#[utoipa::path(delete, path = "/v1/api-keys/{id}", tag = "api keys", security(("bearer" = [])), params(("id" = uuid::Uuid, Path, description = "The key")), responses((status = 204, description = "Revoked"), (status = 404, description = "No such active key in this tenant", body = crate::openapi::ErrorBody), (status = 401, description = "Missing, invalid or expired token", body = crate::openapi::ErrorBody), (status = 403, description = "Needs the admin role", body = crate::openapi::ErrorBody)))]
 /// `DELETE /v1/api-keys/{id}` (admin): revokes at once (verifiers notice within
 /// their cache time, a few seconds).
 pub async fn revoke_key(
@@ -190,16 +193,18 @@ pub async fn revoke_key(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub id: i64,
     pub user_id: Option<Uuid>,
     pub action: String,
+    #[schema(value_type = Object)]
     pub detail: sqlx::types::Json<serde_json::Value>,
     pub ip: Option<String>,
     pub created_at: DateTime<Utc>,
 }
 
+#[utoipa::path(get, path = "/v1/audit", tag = "tenant", security(("bearer" = [])), responses((status = 200, body = [AuditEntry]), (status = 401, description = "Missing, invalid or expired token", body = crate::openapi::ErrorBody), (status = 403, description = "Needs the admin role", body = crate::openapi::ErrorBody)))]
 /// `GET /v1/audit` (admin): the tenant's latest 200 security events.
 pub async fn audit_log(
     State(state): State<AppState>,
@@ -215,13 +220,14 @@ pub async fn audit_log(
     Ok(Json(entries))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PasswordChange {
     pub current_password: String,
     pub new_password: String,
 }
 
+#[utoipa::path(post, path = "/v1/auth/password", tag = "auth", security(("bearer" = [])), request_body = PasswordChange, responses((status = 204, description = "Changed; every session ended"), (status = 403, description = "The current password is wrong", body = crate::openapi::ErrorBody), (status = 401, description = "Missing, invalid or expired token", body = crate::openapi::ErrorBody), (status = 400, description = "Malformed JSON", body = crate::openapi::ErrorBody), (status = 422, description = "A field is invalid", body = crate::openapi::ErrorBody)))]
 /// `POST /v1/auth/password`: changes the caller's password and ends every session
 /// (all refresh tokens are revoked).
 pub async fn change_password(
