@@ -201,10 +201,10 @@ pub async fn login(
     let email = auth::normalize_email(&body.email)?;
     let ip = peer.ip().to_string();
     if let Err(wait) = state.login_limits.attempt(&email, &ip) {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
+        return Err(ApiError::too_many(
             "too_many_attempts",
             format!("too many log-in attempts; retry in {wait} s"),
+            wait,
         ));
     }
     let account: Option<(Uuid, String)> =

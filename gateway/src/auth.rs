@@ -204,7 +204,23 @@ impl FromRequestParts<AppState> for Caller {
         let token = header
             .strip_prefix("Bearer ")
             .ok_or_else(|| ApiError::unauthorized("expected a Bearer token"))?;
-        state.keys.verify(token).map(Caller)
+        let claims = state.keys.verify(token)?;
+        // Premium tenants' users (and admins) get the higher rate.
+        let per_minute = match claims.role.as_str() {
+            "member" => state.config.requests_per_minute_member,
+            _ => state.config.requests_per_minute_premium,
+        };
+        state
+            .request_limits
+            .take((claims.tid, claims.sub), per_minute)
+            .map_err(|wait| {
+                ApiError::too_many(
+                    "rate_limited",
+                    format!("too many requests; retry in {wait} s"),
+                    wait,
+                )
+            })?;
+        Ok(Caller(claims))
     }
 }
 

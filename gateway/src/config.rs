@@ -44,6 +44,10 @@ pub struct Config {
     /// Log-in attempts allowed per account, and per client address, in 5 minutes.
     pub login_attempts_per_account: usize,
     pub login_attempts_per_ip: usize,
+    /// Authenticated requests per minute per caller: members, and premium (premium,
+    /// admin and owner roles).
+    pub requests_per_minute_member: u32,
+    pub requests_per_minute_premium: u32,
 }
 
 /// Every invalid setting at once.
@@ -67,6 +71,8 @@ impl Config {
             max_body_bytes: 64 * 1024,
             login_attempts_per_account: 10,
             login_attempts_per_ip: 100,
+            requests_per_minute_member: 120,
+            requests_per_minute_premium: 1200,
         }
     }
 
@@ -121,6 +127,14 @@ impl Config {
             }
             "development" => Ok(()),
             _ => Err("expected production or development".into()),
+        });
+        parse("CLISONIX_RATE_MEMBER_PER_MINUTE", &mut |v| {
+            c.requests_per_minute_member = v.parse().map_err(|e| format!("{e}"))?;
+            Ok(())
+        });
+        parse("CLISONIX_RATE_PREMIUM_PER_MINUTE", &mut |v| {
+            c.requests_per_minute_premium = v.parse().map_err(|e| format!("{e}"))?;
+            Ok(())
         });
         parse("CLISONIX_MIGRATE", &mut |v| {
             c.migrate = v.parse().map_err(|_| "expected true or false".to_owned())?;

@@ -18,6 +18,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub field: Option<String>,
+    /// Seconds to wait, sent as `Retry-After` (429).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -27,7 +29,15 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            retry_after: None,
         }
+    }
+
+    /// 429 with `Retry-After`.
+    pub fn too_many(code: &'static str, message: impl Into<String>, wait_seconds: u64) -> ApiError {
+        let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message);
+        e.retry_after = Some(wait_seconds);
+        e
     }
 
     pub fn field(mut self, field: impl Into<String>) -> ApiError {
@@ -96,6 +106,12 @@ impl IntoResponse for ApiError {
         if let Some(field) = self.field {
             body["field"] = json!(field);
         }
-        (self.status, axum::Json(json!({ "error": body }))).into_response()
+        let mut response = (self.status, axum::Json(json!({ "error": body }))).into_response();
+        if let Some(wait) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, wait.into());
+        }
+        response
     }
 }

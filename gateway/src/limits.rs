@@ -60,6 +60,35 @@ impl AttemptLimiter {
     }
 }
 
+/// Requests per minute per caller, as a token bucket: a caller may burst up to the
+/// per-minute figure, then is held to its rate.
+#[derive(Debug, Default)]
+pub struct RequestLimiter {
+    buckets: Mutex<HashMap<(uuid::Uuid, uuid::Uuid), (f64, Instant)>>,
+}
+
+impl RequestLimiter {
+    /// Takes one request from the caller's bucket; `Err(seconds to wait)` when empty.
+    pub fn take(&self, caller: (uuid::Uuid, uuid::Uuid), per_minute: u32) -> Result<(), u64> {
+        let now = Instant::now();
+        let capacity = f64::from(per_minute.max(1));
+        let rate = capacity / 60.0;
+        let mut buckets = self.buckets.lock().expect("not poisoned");
+        if buckets.len() > 100_000 {
+            buckets.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(120));
+        }
+        let (tokens, at) = buckets.entry(caller).or_insert((capacity, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(capacity);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / rate).ceil().max(1.0) as u64)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +107,17 @@ mod tests {
         l.attempt("eve", "1.1.1.1").unwrap();
         let wait = l.attempt("zed", "1.1.1.1").unwrap_err();
         assert!((1..=60).contains(&wait));
+    }
+
+    #[test]
+    fn buckets_allow_a_burst_then_the_rate() {
+        let l = RequestLimiter::default();
+        let a = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        for _ in 0..6 {
+            l.take(a, 6).unwrap();
+        }
+        let wait = l.take(a, 6).unwrap_err();
+        assert!((1..=10).contains(&wait), "{wait}");
+        l.take((uuid::Uuid::new_v4(), a.1), 6).unwrap();
     }
 }

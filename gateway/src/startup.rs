@@ -23,7 +23,7 @@ use crate::auth::Keys;
 use crate::config::Config;
 use crate::error::{ApiError, REQUEST_ID};
 use crate::keys::KeyVerifier;
-use crate::limits::AttemptLimiter;
+use crate::limits::{AttemptLimiter, RequestLimiter};
 use crate::members;
 use crate::tenant;
 
@@ -71,6 +71,7 @@ pub struct AppState {
     pub keys: Keys,
     pub metrics: ApiMetrics,
     pub login_limits: Arc<AttemptLimiter>,
+    pub request_limits: Arc<RequestLimiter>,
     pub api_keys: Arc<KeyVerifier>,
 }
 
@@ -224,6 +225,7 @@ impl Application {
                 config.login_attempts_per_account,
                 config.login_attempts_per_ip,
             )),
+            request_limits: Arc::new(RequestLimiter::default()),
             pool,
             keys: Keys::new(&config),
             config: Arc::new(config),

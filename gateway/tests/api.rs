@@ -925,3 +925,45 @@ async fn the_openapi_document_describes_every_route() {
     assert!(docs.body.as_str().unwrap().contains("/openapi.json"));
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn premium_callers_get_a_higher_request_rate() {
+    let app = TestApp::spawn_with(|c| {
+        c.requests_per_minute_member = 5;
+        c.requests_per_minute_premium = 50;
+    })
+    .await;
+    let owner = app.signup("rich@example.org").await;
+    let basic = app.signup("basic@example.org").await;
+    // Make "basic" a plain member of its own tenant.
+    sqlx::query("UPDATE memberships SET role = 'member' WHERE user_id = $1::uuid")
+        .bind(basic["user_id"].as_str().unwrap())
+        .execute(app.pool())
+        .await
+        .unwrap();
+    let member = app
+        .post(
+            "/v1/auth/login",
+            json!({"email": "basic@example.org", "password": "Correct horse 42"}),
+        )
+        .await;
+    assert_eq!(member.body["role"], "member");
+    for _ in 0..5 {
+        assert_eq!(app.me(&token(&member.body)).await.status, 200);
+    }
+    let limited = app.me(&token(&member.body)).await;
+    assert_error(&limited, 429, "rate_limited");
+    assert!(
+        limited.headers.contains("retry-after: "),
+        "{}",
+        limited.headers
+    );
+    for _ in 0..12 {
+        assert_eq!(
+            app.me(&token(&owner)).await.status,
+            200,
+            "premium (owner) callers go on"
+        );
+    }
+    app.stop().await;
+}
