@@ -1,5 +1,7 @@
-//! Configuration: defaults, then environment variables. Secrets are wrapped so they
-//! never print; in production mode the gateway refuses a missing or default secret.
+//! Configuration: defaults, then a JSON file (`CLISONIX_GATEWAY_CONFIG`), then
+//! environment variables. Secrets are wrapped so they never print; in production mode
+//! the gateway refuses a missing or default secret. Every invalid setting is reported
+//! at once.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -76,9 +78,21 @@ impl Config {
         }
     }
 
-    /// Defaults overridden by `CLISONIX_*` variables and `DATABASE_URL`.
+    /// Defaults, overridden by the file `CLISONIX_GATEWAY_CONFIG` names (if any), then
+    /// by `CLISONIX_*` variables and `DATABASE_URL`.
     pub fn from_env() -> Result<Config, ConfigError> {
-        Self::from_vars(|name| std::env::var(name).ok())
+        let file = match std::env::var("CLISONIX_GATEWAY_CONFIG") {
+            Ok(path) if !path.is_empty() => {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    ConfigError(vec![format!("CLISONIX_GATEWAY_CONFIG={path:?}: {e}")])
+                })?;
+                file_settings(&text).map_err(|errors| {
+                    ConfigError(errors.into_iter().map(|e| format!("{path}: {e}")).collect())
+                })?
+            }
+            _ => Default::default(),
+        };
+        Self::from_vars(|name| std::env::var(name).ok().or_else(|| file.get(name).cloned()))
     }
 
     /// As [`Config::from_env`], reading variables through `var` (for tests).
@@ -160,6 +174,59 @@ impl Config {
     }
 }
 
+/// The file's keys and the variables they stand for.
+const FILE_KEYS: [(&str, &str); 11] = [
+    ("listen", "CLISONIX_GATEWAY_LISTEN"),
+    ("database_url", "DATABASE_URL"),
+    ("jwt_secret", "CLISONIX_JWT_SECRET"),
+    ("jwt_issuer", "CLISONIX_JWT_ISSUER"),
+    ("jwt_audience", "CLISONIX_JWT_AUDIENCE"),
+    ("access_ttl_seconds", "CLISONIX_ACCESS_TTL_SECONDS"),
+    ("refresh_ttl_seconds", "CLISONIX_REFRESH_TTL_SECONDS"),
+    ("env", "CLISONIX_ENV"),
+    ("migrate", "CLISONIX_MIGRATE"),
+    ("rate_member_per_minute", "CLISONIX_RATE_MEMBER_PER_MINUTE"),
+    (
+        "rate_premium_per_minute",
+        "CLISONIX_RATE_PREMIUM_PER_MINUTE",
+    ),
+];
+
+/// Reads a configuration file: a JSON object of the keys in [`FILE_KEYS`], returned by
+/// the names of the variables they stand for (which override them).
+pub fn file_settings(text: &str) -> Result<std::collections::HashMap<String, String>, Vec<String>> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| vec![format!("not JSON: {e}")])?;
+    let object = value
+        .as_object()
+        .ok_or_else(|| vec!["expected a JSON object".to_owned()])?;
+    let mut out = std::collections::HashMap::new();
+    let mut errors = Vec::new();
+    for (key, value) in object {
+        let Some((_, var)) = FILE_KEYS.iter().find(|(k, _)| k == key) else {
+            errors.push(format!("unknown setting {key:?}"));
+            continue;
+        };
+        let text = match value {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            other => {
+                errors.push(format!(
+                    "{key}: expected a string, number or boolean, got {other}"
+                ));
+                continue;
+            }
+        };
+        out.insert((*var).to_owned(), text);
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,6 +266,29 @@ mod tests {
         .unwrap();
         assert!(ok.production);
         assert_eq!(format!("{:?}", ok.jwt_secret), "Secret(***)");
+    }
+
+    #[test]
+    fn the_file_layer_sits_between_defaults_and_environment() {
+        let file = file_settings(r#"{"jwt_issuer": "from-file", "access_ttl_seconds": 60, "migrate": false, "database_url": "postgres://file"}"#).unwrap();
+        let env: HashMap<&str, &str> = HashMap::from([("CLISONIX_JWT_ISSUER", "from-env")]);
+        let c = Config::from_vars(|k| {
+            env.get(k)
+                .map(|v| v.to_string())
+                .or_else(|| file.get(k).cloned())
+        })
+        .unwrap();
+        assert_eq!(c.issuer, "from-env", "the environment wins");
+        assert_eq!(
+            c.access_ttl,
+            Duration::from_secs(60),
+            "the file beats the default"
+        );
+        assert!(!c.migrate);
+        assert_eq!(c.audience, "clisonix-api", "the default stays");
+        let errors = file_settings(r#"{"jwt_isuer": "typo", "listen": [1]}"#).unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(file_settings("not json").is_err());
     }
 
     #[test]
