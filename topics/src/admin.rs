@@ -162,20 +162,9 @@ impl Admin {
             })
     }
 
-    /// Number of brokers in the cluster.
-    pub fn broker_count(&self) -> Result<usize, AdminError> {
-        Ok(self.metadata(None)?.brokers().len())
-    }
-
     /// Partition count of every existing topic.
     fn existing(&self) -> Result<BTreeMap<String, usize>, AdminError> {
-        Ok(self
-            .metadata(None)?
-            .topics()
-            .iter()
-            .filter(|t| t.error().is_none())
-            .map(|t| (t.name().to_owned(), t.partitions().len()))
-            .collect())
+        Ok(existing_in(&self.metadata(None)?))
     }
 
     /// Creates every catalog topic that is missing and checks every one that exists.
@@ -186,8 +175,10 @@ impl Admin {
         topics: &Topics,
         replication: Replication,
     ) -> Result<Vec<TopicReport>, AdminError> {
-        let existing = self.existing()?;
-        let brokers = self.broker_count()?;
+        // One metadata fetch answers both: which topics exist, and how many brokers.
+        let metadata = self.metadata(None)?;
+        let existing = existing_in(&metadata);
+        let brokers = metadata.brokers().len();
         let factor = match replication {
             Replication::Auto => brokers.min(3) as i32,
             Replication::Fixed(n) if n as usize > brokers || n < 1 => {
@@ -432,6 +423,16 @@ impl Admin {
         }
         Ok(out)
     }
+}
+
+/// Partition count of every topic the metadata lists without error.
+fn existing_in(metadata: &Metadata) -> BTreeMap<String, usize> {
+    metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| (t.name().to_owned(), t.partitions().len()))
+        .collect()
 }
 
 /// Errors that pass once partition leadership settles.
