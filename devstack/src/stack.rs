@@ -49,22 +49,23 @@ fn port(name: &str, default: u16) -> anyhow::Result<u16> {
 impl Stack {
     pub fn from_env(root: &Path) -> anyhow::Result<Stack> {
         let state = root.join(".dev");
-        let external_kafka = env("CLISONIX_KAFKA_BOOTSTRAP");
-        let kafka = match external_kafka {
-            Some(_) => None,
-            None => Some(KafkaNode {
-                dir: state.join("kafka"),
-                cache: cache_dir()?.join(format!("kafka-{}", kafka::VERSION)),
-                port: port("CLISONIX_KAFKA_PORT", 19092)?,
-                controller_port: port("CLISONIX_KAFKA_CONTROLLER_PORT", 19093)?,
-            }),
+        let node = KafkaNode {
+            dir: state.join("kafka"),
+            cache: cache_dir()?.join(format!("kafka-{}", kafka::VERSION)),
+            port: port("CLISONIX_KAFKA_PORT", 19092)?,
+            controller_port: port("CLISONIX_KAFKA_CONTROLLER_PORT", 19093)?,
         };
+        let private = Postgres::Private {
+            dir: state.join("postgres"),
+            port: port("CLISONIX_PG_PORT", 15432)?,
+        };
+        // After `eval "$(./dev env)"` these variables name the stack itself: only an
+        // address other than our own means someone else's service.
+        let external_kafka = env("CLISONIX_KAFKA_BOOTSTRAP").filter(|b| *b != node.bootstrap());
+        let kafka = external_kafka.is_none().then_some(node);
         let postgres = match env("DATABASE_URL") {
-            Some(url) => Postgres::External { url },
-            None => Postgres::Private {
-                dir: state.join("postgres"),
-                port: port("CLISONIX_PG_PORT", 15432)?,
-            },
+            Some(url) if url != private.url() => Postgres::External { url },
+            _ => private,
         };
         Ok(Stack {
             root: root.to_owned(),
@@ -260,4 +261,34 @@ fn cache_dir() -> anyhow::Result<PathBuf> {
     }
     let home = env("HOME").context("HOME is not set; set CLISONIX_CACHE_DIR")?;
     Ok(PathBuf::from(home).join(".cache/clisonix"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stacks_own_addresses_are_not_external() {
+        // The only test that touches these variables (they are process-wide).
+        let root = Path::new("/tmp/clisonix-stack-test");
+        std::env::set_var("CLISONIX_KAFKA_BOOTSTRAP", "127.0.0.1:19092");
+        std::env::set_var(
+            "DATABASE_URL",
+            "postgres://clisonix@127.0.0.1:15432/clisonix",
+        );
+        let own = Stack::from_env(root).unwrap();
+        assert!(
+            own.kafka.is_some(),
+            "eval \"$(./dev env)\" still means our broker"
+        );
+        assert!(matches!(own.postgres, Postgres::Private { .. }));
+        std::env::set_var("CLISONIX_KAFKA_BOOTSTRAP", "kafka.example:9092");
+        std::env::set_var("DATABASE_URL", "postgres://app@db.example/clisonix");
+        let other = Stack::from_env(root).unwrap();
+        assert!(other.kafka.is_none());
+        assert_eq!(other.bootstrap(), "kafka.example:9092");
+        assert!(matches!(other.postgres, Postgres::External { .. }));
+        std::env::remove_var("CLISONIX_KAFKA_BOOTSTRAP");
+        std::env::remove_var("DATABASE_URL");
+    }
 }
