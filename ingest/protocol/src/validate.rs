@@ -40,10 +40,12 @@ pub enum Reason {
     BrokerUnavailable,
     /// Ingest holds as much unconfirmed data as it may: retry after a pause.
     Overloaded,
+    /// Ingest cannot reach its database (sessions, keys): retry after a pause.
+    Unavailable,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::MalformedFrame,
         Reason::InvalidField,
         Reason::NonFiniteSample,
@@ -59,6 +61,7 @@ impl Reason {
         Reason::WrongSession,
         Reason::BrokerUnavailable,
         Reason::Overloaded,
+        Reason::Unavailable,
     ];
 
     pub fn code(self) -> &'static str {
@@ -78,6 +81,7 @@ impl Reason {
             Reason::WrongSession => "wrong_session",
             Reason::BrokerUnavailable => "broker_unavailable",
             Reason::Overloaded => "overloaded",
+            Reason::Unavailable => "unavailable",
         }
     }
 
@@ -92,7 +96,7 @@ impl Reason {
             Reason::FrameTooLarge => 413,
             Reason::SessionForbidden => 403,
             Reason::SessionMismatch | Reason::OutOfOrder | Reason::WrongSession => 409,
-            Reason::BrokerUnavailable => 503,
+            Reason::BrokerUnavailable | Reason::Unavailable => 503,
             Reason::Overloaded => 429,
             _ => 422,
         }
@@ -100,7 +104,10 @@ impl Reason {
 
     /// Whether sending the same frame again later can succeed.
     pub fn retryable(self) -> bool {
-        matches!(self, Reason::BrokerUnavailable | Reason::Overloaded)
+        matches!(
+            self,
+            Reason::BrokerUnavailable | Reason::Overloaded | Reason::Unavailable
+        )
     }
 }
 

@@ -1,0 +1,173 @@
+//! Configuration: defaults, then environment variables. The database URL is a secret
+//! that never prints; every invalid setting is reported at once.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clisonix_gateway::config::{ConfigError, Secret};
+use clisonix_ingest_protocol::Limits;
+use clisonix_topics::client::DEFAULT_BOOTSTRAP;
+use clisonix_topics::KafkaSettings;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub database_url: Secret,
+    pub kafka: KafkaSettings,
+    /// Prefix of every topic name (see `clisonix-topics`).
+    pub topic_prefix: String,
+    /// Apply the database migrations at start.
+    pub migrate: bool,
+    /// Largest `POST /v1/frames` or `/collect` body.
+    pub max_body_bytes: usize,
+    /// Largest recording upload.
+    pub max_recording_bytes: usize,
+    /// Largest WebSocket message.
+    pub max_message_bytes: usize,
+    /// Frame bytes ingest may hold unconfirmed by the broker; beyond it, requests get
+    /// 429 and streams wait.
+    pub max_in_flight_bytes: usize,
+    /// How long the broker has to confirm a write before the frame is refused with
+    /// 503 (`message.timeout.ms`).
+    pub publish_timeout: Duration,
+    /// What `Retry-After` says when the broker is unavailable or ingest is full.
+    pub retry_after: Duration,
+    /// How often per-tenant usage is emitted to `usage.events`.
+    pub usage_interval: Duration,
+    /// Frame length of uploaded recordings, unless the upload asks otherwise.
+    pub recording_frame_ms: u32,
+    pub limits: Limits,
+}
+
+impl Config {
+    pub fn defaults() -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8100)),
+            database_url: Secret::new(""),
+            kafka: KafkaSettings::new(DEFAULT_BOOTSTRAP, "clisonix-alba"),
+            topic_prefix: String::new(),
+            migrate: true,
+            max_body_bytes: 16 * 1024 * 1024,
+            max_recording_bytes: 2 * 1024 * 1024 * 1024,
+            max_message_bytes: 4 * 1024 * 1024,
+            max_in_flight_bytes: 128 * 1024 * 1024,
+            publish_timeout: Duration::from_secs(10),
+            retry_after: Duration::from_secs(2),
+            usage_interval: Duration::from_secs(5),
+            recording_frame_ms: 125,
+            limits: Limits::default(),
+        }
+    }
+
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// As [`Config::from_env`], reading variables through `var` (for tests).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut c = Config::defaults();
+        let mut errors = Vec::new();
+        let mut parse = |name: &str, apply: &mut dyn FnMut(&str) -> Result<(), String>| {
+            if let Some(v) = var(name).filter(|v| !v.is_empty()) {
+                if let Err(e) = apply(&v) {
+                    errors.push(format!("{name}={v:?}: {e}"));
+                }
+            }
+        };
+        let number = |v: &str| v.parse::<u64>().map_err(|e| e.to_string());
+        parse("CLISONIX_INGEST_LISTEN", &mut |v| {
+            c.listen = v.parse().map_err(|e| format!("{e}"))?;
+            Ok(())
+        });
+        parse("DATABASE_URL", &mut |v| {
+            c.database_url = Secret::new(v);
+            Ok(())
+        });
+        parse("CLISONIX_KAFKA_BOOTSTRAP", &mut |v| {
+            c.kafka.bootstrap = v.to_owned();
+            Ok(())
+        });
+        parse("CLISONIX_TOPIC_PREFIX", &mut |v| {
+            c.topic_prefix = v.to_owned();
+            Ok(())
+        });
+        parse("CLISONIX_MIGRATE", &mut |v| {
+            c.migrate = v.parse().map_err(|_| "expected true or false".to_owned())?;
+            Ok(())
+        });
+        parse("CLISONIX_INGEST_MAX_BODY_BYTES", &mut |v| {
+            c.max_body_bytes = number(v)? as usize;
+            Ok(())
+        });
+        parse("CLISONIX_INGEST_MAX_RECORDING_BYTES", &mut |v| {
+            c.max_recording_bytes = number(v)? as usize;
+            Ok(())
+        });
+        parse("CLISONIX_INGEST_MAX_IN_FLIGHT_BYTES", &mut |v| {
+            c.max_in_flight_bytes = number(v)? as usize;
+            Ok(())
+        });
+        parse("CLISONIX_INGEST_PUBLISH_TIMEOUT_MS", &mut |v| {
+            c.publish_timeout = Duration::from_millis(number(v)?);
+            Ok(())
+        });
+        parse("CLISONIX_INGEST_USAGE_INTERVAL_MS", &mut |v| {
+            c.usage_interval = Duration::from_millis(number(v)?);
+            Ok(())
+        });
+        parse("CLISONIX_INGEST_MAX_SAMPLE_RATE_HZ", &mut |v| {
+            c.limits.max_sample_rate_hz = v.parse().map_err(|e| format!("{e}"))?;
+            Ok(())
+        });
+        if c.database_url.expose().is_empty() {
+            errors.push("DATABASE_URL is required (ingest verifies device keys and records sessions in Postgres)".into());
+        }
+        if c.publish_timeout < Duration::from_millis(1000) {
+            errors.push("CLISONIX_INGEST_PUBLISH_TIMEOUT_MS must be at least 1000".into());
+        }
+        if c.max_in_flight_bytes < c.max_body_bytes {
+            errors.push(
+                "CLISONIX_INGEST_MAX_IN_FLIGHT_BYTES must be at least the largest body".into(),
+            );
+        }
+        if errors.is_empty() {
+            Ok(c)
+        } else {
+            Err(ConfigError(errors))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_bad_setting_is_reported_at_once() {
+        let err = Config::from_vars(|name| match name {
+            "CLISONIX_INGEST_LISTEN" => Some("nowhere".into()),
+            "CLISONIX_INGEST_PUBLISH_TIMEOUT_MS" => Some("10".into()),
+            "CLISONIX_MIGRATE" => Some("perhaps".into()),
+            _ => None,
+        })
+        .unwrap_err();
+        let text = err.to_string();
+        for needle in ["CLISONIX_INGEST_LISTEN", "PUBLISH_TIMEOUT", "CLISONIX_MIGRATE", "DATABASE_URL"] {
+            assert!(text.contains(needle), "{needle} missing from {text}");
+        }
+    }
+
+    #[test]
+    fn the_environment_overrides_defaults() {
+        let c = Config::from_vars(|name| match name {
+            "DATABASE_URL" => Some("postgres://x".into()),
+            "CLISONIX_KAFKA_BOOTSTRAP" => Some("k:9092".into()),
+            "CLISONIX_INGEST_PUBLISH_TIMEOUT_MS" => Some("2500".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.kafka.bootstrap, "k:9092");
+        assert_eq!(c.publish_timeout, Duration::from_millis(2500));
+        assert!(format!("{c:?}").contains("Secret(***)"));
+    }
+}

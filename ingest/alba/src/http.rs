@@ -1,0 +1,341 @@
+//! The HTTP routes: `POST /v1/frames` (JSON or binary batches), the seed's
+//! `POST /collect`, device-key authentication, and the operational endpoints.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, State};
+use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use clisonix_gateway::error::{ApiError, REQUEST_ID};
+use clisonix_gateway::keys::{KeyError, KeyVerifier, Scope, VerifiedKey};
+use clisonix_ingest_protocol::answer::FrameResult;
+use clisonix_ingest_protocol::json::{parse_frame, split_body, LegacyAnswer, LegacyCollect};
+use clisonix_ingest_protocol::{binary, BatchAnswer, Limits, Reason, Rejection};
+use clisonix_schemas::{DeviceId, Frame, SampleUnit, SessionId, TenantId, Timestamp};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::ingest::{prepare, Ingest, Numbering, Prepared};
+use crate::metrics::Transport;
+
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub ingest: Arc<Ingest>,
+    pub keys: Arc<KeyVerifier>,
+    pub config: Arc<Config>,
+    pub uploads: Arc<crate::recording::UploadSlots>,
+    /// Fires at shutdown: open WebSocket streams close after their current group.
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+/// A caller holding a valid key with the `ingest` scope: `Authorization: Bearer <key>`
+/// or `X-API-Key: <key>`. The tenant comes from the key and nowhere else.
+#[derive(Debug, Clone)]
+pub struct DeviceKey(pub VerifiedKey);
+
+impl DeviceKey {
+    pub fn tenant(&self) -> TenantId {
+        TenantId::new(self.0.tenant_id)
+    }
+}
+
+impl FromRequestParts<AppState> for DeviceKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = |name| parts.headers.get(name).and_then(|v| v.to_str().ok());
+        let key = header("x-api-key")
+            .or_else(|| header("authorization").and_then(|v| v.strip_prefix("Bearer ")))
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| {
+                ApiError::unauthorized("send a device key: Authorization: Bearer <key> or X-API-Key")
+            })?;
+        let verified = state.keys.verify(key).await.map_err(|e| match e {
+            KeyError::Database(e) => {
+                tracing::warn!(error = %e, "verifying a key failed");
+                let mut err = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "keys cannot be verified right now",
+                );
+                err.retry_after = Some(state.config.retry_after.as_secs().max(1));
+                err
+            }
+            other => ApiError::new(StatusCode::UNAUTHORIZED, "invalid_key", other.to_string()),
+        })?;
+        if !verified.allows(Scope::Ingest) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden_scope",
+                "this key has no ingest scope",
+            ));
+        }
+        Ok(DeviceKey(verified))
+    }
+}
+
+/// The body kinds of `POST /v1/frames`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    Json,
+    Binary,
+}
+
+pub fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
+    let ct = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match ct.as_str() {
+        "application/json" => Ok(BodyKind::Json),
+        binary::CONTENT_TYPE => Ok(BodyKind::Binary),
+        _ => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "send Content-Type: application/json or {}",
+                binary::CONTENT_TYPE
+            ),
+        )),
+    }
+}
+
+/// Parses, checks and encodes a body's frames: the ready ones and the refused ones.
+pub fn prepare_body(
+    kind: BodyKind,
+    body: &[u8],
+    tenant: TenantId,
+    now: Timestamp,
+    limits: &Limits,
+) -> Result<(Vec<Prepared>, Vec<FrameResult>), Rejection> {
+    let frames: Vec<Result<Frame, Rejection>> = match kind {
+        BodyKind::Json => split_body(body)
+            .map_err(|e| Rejection::new(Reason::MalformedFrame, e.0))?
+            .into_iter()
+            .map(|raw| parse_frame(raw).and_then(|f| f.into_frame(tenant, now)))
+            .collect(),
+        BodyKind::Binary => binary::split_items(body)?
+            .into_iter()
+            .map(|item| binary::decode_frame(item, tenant, now))
+            .collect(),
+    };
+    if frames.is_empty() {
+        return Err(Rejection::new(Reason::MalformedFrame, "the body holds no frames"));
+    }
+    let mut ready = Vec::with_capacity(frames.len());
+    let mut refused = Vec::new();
+    for (i, f) in frames.into_iter().enumerate() {
+        match prepare(i, f, limits, now) {
+            Ok(p) => ready.push(p),
+            Err(r) => refused.push(r),
+        }
+    }
+    Ok((ready, refused))
+}
+
+/// An error in the common shape, from a rejection.
+pub fn rejection_error(r: &Rejection) -> ApiError {
+    let reason = r.reason().unwrap_or(Reason::MalformedFrame);
+    let mut e = ApiError::new(
+        StatusCode::from_u16(reason.status()).unwrap_or(StatusCode::BAD_REQUEST),
+        reason.code(),
+        r.message.clone(),
+    );
+    e.field = r.field.clone();
+    e.retry_after = r.retry_after_ms.map(|ms| ms.div_ceil(1000).max(1));
+    e
+}
+
+/// `POST /v1/frames`: one frame or a batch, JSON or binary. See
+/// [`clisonix_ingest_protocol::answer`] for the statuses.
+pub async fn post_frames(
+    State(state): State<AppState>,
+    key: DeviceKey,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let kind = body_kind(&headers)?;
+    let ingest = &state.ingest;
+    ingest
+        .metrics
+        .bytes_in
+        .with_label_values(&[Transport::Http.as_str()])
+        .inc_by(body.len() as u64);
+    let tenant = key.tenant();
+    let now = Timestamp::now();
+    let limits = ingest.limits.clone();
+    let prepared = tokio::task::spawn_blocking(move || prepare_body(kind, &body, tenant, now, &limits))
+        .await
+        .map_err(ApiError::internal)?;
+    let (ready, mut results) = match prepared {
+        Ok(x) => x,
+        Err(r) => {
+            ingest.metrics.rejected.with_label_values(&[r.code.as_str()]).inc();
+            return Err(rejection_error(&r));
+        }
+    };
+    ingest.count_rejections(&results);
+    results.extend(ingest.publish(tenant, Transport::Http, ready, Numbering::Device).await);
+    Ok(answer(BatchAnswer::from_results(results)))
+}
+
+/// The batch answer with its status, `Retry-After`, and the error object when the
+/// status is an error.
+pub fn answer(answer: BatchAnswer) -> Response {
+    let status = StatusCode::from_u16(answer.status()).unwrap_or(StatusCode::OK);
+    let retry = answer.retry_after_ms().filter(|_| status.as_u16() >= 429);
+    let mut body = serde_json::to_value(&answer).expect("answers serialise");
+    if status.is_client_error() || status.is_server_error() {
+        if let Some(e) = answer.first_error() {
+            let mut error = json!({
+                "code": e.code,
+                "message": e.message,
+                "request_id": REQUEST_ID.try_with(Clone::clone).unwrap_or_default(),
+            });
+            if let Some(f) = &e.field {
+                error["field"] = json!(f);
+            }
+            body["error"] = error;
+        }
+    }
+    let mut response = (status, Json(body)).into_response();
+    if let Some(ms) = retry {
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, ms.div_ceil(1000).max(1).into());
+    }
+    response
+}
+
+/// The legacy session of a key, device, rate and channel count: stable, so an old
+/// client's posts form one session.
+pub fn legacy_session(tenant: TenantId, key_id: Uuid, device: &DeviceId, rate: i64, channels: usize) -> SessionId {
+    let digest = Sha256::digest(format!("legacy|{tenant}|{key_id}|{device}|{rate}|{channels}"));
+    let mut bytes: [u8; 16] = digest[..16].try_into().expect("16 bytes");
+    bytes[6] = (bytes[6] & 0x0F) | 0x80; // version 8: custom
+    bytes[8] = (bytes[8] & 0x3F) | 0x80; // RFC 4122 variant
+    SessionId::new(Uuid::from_bytes(bytes))
+}
+
+/// `POST /collect`: the seed's contract, kept for old clients. One multichannel
+/// sample per request; the device comes from `X-Device-Id` (default `legacy`), the
+/// session is derived from key, device, rate and channel count, and ingest numbers
+/// the frames.
+pub async fn collect(
+    State(state): State<AppState>,
+    key: DeviceKey,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<LegacyAnswer>, ApiError> {
+    let ingest = &state.ingest;
+    ingest
+        .metrics
+        .bytes_in
+        .with_label_values(&[Transport::Legacy.as_str()])
+        .inc_by(body.len() as u64);
+    if body_kind(&headers)? != BodyKind::Json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send Content-Type: application/json",
+        ));
+    }
+    let body: LegacyCollect = serde_json::from_slice(&body).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            return ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string());
+        }
+        let r = clisonix_ingest_protocol::json::serde_rejection(e);
+        let mut err = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", r.message);
+        err.field = r.field;
+        err
+    })?;
+    let device = headers
+        .get("x-device-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("legacy");
+    let device = DeviceId::parse(device)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", e.to_string()).field("X-Device-Id"))?;
+    let tenant = key.tenant();
+    let now = Timestamp::now();
+    let channels = body.channels.len();
+    let frame = Frame {
+        tenant_id: tenant,
+        device_id: device.clone(),
+        session_id: legacy_session(tenant, key.0.key_id, &device, body.sample_rate, channels),
+        seq: 0,
+        device_time: Timestamp::from_micros(body.timestamp.timestamp_micros()),
+        received_at: now,
+        sample_rate_hz: body.sample_rate as f64,
+        unit: SampleUnit::Microvolt,
+        channel_labels: (1..=channels).map(|c| format!("ch{c}")).collect(),
+        samples_per_channel: 1,
+        samples: body.channels.iter().map(|&x| x as f32).collect(),
+        markers: Vec::new(),
+    };
+    let prepared = match prepare(0, Ok(frame), &ingest.limits, now) {
+        Ok(p) => p,
+        Err(r) => {
+            ingest.count_rejections(std::slice::from_ref(&r));
+            let rejection = r.error.expect("a refusal has a reason");
+            return Err(rejection_error(&rejection));
+        }
+    };
+    let result = ingest
+        .publish_session(tenant, Transport::Legacy, vec![prepared], Numbering::Assigned)
+        .await
+        .pop()
+        .expect("one result per frame");
+    if let Some(e) = &result.error {
+        return Err(rejection_error(e));
+    }
+    Ok(Json(LegacyAnswer {
+        status: "accepted".into(),
+        frame_id: format!(
+            "{}:{}",
+            result.session_id.unwrap_or_default(),
+            result.seq.unwrap_or_default()
+        ),
+    }))
+}
+
+/// `GET /health`: the process is up.
+pub async fn health() -> &'static str {
+    "ok"
+}
+
+/// `GET /ready`: the broker answers (the probe's last word) and the database answers.
+pub async fn ready(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    let not_ready = |what: String| {
+        let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", what);
+        e.retry_after = Some(1);
+        e
+    };
+    if !state.ingest.publisher.broker_up() {
+        return Err(not_ready("the broker does not answer".into()));
+    }
+    sqlx::query("SELECT 1")
+        .execute(&state.ingest.pool)
+        .await
+        .map_err(|e| not_ready(format!("database: {e}")))?;
+    Ok("ready")
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.ingest.metrics.render(),
+    )
+}

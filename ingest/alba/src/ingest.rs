@@ -1,0 +1,397 @@
+//! The heart of ingest, shared by every transport: checked frames of one tenant are
+//! grouped by session; each session's group is published under that session's row
+//! lock in Postgres, and answered only from the broker's confirmations.
+//!
+//! Per session group:
+//! 1. lock the session's `ingest_sessions` row (creating it, and the device, with the
+//!    first frame's device, rate, unit and channels); refuse the group if the session
+//!    belongs to another tenant;
+//! 2. a frame at or below the session's `last_seq` is a duplicate (not published);
+//!    one not above the previous frame of the group is out of order; one whose device,
+//!    rate, unit or channels differ from the session's is a mismatch;
+//! 3. publish the rest in order to `eeg.frames` (key: tenant+session, so one
+//!    partition, in order) and wait for the broker;
+//! 4. advance `last_seq` over the confirmed prefix and commit, releasing the lock.
+//!
+//! The lock serialises concurrent groups of one session across connections and ingest
+//! instances, so a resend after a reconnect anywhere sees what was published. A crash
+//! between 3 and 4 leaves published frames unrecorded: their resend is published
+//! again (at least once; downstream stages count and drop duplicate sequence numbers),
+//! never lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clisonix_ingest_protocol::answer::{FrameResult, FrameStatus};
+use clisonix_ingest_protocol::validate::validate;
+use clisonix_ingest_protocol::{Limits, Reason, Rejection};
+use clisonix_schemas::{encode, Frame, SessionId, TenantId, Timestamp};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::metrics::{Metrics, Transport};
+use crate::publisher::{PublishError, Publisher, Record};
+use crate::usage::Usage;
+
+/// A frame ready to publish: checked, owned by the caller's tenant, encoded.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// Position in the request or stream.
+    pub index: usize,
+    pub frame: Frame,
+    pub value: Vec<u8>,
+}
+
+/// Checks and encodes a frame, or says why not.
+pub fn prepare(
+    index: usize,
+    frame: Result<Frame, Rejection>,
+    limits: &Limits,
+    now: Timestamp,
+) -> Result<Prepared, FrameResult> {
+    let frame = frame.map_err(|r| rejected(index, None, None, r))?;
+    let refuse = |r| rejected(index, Some(frame.session_id), Some(frame.seq), r);
+    validate(&frame, limits, now).map_err(refuse)?;
+    match encode(&frame) {
+        Ok(value) => Ok(Prepared { index, frame, value }),
+        Err(e) => Err(refuse(Rejection::new(Reason::MalformedFrame, e.to_string()))),
+    }
+}
+
+pub fn rejected(index: usize, session: Option<SessionId>, seq: Option<u64>, error: Rejection) -> FrameResult {
+    FrameResult {
+        index,
+        session_id: session.map(|s| s.to_string()),
+        seq,
+        status: FrameStatus::Rejected,
+        error: Some(error),
+    }
+}
+
+fn done(p: &Prepared, status: FrameStatus) -> FrameResult {
+    FrameResult {
+        index: p.index,
+        session_id: Some(p.frame.session_id.to_string()),
+        seq: Some(p.frame.seq),
+        status,
+        error: None,
+    }
+}
+
+/// Who numbers a session's frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Numbering {
+    /// The device: sequence numbers are checked.
+    Device,
+    /// Ingest: each frame gets the session's next number (legacy `/collect`).
+    Assigned,
+}
+
+/// What the session row says.
+#[derive(Debug, Clone)]
+pub struct SessionRow {
+    pub tenant_id: Uuid,
+    pub device_id: String,
+    pub sample_rate_hz: f64,
+    pub unit: String,
+    pub channel_labels: Vec<String>,
+    /// -1 before the first frame.
+    pub last_seq: i64,
+}
+
+type RowTuple = (Uuid, String, f64, String, Vec<String>, i64);
+
+fn row(t: RowTuple) -> SessionRow {
+    SessionRow {
+        tenant_id: t.0,
+        device_id: t.1,
+        sample_rate_hz: t.2,
+        unit: t.3,
+        channel_labels: t.4,
+        last_seq: t.5,
+    }
+}
+
+const SELECT_SESSION: &str = "SELECT tenant_id, device_id, sample_rate_hz, unit, channel_labels, last_seq FROM ingest_sessions WHERE session_id = $1";
+const LOCK_SESSION: &str = "SELECT tenant_id, device_id, sample_rate_hz, unit, channel_labels, last_seq FROM ingest_sessions WHERE session_id = $1 FOR UPDATE";
+
+/// Everything a transport needs to get frames to the broker.
+#[derive(Debug)]
+pub struct Ingest {
+    pub pool: PgPool,
+    pub publisher: Arc<Publisher>,
+    pub frames_topic: String,
+    pub limits: Limits,
+    pub usage: Arc<Usage>,
+    pub metrics: Metrics,
+    pub retry_after: Duration,
+}
+
+impl Ingest {
+    /// The session's row, if it exists (no lock).
+    pub async fn session(&self, session: SessionId) -> Result<Option<SessionRow>, sqlx::Error> {
+        Ok(sqlx::query_as::<_, RowTuple>(SELECT_SESSION)
+            .bind(session.as_uuid())
+            .fetch_optional(&self.pool)
+            .await?
+            .map(row))
+    }
+
+    fn unavailable(&self, what: impl std::fmt::Display) -> Rejection {
+        Rejection::new(Reason::Unavailable, format!("ingest cannot reach its database: {what}"))
+            .retry_after_ms(self.retry_after.as_millis() as u64)
+    }
+
+    /// Counts a refusal in the metrics.
+    pub fn count_rejections(&self, results: &[FrameResult]) {
+        for r in results {
+            if let Some(e) = &r.error {
+                self.metrics.rejected.with_label_values(&[e.code.as_str()]).inc();
+            }
+        }
+    }
+
+    /// Publishes checked frames of `tenant`, session by session (sessions in parallel,
+    /// each in order). Returns one result per frame, in no particular order.
+    pub async fn publish(
+        &self,
+        tenant: TenantId,
+        transport: Transport,
+        frames: Vec<Prepared>,
+        numbering: Numbering,
+    ) -> Vec<FrameResult> {
+        let mut groups: Vec<(SessionId, Vec<Prepared>)> = Vec::new();
+        for p in frames {
+            match groups.iter_mut().find(|(s, _)| *s == p.frame.session_id) {
+                Some((_, g)) => g.push(p),
+                None => groups.push((p.frame.session_id, vec![p])),
+            }
+        }
+        let runs = groups
+            .into_iter()
+            .map(|(_, group)| self.publish_session(tenant, transport, group, numbering));
+        futures::future::join_all(runs).await.into_iter().flatten().collect()
+    }
+
+    /// One session's group; see the module documentation.
+    pub async fn publish_session(
+        &self,
+        tenant: TenantId,
+        transport: Transport,
+        mut frames: Vec<Prepared>,
+        numbering: Numbering,
+    ) -> Vec<FrameResult> {
+        let Some(first) = frames.first() else {
+            return Vec::new();
+        };
+        let session = first.frame.session_id;
+        let fail_all = |frames: &[Prepared], error: Rejection| -> Vec<FrameResult> {
+            frames
+                .iter()
+                .map(|p| rejected(p.index, Some(session), Some(p.frame.seq), error.clone()))
+                .collect()
+        };
+        let mut tx = match self.pool.begin().await {
+            Ok(tx) => tx,
+            Err(e) => {
+                let out = fail_all(&frames, self.unavailable(e));
+                self.count_rejections(&out);
+                return out;
+            }
+        };
+        let locked = match self.lock_session(&mut tx, tenant, transport, &first.frame).await {
+            Ok(row) => row,
+            Err(e) => {
+                let out = fail_all(&frames, self.unavailable(e));
+                self.count_rejections(&out);
+                return out;
+            }
+        };
+        if locked.tenant_id != tenant.as_uuid() {
+            let out = fail_all(
+                &frames,
+                Rejection::new(
+                    Reason::SessionForbidden,
+                    format!("session {session} belongs to another tenant"),
+                )
+                .field("session_id"),
+            );
+            self.count_rejections(&out);
+            return out;
+        }
+        let mut results = Vec::with_capacity(frames.len());
+        let mut to_publish = Vec::with_capacity(frames.len());
+        let mut high = locked.last_seq;
+        for mut p in frames.drain(..) {
+            if let Some(mismatch) = mismatch(&locked, &p.frame) {
+                results.push(rejected(p.index, Some(session), Some(p.frame.seq), mismatch));
+                continue;
+            }
+            match numbering {
+                Numbering::Assigned => {
+                    p.frame.seq = (high + 1) as u64;
+                    p.value = encode(&p.frame).expect("a checked frame encodes");
+                }
+                Numbering::Device => {
+                    let seq = p.frame.seq as i64;
+                    if seq <= locked.last_seq {
+                        self.metrics.duplicates.inc();
+                        results.push(done(&p, FrameStatus::Duplicate));
+                        continue;
+                    }
+                    if seq <= high {
+                        results.push(rejected(
+                            p.index,
+                            Some(session),
+                            Some(p.frame.seq),
+                            Rejection::new(
+                                Reason::OutOfOrder,
+                                format!("seq {seq} is not above the previous frame's {high}"),
+                            )
+                            .field("seq"),
+                        ));
+                        continue;
+                    }
+                }
+            }
+            high = p.frame.seq as i64;
+            to_publish.push(p);
+        }
+        let key = encode(&first_key(&to_publish)).expect("keys encode");
+        let records: Vec<Record> = to_publish
+            .iter_mut()
+            .map(|p| Record {
+                key: key.clone(),
+                value: std::mem::take(&mut p.value),
+                timestamp_ms: p.frame.received_at.as_millis(),
+            })
+            .collect();
+        let outcome = self.publisher.publish(&self.frames_topic, &records).await;
+        let mut confirmed = 0usize;
+        let mut bytes = 0usize;
+        let mut last = None;
+        for (p, (r, rec)) in to_publish.iter().zip(outcome.iter().zip(&records)) {
+            match r {
+                Ok(()) => {
+                    confirmed += 1;
+                    bytes += rec.value.len();
+                    last = Some(p.frame.seq);
+                    results.push(done(p, FrameStatus::Accepted));
+                }
+                Err(e) => {
+                    let reason = match e {
+                        PublishError::Overloaded => Reason::Overloaded,
+                        PublishError::Unavailable(_) => Reason::BrokerUnavailable,
+                    };
+                    results.push(rejected(
+                        p.index,
+                        Some(session),
+                        Some(p.frame.seq),
+                        Rejection::new(reason, e.to_string())
+                            .retry_after_ms(self.retry_after.as_millis() as u64),
+                    ));
+                }
+            }
+        }
+        if let Some(last) = last {
+            let recorded = async {
+                sqlx::query(
+                    "UPDATE ingest_sessions SET last_seq = $2, frames = frames + $3, last_frame_at = now() WHERE session_id = $1",
+                )
+                .bind(session.as_uuid())
+                .bind(last as i64)
+                .bind(confirmed as i64)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await
+            };
+            if let Err(error) = recorded.await {
+                // The frames are in the topic (the answer says so); only the record of
+                // them is missing, so a resend would be published again.
+                tracing::error!(%error, %session, last, "recording a session's last sequence number failed");
+            }
+            self.metrics
+                .frames
+                .with_label_values(&[transport.as_str()])
+                .inc_by(confirmed as u64);
+            let device = &to_publish[0].frame.device_id;
+            self.usage.record(tenant, session, device, confirmed, bytes);
+        }
+        self.count_rejections(&results);
+        results
+    }
+
+    /// Locks the session's row, creating it (and its device) from `first`.
+    pub async fn lock_session(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        tenant: TenantId,
+        transport: Transport,
+        first: &Frame,
+    ) -> Result<SessionRow, sqlx::Error> {
+        if let Some(found) = sqlx::query_as::<_, RowTuple>(LOCK_SESSION)
+            .bind(first.session_id.as_uuid())
+            .fetch_optional(&mut *tx)
+            .await?
+        {
+            return Ok(row(found));
+        }
+        sqlx::query("INSERT INTO devices (tenant_id, device_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(tenant.as_uuid())
+            .bind(first.device_id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO ingest_sessions (session_id, tenant_id, device_id, sample_rate_hz, unit, channel_labels, source) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (session_id) DO NOTHING",
+        )
+        .bind(first.session_id.as_uuid())
+        .bind(tenant.as_uuid())
+        .bind(first.device_id.as_str())
+        .bind(first.sample_rate_hz)
+        .bind(first.unit.symbol())
+        .bind(&first.channel_labels)
+        .bind(transport.as_str())
+        .execute(&mut *tx)
+        .await?;
+        // Another request may have created it meanwhile: read whatever won, locked.
+        let found = sqlx::query_as::<_, RowTuple>(LOCK_SESSION)
+            .bind(first.session_id.as_uuid())
+            .fetch_one(&mut *tx)
+            .await?;
+        Ok(row(found))
+    }
+}
+
+/// The Kafka key of a session group (all its frames share it).
+fn first_key(frames: &[Prepared]) -> clisonix_schemas::SessionKey {
+    frames.first().map_or(
+        clisonix_schemas::SessionKey {
+            tenant_id: TenantId::new(Uuid::nil()),
+            session_id: SessionId::new(Uuid::nil()),
+        },
+        |p| p.frame.key(),
+    )
+}
+
+/// How a frame differs from its session, if it does.
+fn mismatch(session: &SessionRow, frame: &Frame) -> Option<Rejection> {
+    let (field, what) = if frame.device_id.as_str() != session.device_id {
+        ("device_id", format!("device {:?}", session.device_id))
+    } else if frame.sample_rate_hz != session.sample_rate_hz {
+        ("sample_rate_hz", format!("{} Hz", session.sample_rate_hz))
+    } else if frame.unit.symbol() != session.unit {
+        ("unit", session.unit.clone())
+    } else if frame.channel_labels != session.channel_labels {
+        ("channels", format!("channels {:?}", session.channel_labels))
+    } else {
+        return None;
+    };
+    Some(
+        Rejection::new(
+            Reason::SessionMismatch,
+            format!("the session was started with {what}; start a new session to change it"),
+        )
+        .field(field),
+    )
+}

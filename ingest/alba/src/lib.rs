@@ -1,0 +1,23 @@
+//! Alba, the ingest service: device clients send frames over HTTP (JSON or the
+//! compact binary body), a WebSocket stream, the seed's legacy `POST /collect`, or as
+//! an uploaded EDF/BDF recording; every frame is checked, owned by the tenant of the
+//! caller's device key, and published to `eeg.frames`. A frame is acknowledged only
+//! after the broker confirmed it (idempotent producer, `acks=all`); when the broker is
+//! slow or down, clients are pushed back (429/503 with `Retry-After`, WebSocket flow
+//! control), never silently dropped.
+//!
+//! The wire formats and rules are in `clisonix-ingest-protocol`; [`ingest`] is the
+//! transport-independent core; [`publisher`] is the only Kafka code.
+
+pub mod config;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod publisher;
+pub mod recording;
+pub mod startup;
+pub mod usage;
+pub mod ws;
+
+pub use config::Config;
+pub use startup::{router, Application};

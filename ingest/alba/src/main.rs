@@ -1,0 +1,50 @@
+//! `clisonix-alba`: configuration from the environment, then serve until SIGTERM.
+
+use std::process::ExitCode;
+
+use clisonix_alba::{Application, Config};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let app = match Application::build(config).await {
+        Ok(app) => app,
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "ingest cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    info!(port = app.port(), "ingest listening");
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM can be handled");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        info!("stopping: finishing requests and streams in flight");
+        signal.cancel();
+    });
+    match app.run_until_stopped(shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "ingest failed");
+            ExitCode::FAILURE
+        }
+    }
+}

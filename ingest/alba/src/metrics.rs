@@ -1,0 +1,162 @@
+//! Ingest's metrics, defined once. `alba_frames_processed_total` keeps the seed's name.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+/// How frames arrive; the `transport` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Http,
+    WebSocket,
+    Recording,
+    Legacy,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Http => "http",
+            Transport::WebSocket => "websocket",
+            Transport::Recording => "recording",
+            Transport::Legacy => "legacy",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Frames published and confirmed, by transport.
+    pub frames: IntCounterVec,
+    /// Frames refused, by reason code.
+    pub rejected: IntCounterVec,
+    /// Frames not published again because their session already had them.
+    pub duplicates: IntCounter,
+    /// Request and message bytes received, by transport.
+    pub bytes_in: IntCounterVec,
+    /// From handing a group of frames to the producer to the broker's confirmation.
+    pub publish_latency: Histogram,
+    /// Frame bytes handed to the producer and not yet confirmed.
+    pub in_flight_bytes: IntGauge,
+    /// 1 while the broker answers metadata requests.
+    pub broker_up: IntGauge,
+    pub ws_connections: IntGauge,
+    pub requests: IntCounterVec,
+    pub request_latency: HistogramVec,
+    /// Usage events emitted, and emission failures (retried at the next interval).
+    pub usage_events: IntCounter,
+    pub usage_failures: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let frames = IntCounterVec::new(
+            Opts::new(
+                "alba_frames_processed_total",
+                "Frames published to eeg.frames and confirmed by the broker",
+            ),
+            &["transport"],
+        )
+        .expect("valid metric");
+        let rejected = IntCounterVec::new(
+            Opts::new("alba_frames_rejected_total", "Frames refused, by reason"),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let duplicates = IntCounter::new(
+            "alba_frames_duplicate_total",
+            "Frames a session already had; acknowledged, not published again",
+        )
+        .expect("valid metric");
+        let bytes_in = IntCounterVec::new(
+            Opts::new("alba_bytes_received_total", "Body and message bytes received"),
+            &["transport"],
+        )
+        .expect("valid metric");
+        let publish_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "alba_publish_latency_seconds",
+                "From producing a group of frames to the broker's confirmation of all of them",
+            )
+            .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16).expect("valid buckets")),
+        )
+        .expect("valid metric");
+        let in_flight_bytes = IntGauge::new(
+            "alba_in_flight_bytes",
+            "Frame bytes produced and not yet confirmed by the broker",
+        )
+        .expect("valid metric");
+        let broker_up = IntGauge::new("alba_broker_up", "1 while the broker answers")
+            .expect("valid metric");
+        let ws_connections = IntGauge::new("alba_websocket_connections", "Open WebSocket streams")
+            .expect("valid metric");
+        let labels = ["route", "method", "status"];
+        let requests = IntCounterVec::new(
+            Opts::new("alba_http_requests_total", "HTTP requests"),
+            &labels,
+        )
+        .expect("valid metric");
+        let request_latency = HistogramVec::new(
+            HistogramOpts::new("alba_http_request_seconds", "HTTP request latency")
+                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16).expect("valid buckets")),
+            &labels,
+        )
+        .expect("valid metric");
+        let usage_events = IntCounter::new("alba_usage_events_total", "Usage events emitted")
+            .expect("valid metric");
+        let usage_failures = IntCounter::new(
+            "alba_usage_emit_failures_total",
+            "Usage emissions that failed (kept and retried)",
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(frames.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(rejected.clone()),
+            Box::new(duplicates.clone()),
+            Box::new(bytes_in.clone()),
+            Box::new(publish_latency.clone()),
+            Box::new(in_flight_bytes.clone()),
+            Box::new(broker_up.clone()),
+            Box::new(ws_connections.clone()),
+            Box::new(requests.clone()),
+            Box::new(request_latency.clone()),
+            Box::new(usage_events.clone()),
+            Box::new(usage_failures.clone()),
+        ] {
+            registry.register(c).expect("registered once");
+        }
+        Metrics {
+            registry,
+            frames,
+            rejected,
+            duplicates,
+            bytes_in,
+            publish_latency,
+            in_flight_bytes,
+            broker_up,
+            ws_connections,
+            requests,
+            request_latency,
+            usage_events,
+            usage_failures,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        buf
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}

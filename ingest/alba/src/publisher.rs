@@ -1,0 +1,259 @@
+//! The one place ingest writes to Kafka: an idempotent producer (`acks=all`) whose
+//! confirmations decide every answer, a bound on unconfirmed bytes, and a probe that
+//! knows whether the broker answers.
+//!
+//! Backpressure, not buffering: a group of frames first takes its size from the
+//! in-flight budget ([`Config::max_in_flight_bytes`]); when the budget stays exhausted
+//! the group is refused as overloaded (429). When the broker does not answer, the
+//! producer's `message.timeout.ms` ([`Config::publish_timeout`]) fails the writes, the
+//! probe marks the broker down, and later groups are refused at once (503) until it
+//! answers again. Nothing is queued beyond those bounds and nothing is dropped silently.
+//!
+//! [`Config::max_in_flight_bytes`]: crate::config::Config::max_in_flight_bytes
+//! [`Config::publish_timeout`]: crate::config::Config::publish_timeout
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// One record to write.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub timestamp_ms: i64,
+}
+
+/// Why a record was not written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("the broker did not confirm the write: {0}")]
+    Unavailable(String),
+    #[error("ingest holds as much unconfirmed data as it may")]
+    Overloaded,
+}
+
+pub struct Publisher {
+    producer: RwLock<FutureProducer>,
+    settings: clisonix_topics::KafkaSettings,
+    publish_timeout: Duration,
+    max_in_flight_bytes: usize,
+    /// Unconfirmed bytes, in KiB permits.
+    budget: Arc<Semaphore>,
+    budget_kib: u32,
+    /// What the probe (and the last failed write) says; groups fail fast while false.
+    broker_up: AtomicBool,
+    /// The topic the probe asks about.
+    probe_topic: String,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("bootstrap", &self.settings.bootstrap)
+            .field("broker_up", &self.broker_up())
+            .field("budget_kib", &self.budget_kib)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    pub fn new(config: &Config, probe_topic: String, metrics: Metrics) -> Result<Publisher, KafkaError> {
+        let budget_kib = u32::try_from(config.max_in_flight_bytes / 1024).unwrap_or(u32::MAX).max(1);
+        let publisher = Publisher {
+            producer: RwLock::new(Self::create(config.kafka.clone(), config.publish_timeout, config.max_in_flight_bytes)?),
+            settings: config.kafka.clone(),
+            publish_timeout: config.publish_timeout,
+            max_in_flight_bytes: config.max_in_flight_bytes,
+            budget: Arc::new(Semaphore::new(budget_kib as usize)),
+            budget_kib,
+            broker_up: AtomicBool::new(false),
+            probe_topic,
+            metrics,
+        };
+        Ok(publisher)
+    }
+
+    fn create(
+        settings: clisonix_topics::KafkaSettings,
+        timeout: Duration,
+        max_in_flight: usize,
+    ) -> Result<FutureProducer, KafkaError> {
+        let mut config = settings.producer();
+        config
+            .set("message.timeout.ms", timeout.as_millis().to_string())
+            // librdkafka's own queue is bounded by the same budget (plus headroom for
+            // usage events), so it never holds more than ingest admitted.
+            .set(
+                "queue.buffering.max.kbytes",
+                (max_in_flight / 1024 + 16 * 1024).to_string(),
+            );
+        config.create()
+    }
+
+    fn producer(&self) -> FutureProducer {
+        self.producer.read().expect("not poisoned").clone()
+    }
+
+    pub fn broker_up(&self) -> bool {
+        self.broker_up.load(Ordering::Relaxed)
+    }
+
+    /// Writes `records` to `topic` in order and waits for the broker. Results are per
+    /// record, in order; after a failure every later record of the group also counts
+    /// as failed (it may have been written: the client's resend is then a duplicate
+    /// that downstream recognises by sequence number, never a loss).
+    pub async fn publish(&self, topic: &str, records: &[Record]) -> Vec<Result<(), PublishError>> {
+        if records.is_empty() {
+            return Vec::new();
+        }
+        if !self.broker_up() {
+            let e = PublishError::Unavailable("the broker is not answering".into());
+            return vec![Err(e); records.len()];
+        }
+        let bytes: usize = records.iter().map(|r| r.key.len() + r.value.len()).sum();
+        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).clamp(1, self.budget_kib);
+        let permit = match tokio::time::timeout(
+            Duration::from_secs(1),
+            self.budget.clone().acquire_many_owned(kib),
+        )
+        .await
+        {
+            Ok(Ok(permit)) => permit,
+            _ => return vec![Err(PublishError::Overloaded); records.len()],
+        };
+        self.metrics.in_flight_bytes.add(bytes as i64);
+        let started = Instant::now();
+        let producer = self.producer();
+        let mut deliveries = Vec::with_capacity(records.len());
+        for r in records {
+            let record = FutureRecord::to(topic)
+                .key(&r.key)
+                .payload(&r.value)
+                .timestamp(r.timestamp_ms);
+            match producer.send_result(record) {
+                Ok(delivery) => deliveries.push(Ok(delivery)),
+                Err((e, _)) => deliveries.push(Err(e)),
+            }
+        }
+        let waits = deliveries.into_iter().map(|d| async move {
+            match d {
+                Err(e) => Err(e.to_string()),
+                Ok(delivery) => match delivery.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(e.to_string()),
+                    Err(_) => Err("the producer was dropped".to_owned()),
+                },
+            }
+        });
+        let outcome = tokio::time::timeout(
+            self.publish_timeout + Duration::from_secs(5),
+            futures::future::join_all(waits),
+        )
+        .await;
+        self.metrics.in_flight_bytes.sub(bytes as i64);
+        drop(permit);
+        let outcome = match outcome {
+            Ok(results) => results,
+            Err(_) => vec![Err("no confirmation within the publish timeout".to_owned()); records.len()],
+        };
+        let mut failed = None;
+        let results: Vec<_> = outcome
+            .into_iter()
+            .map(|r| {
+                if failed.is_none() {
+                    if let Err(e) = r {
+                        failed = Some(e);
+                    }
+                }
+                match &failed {
+                    None => Ok(()),
+                    Some(e) => Err(PublishError::Unavailable(e.clone())),
+                }
+            })
+            .collect();
+        if let Some(e) = failed {
+            tracing::warn!(error = %e, topic, "the broker did not confirm frames");
+            self.broker_up.store(false, Ordering::Relaxed);
+            self.metrics.broker_up.set(0);
+            self.replace_if_fatal(&producer);
+        } else {
+            self.metrics
+                .publish_latency
+                .observe(started.elapsed().as_secs_f64());
+        }
+        results
+    }
+
+    /// A producer in a fatal state (librdkafka says so after some idempotence
+    /// failures) cannot write again: a new one takes its place.
+    fn replace_if_fatal(&self, producer: &FutureProducer) {
+        if let Some(fatal) = producer.client().fatal_error() {
+            tracing::error!(?fatal, "the producer failed fatally; creating a new one");
+            match Self::create(self.settings.clone(), self.publish_timeout, self.max_in_flight_bytes) {
+                Ok(fresh) => *self.producer.write().expect("not poisoned") = fresh,
+                Err(error) => tracing::error!(%error, "creating a new producer failed"),
+            }
+        }
+    }
+
+    /// Asks the broker for the probe topic's metadata; true when every partition has a
+    /// leader.
+    pub async fn probe(&self) -> bool {
+        let producer = self.producer();
+        let topic = self.probe_topic.clone();
+        let up = tokio::task::spawn_blocking(move || {
+            match producer
+                .client()
+                .fetch_metadata(Some(&topic), Timeout::After(Duration::from_secs(2)))
+            {
+                Ok(md) => md.topics().iter().any(|t| {
+                    t.name() == topic
+                        && t.error().is_none()
+                        && !t.partitions().is_empty()
+                        && t.partitions().iter().all(|p| p.leader() >= 0)
+                }),
+                Err(_) => false,
+            }
+        })
+        .await
+        .unwrap_or(false);
+        let was = self.broker_up.swap(up, Ordering::Relaxed);
+        if was != up {
+            if up {
+                tracing::info!(topic = %self.probe_topic, "the broker answers");
+            } else {
+                tracing::warn!(topic = %self.probe_topic, "the broker does not answer");
+            }
+        }
+        self.metrics.broker_up.set(i64::from(up));
+        up
+    }
+
+    /// Probes every second while the broker is down and every five while it is up.
+    pub async fn run_probe(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let up = self.probe().await;
+            let wait = if up { Duration::from_secs(5) } else { Duration::from_secs(1) };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Waits for everything produced to be confirmed (graceful shutdown).
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.producer().flush(Timeout::After(timeout))
+    }
+}

@@ -1,0 +1,184 @@
+//! Building and running ingest: `Application::build(config)` connects to Postgres and
+//! the broker and binds the listener (port 0 in tests); `run_until_stopped` serves
+//! until the shutdown token fires, then drains: open streams are closed after their
+//! current group, the last usage counts are emitted and the producer is flushed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use clisonix_gateway::error::{ApiError, REQUEST_ID};
+use clisonix_gateway::keys::KeyVerifier;
+use clisonix_topics::catalog::{EEG_FRAMES, USAGE_EVENTS};
+use clisonix_topics::Topics;
+use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::ingest::Ingest;
+use crate::metrics::Metrics;
+use crate::publisher::Publisher;
+use crate::recording::{self, UploadSlots};
+use crate::usage::Usage;
+use crate::ws;
+
+pub fn router(state: AppState) -> Router {
+    let max_body = state.config.max_body_bytes;
+    Router::new()
+        .route("/v1/frames", post(http::post_frames))
+        .route("/collect", post(http::collect))
+        .route("/v1/stream", get(ws::stream))
+        .route(
+            "/v1/recordings",
+            // The upload enforces its own (larger) limit while it streams.
+            post(recording::upload).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/health", get(http::health))
+        .route("/ready", get(http::ready))
+        .route("/metrics", get(http::metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// Request ids (echoed in `x-request-id` and error bodies) and request metrics.
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64)
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().to_string();
+    let mut response = REQUEST_ID.scope(id.clone(), next.run(request)).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    let status = response.status().as_u16().to_string();
+    let labels = [route.as_str(), method.as_str(), status.as_str()];
+    let m = &state.ingest.metrics;
+    m.requests.with_label_values(&labels).inc();
+    m.request_latency
+        .with_label_values(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Ingest, bound and connected.
+#[derive(Debug)]
+pub struct Application {
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    usage_topic: String,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Application> {
+        let pool = PgPoolOptions::new()
+            .max_connections(32)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(config.database_url.expose())
+            .await
+            .context("connecting to the database")?;
+        if config.migrate {
+            sqlx::migrate!("../../gateway/migrations")
+                .run(&pool)
+                .await
+                .context("applying the migrations")?;
+        }
+        let topics = Topics::new(config.topic_prefix.clone());
+        let frames_topic = topics.name(&EEG_FRAMES);
+        let metrics = Metrics::new();
+        let publisher = Arc::new(
+            Publisher::new(&config, frames_topic.clone(), metrics.clone())
+                .context("creating the Kafka producer")?,
+        );
+        if !publisher.probe().await {
+            tracing::warn!(
+                bootstrap = %config.kafka.bootstrap,
+                topic = %frames_topic,
+                "the broker does not answer yet (or the topic is missing); ingest answers 503 until it does"
+            );
+        }
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let ingest = Ingest {
+            pool: pool.clone(),
+            publisher,
+            frames_topic,
+            limits: config.limits.clone(),
+            usage: Arc::new(Usage::default()),
+            metrics,
+            retry_after: config.retry_after,
+        };
+        let state = AppState {
+            ingest: Arc::new(ingest),
+            keys: Arc::new(KeyVerifier::new(pool)),
+            config: Arc::new(config),
+            uploads: Arc::new(UploadSlots::default()),
+            shutdown: CancellationToken::new(),
+        };
+        Ok(Application {
+            listener,
+            state,
+            usage_topic: topics.name(&USAGE_EVENTS),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        let state = self.state;
+        let ingest = state.ingest.clone();
+        let background = CancellationToken::new();
+        let probe = tokio::spawn(ingest.publisher.clone().run_probe(background.clone()));
+        let usage = tokio::spawn(ingest.usage.clone().run(
+            ingest.publisher.clone(),
+            self.usage_topic,
+            ingest.metrics.clone(),
+            state.config.usage_interval,
+            background.clone(),
+        ));
+        // Streams watch the state's token; requests finish on their own.
+        let streams = state.shutdown.clone();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            signal.cancelled().await;
+            streams.cancel();
+        });
+        let served = axum::serve(self.listener, router(state))
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        background.cancel();
+        let _ = probe.await;
+        let _ = usage.await;
+        let publisher = ingest.publisher.clone();
+        let flushed = tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(10))).await;
+        if !matches!(flushed, Ok(Ok(()))) {
+            tracing::warn!("the producer did not flush within 10 s");
+        }
+        tracing::info!("ingest stopped");
+        served
+    }
+}
