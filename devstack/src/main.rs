@@ -1,19 +1,14 @@
 //! `./dev`: the local development stack of Clisonix and the project's two set-up
 //! commands, `./dev run` (the main job) and `./dev test` (the whole test suite).
 
-mod kafka;
-mod postgres;
-mod procs;
-mod run;
-mod stack;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::stack::{Stack, Started};
+use clisonix_dev::stack::{Stack, Started};
+use clisonix_dev::{procs, run};
 
 const ABOUT: &str = "The Clisonix development stack: Apache Kafka (KRaft, one node) and Postgres \
 on loopback, the catalog's topics and the database migrations.";

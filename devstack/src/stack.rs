@@ -252,7 +252,8 @@ impl Stack {
 }
 
 /// Where fetched artifacts are kept across checkouts.
-fn cache_dir() -> anyhow::Result<PathBuf> {
+/// Where fetched artifacts (the Kafka server) are cached, shared by checkouts.
+pub fn cache_dir() -> anyhow::Result<PathBuf> {
     if let Some(dir) = env("CLISONIX_CACHE_DIR") {
         return Ok(PathBuf::from(dir));
     }

@@ -152,7 +152,12 @@ mod tests {
         })
         .unwrap_err();
         let text = err.to_string();
-        for needle in ["CLISONIX_INGEST_LISTEN", "PUBLISH_TIMEOUT", "CLISONIX_MIGRATE", "DATABASE_URL"] {
+        for needle in [
+            "CLISONIX_INGEST_LISTEN",
+            "PUBLISH_TIMEOUT",
+            "CLISONIX_MIGRATE",
+            "DATABASE_URL",
+        ] {
             assert!(text.contains(needle), "{needle} missing from {text}");
         }
     }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequestParts, State};
 use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
 use axum::http::request::Parts;
@@ -55,7 +56,9 @@ impl FromRequestParts<AppState> for DeviceKey {
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or_else(|| {
-                ApiError::unauthorized("send a device key: Authorization: Bearer <key> or X-API-Key")
+                ApiError::unauthorized(
+                    "send a device key: Authorization: Bearer <key> or X-API-Key",
+                )
             })?;
         let verified = state.keys.verify(key).await.map_err(|e| match e {
             KeyError::Database(e) => {
@@ -132,7 +135,10 @@ pub fn prepare_body(
             .collect(),
     };
     if frames.is_empty() {
-        return Err(Rejection::new(Reason::MalformedFrame, "the body holds no frames"));
+        return Err(Rejection::new(
+            Reason::MalformedFrame,
+            "the body holds no frames",
+        ));
     }
     let mut ready = Vec::with_capacity(frames.len());
     let mut refused = Vec::new();
@@ -143,6 +149,19 @@ pub fn prepare_body(
         }
     }
     Ok((ready, refused))
+}
+
+/// A body that could not be read: too large, or cut off.
+pub fn body_error(rejection: BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            rejection.body_text(),
+        )
+    } else {
+        ApiError::new(rejection.status(), "invalid_body", rejection.body_text())
+    }
 }
 
 /// An error in the common shape, from a rejection.
@@ -164,9 +183,10 @@ pub async fn post_frames(
     State(state): State<AppState>,
     key: DeviceKey,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let kind = body_kind(&headers)?;
+    let body = body.map_err(body_error)?;
     let ingest = &state.ingest;
     ingest
         .metrics
@@ -176,18 +196,27 @@ pub async fn post_frames(
     let tenant = key.tenant();
     let now = Timestamp::now();
     let limits = ingest.limits.clone();
-    let prepared = tokio::task::spawn_blocking(move || prepare_body(kind, &body, tenant, now, &limits))
-        .await
-        .map_err(ApiError::internal)?;
+    let prepared =
+        tokio::task::spawn_blocking(move || prepare_body(kind, &body, tenant, now, &limits))
+            .await
+            .map_err(ApiError::internal)?;
     let (ready, mut results) = match prepared {
         Ok(x) => x,
         Err(r) => {
-            ingest.metrics.rejected.with_label_values(&[r.code.as_str()]).inc();
+            ingest
+                .metrics
+                .rejected
+                .with_label_values(&[r.code.as_str()])
+                .inc();
             return Err(rejection_error(&r));
         }
     };
     ingest.count_rejections(&results);
-    results.extend(ingest.publish(tenant, Transport::Http, ready, Numbering::Device).await);
+    results.extend(
+        ingest
+            .publish(tenant, Transport::Http, ready, Numbering::Device)
+            .await,
+    );
     Ok(answer(BatchAnswer::from_results(results)))
 }
 
@@ -221,8 +250,16 @@ pub fn answer(answer: BatchAnswer) -> Response {
 
 /// The legacy session of a key, device, rate and channel count: stable, so an old
 /// client's posts form one session.
-pub fn legacy_session(tenant: TenantId, key_id: Uuid, device: &DeviceId, rate: i64, channels: usize) -> SessionId {
-    let digest = Sha256::digest(format!("legacy|{tenant}|{key_id}|{device}|{rate}|{channels}"));
+pub fn legacy_session(
+    tenant: TenantId,
+    key_id: Uuid,
+    device: &DeviceId,
+    rate: i64,
+    channels: usize,
+) -> SessionId {
+    let digest = Sha256::digest(format!(
+        "legacy|{tenant}|{key_id}|{device}|{rate}|{channels}"
+    ));
     let mut bytes: [u8; 16] = digest[..16].try_into().expect("16 bytes");
     bytes[6] = (bytes[6] & 0x0F) | 0x80; // version 8: custom
     bytes[8] = (bytes[8] & 0x3F) | 0x80; // RFC 4122 variant
@@ -237,8 +274,9 @@ pub async fn collect(
     State(state): State<AppState>,
     key: DeviceKey,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<LegacyAnswer>, ApiError> {
+    let body = body.map_err(body_error)?;
     let ingest = &state.ingest;
     ingest
         .metrics
@@ -265,8 +303,14 @@ pub async fn collect(
         .get("x-device-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("legacy");
-    let device = DeviceId::parse(device)
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", e.to_string()).field("X-Device-Id"))?;
+    let device = DeviceId::parse(device).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            e.to_string(),
+        )
+        .field("X-Device-Id")
+    })?;
     let tenant = key.tenant();
     let now = Timestamp::now();
     let channels = body.channels.len();
@@ -293,7 +337,12 @@ pub async fn collect(
         }
     };
     let result = ingest
-        .publish_session(tenant, Transport::Legacy, vec![prepared], Numbering::Assigned)
+        .publish_session(
+            tenant,
+            Transport::Legacy,
+            vec![prepared],
+            Numbering::Assigned,
+        )
         .await
         .pop()
         .expect("one result per frame");

@@ -53,12 +53,24 @@ pub fn prepare(
     let refuse = |r| rejected(index, Some(frame.session_id), Some(frame.seq), r);
     validate(&frame, limits, now).map_err(refuse)?;
     match encode(&frame) {
-        Ok(value) => Ok(Prepared { index, frame, value }),
-        Err(e) => Err(refuse(Rejection::new(Reason::MalformedFrame, e.to_string()))),
+        Ok(value) => Ok(Prepared {
+            index,
+            frame,
+            value,
+        }),
+        Err(e) => Err(refuse(Rejection::new(
+            Reason::MalformedFrame,
+            e.to_string(),
+        ))),
     }
 }
 
-pub fn rejected(index: usize, session: Option<SessionId>, seq: Option<u64>, error: Rejection) -> FrameResult {
+pub fn rejected(
+    index: usize,
+    session: Option<SessionId>,
+    seq: Option<u64>,
+    error: Rejection,
+) -> FrameResult {
     FrameResult {
         index,
         session_id: session.map(|s| s.to_string()),
@@ -138,15 +150,21 @@ impl Ingest {
     }
 
     fn unavailable(&self, what: impl std::fmt::Display) -> Rejection {
-        Rejection::new(Reason::Unavailable, format!("ingest cannot reach its database: {what}"))
-            .retry_after_ms(self.retry_after.as_millis() as u64)
+        Rejection::new(
+            Reason::Unavailable,
+            format!("ingest cannot reach its database: {what}"),
+        )
+        .retry_after_ms(self.retry_after.as_millis() as u64)
     }
 
     /// Counts a refusal in the metrics.
     pub fn count_rejections(&self, results: &[FrameResult]) {
         for r in results {
             if let Some(e) = &r.error {
-                self.metrics.rejected.with_label_values(&[e.code.as_str()]).inc();
+                self.metrics
+                    .rejected
+                    .with_label_values(&[e.code.as_str()])
+                    .inc();
             }
         }
     }
@@ -170,7 +188,11 @@ impl Ingest {
         let runs = groups
             .into_iter()
             .map(|(_, group)| self.publish_session(tenant, transport, group, numbering));
-        futures::future::join_all(runs).await.into_iter().flatten().collect()
+        futures::future::join_all(runs)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// One session's group; see the module documentation.
@@ -199,7 +221,10 @@ impl Ingest {
                 return out;
             }
         };
-        let locked = match self.lock_session(&mut tx, tenant, transport, &first.frame).await {
+        let locked = match self
+            .lock_session(&mut tx, tenant, transport, &first.frame)
+            .await
+        {
             Ok(row) => row,
             Err(e) => {
                 let out = fail_all(&frames, self.unavailable(e));
@@ -224,7 +249,12 @@ impl Ingest {
         let mut high = locked.last_seq;
         for mut p in frames.drain(..) {
             if let Some(mismatch) = mismatch(&locked, &p.frame) {
-                results.push(rejected(p.index, Some(session), Some(p.frame.seq), mismatch));
+                results.push(rejected(
+                    p.index,
+                    Some(session),
+                    Some(p.frame.seq),
+                    mismatch,
+                ));
                 continue;
             }
             match numbering {
@@ -336,11 +366,13 @@ impl Ingest {
         {
             return Ok(row(found));
         }
-        sqlx::query("INSERT INTO devices (tenant_id, device_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-            .bind(tenant.as_uuid())
-            .bind(first.device_id.as_str())
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO devices (tenant_id, device_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(tenant.as_uuid())
+        .bind(first.device_id.as_str())
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "INSERT INTO ingest_sessions (session_id, tenant_id, device_id, sample_rate_hz, unit, channel_labels, source) \
              VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (session_id) DO NOTHING",

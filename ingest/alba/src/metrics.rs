@@ -72,7 +72,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let bytes_in = IntCounterVec::new(
-            Opts::new("alba_bytes_received_total", "Body and message bytes received"),
+            Opts::new(
+                "alba_bytes_received_total",
+                "Body and message bytes received",
+            ),
             &["transport"],
         )
         .expect("valid metric");
@@ -89,8 +92,8 @@ impl Metrics {
             "Frame bytes produced and not yet confirmed by the broker",
         )
         .expect("valid metric");
-        let broker_up = IntGauge::new("alba_broker_up", "1 while the broker answers")
-            .expect("valid metric");
+        let broker_up =
+            IntGauge::new("alba_broker_up", "1 while the broker answers").expect("valid metric");
         let ws_connections = IntGauge::new("alba_websocket_connections", "Open WebSocket streams")
             .expect("valid metric");
         let labels = ["route", "method", "status"];

@@ -68,10 +68,20 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
-    pub fn new(config: &Config, probe_topic: String, metrics: Metrics) -> Result<Publisher, KafkaError> {
-        let budget_kib = u32::try_from(config.max_in_flight_bytes / 1024).unwrap_or(u32::MAX).max(1);
+    pub fn new(
+        config: &Config,
+        probe_topic: String,
+        metrics: Metrics,
+    ) -> Result<Publisher, KafkaError> {
+        let budget_kib = u32::try_from(config.max_in_flight_bytes / 1024)
+            .unwrap_or(u32::MAX)
+            .max(1);
         let publisher = Publisher {
-            producer: RwLock::new(Self::create(config.kafka.clone(), config.publish_timeout, config.max_in_flight_bytes)?),
+            producer: RwLock::new(Self::create(
+                config.kafka.clone(),
+                config.publish_timeout,
+                config.max_in_flight_bytes,
+            )?),
             settings: config.kafka.clone(),
             publish_timeout: config.publish_timeout,
             max_in_flight_bytes: config.max_in_flight_bytes,
@@ -122,7 +132,9 @@ impl Publisher {
             return vec![Err(e); records.len()];
         }
         let bytes: usize = records.iter().map(|r| r.key.len() + r.value.len()).sum();
-        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).clamp(1, self.budget_kib);
+        let kib = u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.budget_kib);
         let permit = match tokio::time::timeout(
             Duration::from_secs(1),
             self.budget.clone().acquire_many_owned(kib),
@@ -165,7 +177,9 @@ impl Publisher {
         drop(permit);
         let outcome = match outcome {
             Ok(results) => results,
-            Err(_) => vec![Err("no confirmation within the publish timeout".to_owned()); records.len()],
+            Err(_) => {
+                vec![Err("no confirmation within the publish timeout".to_owned()); records.len()]
+            }
         };
         let mut failed = None;
         let results: Vec<_> = outcome
@@ -200,7 +214,11 @@ impl Publisher {
     fn replace_if_fatal(&self, producer: &FutureProducer) {
         if let Some(fatal) = producer.client().fatal_error() {
             tracing::error!(?fatal, "the producer failed fatally; creating a new one");
-            match Self::create(self.settings.clone(), self.publish_timeout, self.max_in_flight_bytes) {
+            match Self::create(
+                self.settings.clone(),
+                self.publish_timeout,
+                self.max_in_flight_bytes,
+            ) {
                 Ok(fresh) => *self.producer.write().expect("not poisoned") = fresh,
                 Err(error) => tracing::error!(%error, "creating a new producer failed"),
             }
@@ -244,7 +262,11 @@ impl Publisher {
     pub async fn run_probe(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
             let up = self.probe().await;
-            let wait = if up { Duration::from_secs(5) } else { Duration::from_secs(1) };
+            let wait = if up {
+                Duration::from_secs(5)
+            } else {
+                Duration::from_secs(1)
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}

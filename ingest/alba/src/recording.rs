@@ -136,12 +136,21 @@ pub async fn upload(
     })?;
     let tenant = key.tenant();
     let device = DeviceId::parse(params.device_id.as_deref().unwrap_or("upload")).map_err(|e| {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", e.to_string()).field("device_id")
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            e.to_string(),
+        )
+        .field("device_id")
     })?;
     let session = match &params.session_id {
         Some(s) => SessionId::parse(s).map_err(|e| {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", e.to_string())
-                .field("session_id")
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_field",
+                e.to_string(),
+            )
+            .field("session_id")
         })?,
         None => SessionId::random(),
     };
@@ -159,14 +168,19 @@ pub async fn upload(
 
     // Read the body on a blocking thread, a bounded queue away from the publisher.
     let max_bytes = state.config.max_recording_bytes;
-    let bytes_metric = ingest.metrics.bytes_in.with_label_values(&[Transport::Recording.as_str()]);
+    let bytes_metric = ingest
+        .metrics
+        .bytes_in
+        .with_label_values(&[Transport::Recording.as_str()]);
     let mut seen = 0usize;
     let stream = body.into_data_stream().map(move |chunk| {
         let chunk = chunk.map_err(std::io::Error::other)?;
         seen += chunk.len();
         bytes_metric.inc_by(chunk.len() as u64);
         if seen > max_bytes {
-            return Err(std::io::Error::other(format!("the upload is larger than {max_bytes} bytes")));
+            return Err(std::io::Error::other(format!(
+                "the upload is larger than {max_bytes} bytes"
+            )));
         }
         Ok(chunk)
     });
@@ -178,12 +192,18 @@ pub async fn upload(
         session_id: session,
         samples_per_frame: 1,
     };
-    let reading = tokio::task::spawn_blocking(move || read_recording(bridge, spec, frame_ms, received_at, max_bytes, &tx));
+    let reading = tokio::task::spawn_blocking(move || {
+        read_recording(bridge, spec, frame_ms, received_at, max_bytes, &tx)
+    });
 
     let (format, labels, sample_rate_hz, samples_per_frame, start_us) = match rx.recv().await {
-        Some(Read::Header { format, labels, sample_rate_hz, samples_per_frame, start_us }) => {
-            (format, labels, sample_rate_hz, samples_per_frame, start_us)
-        }
+        Some(Read::Header {
+            format,
+            labels,
+            sample_rate_hz,
+            samples_per_frame,
+            start_us,
+        }) => (format, labels, sample_rate_hz, samples_per_frame, start_us),
         other => {
             let _ = reading.await;
             return Err(match other {
@@ -193,10 +213,33 @@ pub async fn upload(
         }
     };
 
-    let mut tx_db = ingest.pool.begin().await.map_err(|e| unavailable(&state, e))?;
+    // Refuse a session that exists before reading any further (checked again, under
+    // the session's lock, when the first frame is published).
+    match ingest.session(session).await {
+        Err(e) => return Err(unavailable(&state, e)),
+        Ok(Some(row)) if row.tenant_id != tenant.as_uuid() => {
+            return Err(rejection_error(
+                &Rejection::new(
+                    Reason::SessionForbidden,
+                    format!("session {session} belongs to another tenant"),
+                )
+                .field("session_id"),
+            ))
+        }
+        Ok(Some(row)) if row.last_seq >= 0 => return Err(session_exists(session, row.last_seq)),
+        Ok(_) => {}
+    }
+    let mut tx_db = ingest
+        .pool
+        .begin()
+        .await
+        .map_err(|e| unavailable(&state, e))?;
     let mut producer: Option<FutureProducer> = None;
-    let key_bytes = encode(&clisonix_schemas::SessionKey { tenant_id: tenant, session_id: session })
-        .expect("keys encode");
+    let key_bytes = encode(&clisonix_schemas::SessionKey {
+        tenant_id: tenant,
+        session_id: session,
+    })
+    .expect("keys encode");
     let mut pending: std::collections::VecDeque<DeliveryFuture> = Default::default();
     let mut frames = 0u64;
     let mut markers = 0u64;
@@ -236,7 +279,10 @@ pub async fn upload(
             let delivery = loop {
                 match pr.send_result(record) {
                     Ok(d) => break d,
-                    Err((e, r)) if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) => {
+                    Err((e, r))
+                        if e.rdkafka_error_code()
+                            == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
+                    {
                         record = r;
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
@@ -268,17 +314,23 @@ pub async fn upload(
             failed
         }
     };
-    let producer = producer.expect("a frame was sent, so the transaction began");
     if let Some(e) = failure {
-        let p = producer.clone();
-        let _ = tokio::task::spawn_blocking(move || p.abort_transaction(Timeout::After(Duration::from_secs(30)))).await;
+        if let Some(p) = producer {
+            let _ = tokio::task::spawn_blocking(move || {
+                p.abort_transaction(Timeout::After(Duration::from_secs(30)))
+            })
+            .await;
+        }
         return Err(e);
     }
+    let producer = producer.expect("a frame was sent, so the transaction began");
     let p = producer.clone();
-    tokio::task::spawn_blocking(move || p.commit_transaction(Timeout::After(Duration::from_secs(60))))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(|e| broker(&state, e))?;
+    tokio::task::spawn_blocking(move || {
+        p.commit_transaction(Timeout::After(Duration::from_secs(60)))
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(|e| broker(&state, e))?;
     let recorded = sqlx::query(
         "UPDATE ingest_sessions SET last_seq = $2, frames = $3, last_frame_at = now() WHERE session_id = $1",
     )
@@ -293,8 +345,14 @@ pub async fn upload(
     } {
         tracing::error!(%error, %session, "recording an uploaded session failed (its frames are published)");
     }
-    ingest.metrics.frames.with_label_values(&[Transport::Recording.as_str()]).inc_by(frames);
-    ingest.usage.record(tenant, session, &device, frames as usize, bytes);
+    ingest
+        .metrics
+        .frames
+        .with_label_values(&[Transport::Recording.as_str()])
+        .inc_by(frames);
+    ingest
+        .usage
+        .record(tenant, session, &device, frames as usize, bytes);
     let duration_s = frames as f64 * f64::from(samples_per_frame) / sample_rate_hz;
     tracing::info!(%session, %tenant, frames, duration_s, "recording ingested");
     let start = chrono::DateTime::from_timestamp_micros(start_us).unwrap_or_default();
@@ -325,17 +383,32 @@ async fn confirmed(d: DeliveryFuture) -> Result<(), rdkafka::error::KafkaError> 
 
 fn unavailable(state: &AppState, e: impl std::fmt::Display) -> ApiError {
     rejection_error(
-        &Rejection::new(Reason::Unavailable, format!("ingest cannot reach its database: {e}"))
-            .retry_after_ms(state.config.retry_after.as_millis() as u64),
+        &Rejection::new(
+            Reason::Unavailable,
+            format!("ingest cannot reach its database: {e}"),
+        )
+        .retry_after_ms(state.config.retry_after.as_millis() as u64),
     )
 }
 
 fn broker(state: &AppState, e: rdkafka::error::KafkaError) -> ApiError {
     tracing::warn!(error = %e, "an upload could not be published");
     rejection_error(
-        &Rejection::new(Reason::BrokerUnavailable, format!("the broker did not take the recording: {e}"))
-            .retry_after_ms(state.config.retry_after.as_millis() as u64),
+        &Rejection::new(
+            Reason::BrokerUnavailable,
+            format!("the broker did not take the recording: {e}"),
+        )
+        .retry_after_ms(state.config.retry_after.as_millis() as u64),
     )
+}
+
+fn session_exists(session: SessionId, last_seq: i64) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "session_exists",
+        format!("session {session} already holds {} frames", last_seq + 1),
+    )
+    .field("session_id")
 }
 
 /// Creates the session (refusing one that exists) and the upload's transactional
@@ -354,23 +427,27 @@ async fn begin(
         .map_err(|e| unavailable(state, e))?;
     if row.tenant_id != tenant.as_uuid() {
         return Err(rejection_error(
-            &Rejection::new(Reason::SessionForbidden, format!("session {session} belongs to another tenant"))
-                .field("session_id"),
+            &Rejection::new(
+                Reason::SessionForbidden,
+                format!("session {session} belongs to another tenant"),
+            )
+            .field("session_id"),
         ));
     }
     if row.last_seq >= 0 {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "session_exists",
-            format!("session {session} already holds {} frames", row.last_seq + 1),
-        )
-        .field("session_id"));
+        return Err(session_exists(session, row.last_seq));
     }
     let mut config = state.config.kafka.producer();
     config
         .set("transactional.id", format!("alba-recording-{session}"))
-        .set("transaction.timeout.ms", TRANSACTION_TIMEOUT.as_millis().to_string())
-        .set("message.timeout.ms", state.config.publish_timeout.as_millis().to_string());
+        .set(
+            "transaction.timeout.ms",
+            TRANSACTION_TIMEOUT.as_millis().to_string(),
+        )
+        .set(
+            "message.timeout.ms",
+            state.config.publish_timeout.as_millis().to_string(),
+        );
     let producer: FutureProducer = config.create().map_err(|e| broker(state, e))?;
     let p = producer.clone();
     tokio::task::spawn_blocking(move || {
@@ -409,7 +486,9 @@ fn read_recording(
     };
     let header = reader.header().clone();
     let Some(&first) = header.data_signals().first() else {
-        let _ = tx.blocking_send(Read::Failed(bad_recording("the recording has no data signals")));
+        let _ = tx.blocking_send(Read::Failed(bad_recording(
+            "the recording has no data signals",
+        )));
         return;
     };
     let fs = header.sample_rate(first);
@@ -447,7 +526,11 @@ fn read_recording(
                 return;
             }
         }
-        if out.len() >= 64 && tx.blocking_send(Read::Frames(std::mem::take(&mut out))).is_err() {
+        if out.len() >= 64
+            && tx
+                .blocking_send(Read::Frames(std::mem::take(&mut out)))
+                .is_err()
+        {
             return;
         }
     }

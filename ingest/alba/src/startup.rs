@@ -174,7 +174,8 @@ impl Application {
         let _ = probe.await;
         let _ = usage.await;
         let publisher = ingest.publisher.clone();
-        let flushed = tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(10))).await;
+        let flushed =
+            tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(10))).await;
         if !matches!(flushed, Ok(Ok(()))) {
             tracing::warn!("the producer did not flush within 10 s");
         }

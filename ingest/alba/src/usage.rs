@@ -27,12 +27,21 @@ pub struct Usage {
 }
 
 impl Usage {
-    pub fn record(&self, tenant: TenantId, session: SessionId, device: &DeviceId, frames: usize, bytes: usize) {
+    pub fn record(
+        &self,
+        tenant: TenantId,
+        session: SessionId,
+        device: &DeviceId,
+        frames: usize,
+        bytes: usize,
+    ) {
         if frames == 0 {
             return;
         }
         let mut pending = self.pending.lock().expect("not poisoned");
-        let entry = pending.entry((tenant, session, device.clone())).or_default();
+        let entry = pending
+            .entry((tenant, session, device.clone()))
+            .or_default();
         entry.0 += frames as i64;
         entry.1 += bytes as i64;
     }
@@ -50,7 +59,10 @@ impl Usage {
         }
         let now = Timestamp::now();
         for ((tenant, session, device), (frames, bytes)) in &counts {
-            for (kind, quantity) in [(UsageKind::FramesIngested, *frames), (UsageKind::BytesIngested, *bytes)] {
+            for (kind, quantity) in [
+                (UsageKind::FramesIngested, *frames),
+                (UsageKind::BytesIngested, *bytes),
+            ] {
                 let event = UsageEvent {
                     event_id: Uuid::new_v4(),
                     tenant_id: *tenant,
@@ -81,7 +93,14 @@ impl Usage {
         }
     }
 
-    pub async fn run(self: Arc<Self>, publisher: Arc<Publisher>, topic: String, metrics: Metrics, every: Duration, shutdown: CancellationToken) {
+    pub async fn run(
+        self: Arc<Self>,
+        publisher: Arc<Publisher>,
+        topic: String,
+        metrics: Metrics,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,

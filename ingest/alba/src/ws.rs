@@ -52,7 +52,9 @@ pub async fn stream(
 }
 
 fn text(m: &ServerMessage) -> Message {
-    Message::Text(Utf8Bytes::from(serde_json::to_string(m).expect("messages serialise")))
+    Message::Text(Utf8Bytes::from(
+        serde_json::to_string(m).expect("messages serialise"),
+    ))
 }
 
 fn close(code: u16, reason: &str) -> Message {
@@ -66,14 +68,22 @@ async fn serve(socket: WebSocket, state: AppState, tenant: TenantId, shutdown: C
     let (mut tx, mut rx) = socket.split();
     let session = match open(&mut rx, &state, tenant).await {
         Ok((session, last_seq)) => {
-            let opened = ServerMessage::Opened { session_id: session.to_string(), last_seq };
+            let opened = ServerMessage::Opened {
+                session_id: session.to_string(),
+                last_seq,
+            };
             if tx.send(text(&opened)).await.is_err() {
                 return;
             }
             session
         }
         Err((code, message)) => {
-            let _ = tx.send(text(&ServerMessage::Error { code: code.into(), message })).await;
+            let _ = tx
+                .send(text(&ServerMessage::Error {
+                    code: code.into(),
+                    message,
+                }))
+                .await;
             let _ = tx.send(close(POLICY, code)).await;
             return;
         }
@@ -95,6 +105,10 @@ async fn serve(socket: WebSocket, state: AppState, tenant: TenantId, shutdown: C
     });
     let ingest = state.ingest.clone();
     let mut next_index = 0usize;
+    // After a retryable refusal of frame `h`, later frames are held back (refused,
+    // retryable) until the client's resend reaches `h` again: otherwise a later frame
+    // could be published first, and the resent one would then look like a duplicate.
+    let mut hold: Option<u64> = None;
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => {
@@ -137,14 +151,26 @@ async fn serve(socket: WebSocket, state: AppState, tenant: TenantId, shutdown: C
         next_index += count;
         ingest.count_rejections(&results);
         for chunk in chunks(ready, MAX_GROUP) {
-            results.extend(
-                ingest
-                    .publish_session(tenant, Transport::WebSocket, chunk, Numbering::Device)
-                    .await,
-            );
+            let (chunk, held) = hold_back(&mut hold, chunk, ingest.retry_after);
+            ingest.count_rejections(&held);
+            results.extend(held);
+            let published = ingest
+                .publish_session(tenant, Transport::WebSocket, chunk, Numbering::Device)
+                .await;
+            if let Some(first_failed) = published
+                .iter()
+                .filter(|r| r.error.as_ref().is_some_and(Rejection::retryable))
+                .filter_map(|r| r.seq)
+                .min()
+            {
+                hold = Some(first_failed);
+            }
+            results.extend(published);
         }
         results.sort_by_key(|r| r.index);
-        let retry = results.iter().any(|r| r.error.as_ref().is_some_and(Rejection::retryable));
+        let retry = results
+            .iter()
+            .any(|r| r.error.as_ref().is_some_and(Rejection::retryable));
         for m in answers(&results) {
             if tx.send(text(&m)).await.is_err() {
                 reader.abort();
@@ -168,27 +194,67 @@ async fn open(
 ) -> Result<(SessionId, Option<u64>), (&'static str, String)> {
     let first = tokio::time::timeout(OPEN_TIMEOUT, rx.next())
         .await
-        .map_err(|_| ("open_expected", "send {\"type\":\"open\",\"session_id\":...} first".to_owned()))?;
+        .map_err(|_| {
+            (
+                "open_expected",
+                "send {\"type\":\"open\",\"session_id\":...} first".to_owned(),
+            )
+        })?;
     let Some(Ok(Message::Text(t))) = first else {
-        return Err(("open_expected", "the first message must be a text open message".into()));
+        return Err((
+            "open_expected",
+            "the first message must be a text open message".into(),
+        ));
     };
     let session = match serde_json::from_str::<ClientMessage>(t.as_str()) {
-        Ok(ClientMessage::Open { session_id }) => SessionId::parse(&session_id)
-            .map_err(|e| ("invalid_field", e.to_string()))?,
+        Ok(ClientMessage::Open { session_id }) => {
+            SessionId::parse(&session_id).map_err(|e| ("invalid_field", e.to_string()))?
+        }
         Ok(_) => return Err(("open_expected", "the first message must be open".into())),
         Err(e) => return Err(("invalid_field", e.to_string())),
     };
     match state.ingest.session(session).await {
-        Err(e) => Err(("unavailable", format!("ingest cannot reach its database: {e}"))),
+        Err(e) => Err((
+            "unavailable",
+            format!("ingest cannot reach its database: {e}"),
+        )),
         Ok(Some(row)) if row.tenant_id != tenant.as_uuid() => Err((
             Reason::SessionForbidden.code(),
             format!("session {session} belongs to another tenant"),
         )),
-        Ok(row) => Ok((
-            session,
-            row.and_then(|r| u64::try_from(r.last_seq).ok()),
-        )),
+        Ok(row) => Ok((session, row.and_then(|r| u64::try_from(r.last_seq).ok()))),
     }
+}
+
+/// Applies the hold (see `serve`): frames above the held sequence number are refused
+/// until one at or below it arrives.
+fn hold_back(
+    hold: &mut Option<u64>,
+    frames: Vec<Prepared>,
+    retry_after: std::time::Duration,
+) -> (Vec<Prepared>, Vec<FrameResult>) {
+    let mut go = Vec::with_capacity(frames.len());
+    let mut held = Vec::new();
+    for p in frames {
+        match *hold {
+            Some(h) if p.frame.seq > h => held.push(rejected(
+                p.index,
+                Some(p.frame.session_id),
+                Some(p.frame.seq),
+                Rejection::new(
+                    Reason::BrokerUnavailable,
+                    format!("frame {h} was not published; resend from it first"),
+                )
+                .retry_after_ms(retry_after.as_millis() as u64),
+            )),
+            Some(_) => {
+                *hold = None;
+                go.push(p);
+            }
+            None => go.push(p),
+        }
+    }
+    (go, held)
 }
 
 fn chunks(mut v: Vec<Prepared>, size: usize) -> Vec<Vec<Prepared>> {
@@ -272,15 +338,36 @@ pub fn answers(results: &[FrameResult]) -> Vec<ServerMessage> {
     for r in results {
         let seq = r.seq.unwrap_or_default();
         match (r.status, out.last_mut()) {
-            (FrameStatus::Accepted, Some(ServerMessage::Ack { last_seq, frames, .. }))
-            | (FrameStatus::Duplicate, Some(ServerMessage::Duplicate { last_seq, frames, .. })) => {
+            (
+                FrameStatus::Accepted,
+                Some(ServerMessage::Ack {
+                    last_seq, frames, ..
+                }),
+            )
+            | (
+                FrameStatus::Duplicate,
+                Some(ServerMessage::Duplicate {
+                    last_seq, frames, ..
+                }),
+            ) => {
                 *last_seq = seq;
                 *frames += 1;
             }
-            (FrameStatus::Accepted, _) => out.push(ServerMessage::Ack { first_seq: seq, last_seq: seq, frames: 1 }),
-            (FrameStatus::Duplicate, _) => out.push(ServerMessage::Duplicate { first_seq: seq, last_seq: seq, frames: 1 }),
+            (FrameStatus::Accepted, _) => out.push(ServerMessage::Ack {
+                first_seq: seq,
+                last_seq: seq,
+                frames: 1,
+            }),
+            (FrameStatus::Duplicate, _) => out.push(ServerMessage::Duplicate {
+                first_seq: seq,
+                last_seq: seq,
+                frames: 1,
+            }),
             (FrameStatus::Rejected, _) => {
-                let e = r.error.clone().unwrap_or_else(|| Rejection::new(Reason::MalformedFrame, "refused"));
+                let e = r
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| Rejection::new(Reason::MalformedFrame, "refused"));
                 out.push(ServerMessage::Reject {
                     seq: r.seq,
                     retryable: e.retryable(),

@@ -1,0 +1,185 @@
+//! The harness of ingest's tests: ingest in-process on port 0, on its own database
+//! and topics, with a tenant holding keys of each kind, and a second tenant.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use clisonix_alba::{Application, Config};
+use clisonix_e2e::{TestDatabase, TestEnv};
+use clisonix_gateway::keys::new_key;
+use clisonix_player::http::{Client, Format};
+use clisonix_schemas::{decode, Frame, SessionId, TenantId, Timestamp};
+use clisonix_topics::catalog::{EEG_FRAMES, USAGE_EVENTS};
+use clisonix_topics::{KafkaSettings, Topics};
+use rdkafka::consumer::StreamConsumer;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub struct Tenant {
+    pub id: TenantId,
+    /// ingest scope.
+    pub key: String,
+    /// read scope only.
+    pub read_key: String,
+    /// ingest scope, revoked.
+    pub revoked_key: String,
+}
+
+pub struct TestIngest {
+    pub env: TestEnv,
+    pub db: TestDatabase,
+    pub topics: Topics,
+    pub url: String,
+    pub tenant: Tenant,
+    pub other: Tenant,
+    pub shutdown: CancellationToken,
+    pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+async fn tenant(db: &TestDatabase, name: &str) -> Tenant {
+    let id = Uuid::new_v4();
+    sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, $2)")
+        .bind(id)
+        .bind(name)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let make = async |scopes: &[&str], revoked: bool| {
+        let k = new_key();
+        sqlx::query(
+            "INSERT INTO api_keys (id, tenant_id, name, prefix, key_hash, scopes, revoked_at) VALUES ($1, $2, 'test', $3, $4, $5, CASE WHEN $6 THEN now() END)",
+        )
+        .bind(k.id)
+        .bind(id)
+        .bind(&k.prefix)
+        .bind(&k.hash)
+        .bind(scopes.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .bind(revoked)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        k.key
+    };
+    Tenant {
+        id: TenantId::new(id),
+        key: make(&["ingest"], false).await,
+        read_key: make(&["read"], false).await,
+        revoked_key: make(&["ingest"], true).await,
+    }
+}
+
+impl TestIngest {
+    /// Ingest on the shared test broker.
+    pub async fn spawn() -> TestIngest {
+        let env = TestEnv::get();
+        let topics = env.topics();
+        env.create_catalog(&topics).await;
+        Self::spawn_on(env, topics, |_| {}).await
+    }
+
+    /// Ingest on the broker `env` names, with `topics` already created.
+    pub async fn spawn_on(
+        env: TestEnv,
+        topics: Topics,
+        tune: impl FnOnce(&mut Config),
+    ) -> TestIngest {
+        let db = env.fresh_database().await;
+        let mut config = Config::defaults();
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.database_url = clisonix_gateway::config::Secret::new(db.url());
+        config.kafka = KafkaSettings::new(env.kafka.bootstrap.clone(), "alba-test");
+        config.topic_prefix = topics.prefix().to_owned();
+        config.usage_interval = Duration::from_millis(300);
+        tune(&mut config);
+        let app = Application::build(config).await.expect("ingest starts");
+        let url = format!("http://127.0.0.1:{}", app.port());
+        let tenant = tenant(&db, "alpha").await;
+        let other = tenant_named(&db).await;
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+        TestIngest {
+            env,
+            db,
+            topics,
+            url,
+            tenant,
+            other,
+            shutdown,
+            server,
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.url, &self.tenant.key).unwrap()
+    }
+
+    pub fn frames_topic(&self) -> String {
+        self.topics.name(&EEG_FRAMES)
+    }
+
+    pub fn usage_topic(&self) -> String {
+        self.topics.name(&USAGE_EVENTS)
+    }
+
+    pub fn frames_consumer(&self) -> StreamConsumer {
+        self.env.consumer(&[&self.frames_topic()])
+    }
+
+    /// Reads `count` frames from `eeg.frames`, decoded, in topic order.
+    pub async fn read_frames(
+        &self,
+        consumer: &StreamConsumer,
+        count: usize,
+    ) -> Vec<(Vec<u8>, Frame)> {
+        self.env
+            .consume(consumer, count, Duration::from_secs(60))
+            .await
+            .into_iter()
+            .map(|r| {
+                let f = decode::<Frame>(&r.value).expect("ingest writes valid frames");
+                (r.value, f)
+            })
+            .collect()
+    }
+
+    pub async fn post(&self, frames: &[Frame], format: Format) -> clisonix_player::http::Answer {
+        self.client().post_frames(frames, format).await.unwrap()
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.server).await;
+        self.db.drop_now().await;
+    }
+}
+
+async fn tenant_named(db: &TestDatabase) -> Tenant {
+    tenant(db, "beta").await
+}
+
+/// `n` frames of one session: `channels` channels of `per_channel` samples at 256 Hz,
+/// seq 0.., a quarter second apart starting now.
+pub fn frames(session: SessionId, n: u64, channels: usize, per_channel: u32) -> Vec<Frame> {
+    let start = Timestamp::now().as_micros();
+    (0..n)
+        .map(|seq| {
+            let mut f = clisonix_schemas::examples::frame(seq, channels, per_channel);
+            f.session_id = session;
+            f.seq = seq;
+            f.device_time = Timestamp::from_micros(start + seq as i64 * 125_000);
+            f.markers.clear();
+            f
+        })
+        .collect()
+}
+
+/// What ingest must have published for a sent frame: the same frame, owned by the
+/// caller's tenant, stamped with ingest's receive time.
+pub fn as_published(sent: &Frame, tenant: TenantId, received_at: Timestamp) -> Frame {
+    Frame {
+        tenant_id: tenant,
+        received_at,
+        ..sent.clone()
+    }
+}
