@@ -145,7 +145,7 @@ pub fn prepare_body(
     for (i, f) in frames.into_iter().enumerate() {
         match prepare(i, f, limits, now) {
             Ok(p) => ready.push(p),
-            Err(r) => refused.push(r),
+            Err(r) => refused.push(*r),
         }
     }
     Ok((ready, refused))
@@ -331,7 +331,7 @@ pub async fn collect(
     let prepared = match prepare(0, Ok(frame), &ingest.limits, now) {
         Ok(p) => p,
         Err(r) => {
-            ingest.count_rejections(std::slice::from_ref(&r));
+            ingest.count_rejections(std::slice::from_ref(&*r));
             let rejection = r.error.expect("a refusal has a reason");
             return Err(rejection_error(&rejection));
         }

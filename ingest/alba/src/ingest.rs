@@ -48,9 +48,9 @@ pub fn prepare(
     frame: Result<Frame, Rejection>,
     limits: &Limits,
     now: Timestamp,
-) -> Result<Prepared, FrameResult> {
-    let frame = frame.map_err(|r| rejected(index, None, None, r))?;
-    let refuse = |r| rejected(index, Some(frame.session_id), Some(frame.seq), r);
+) -> Result<Prepared, Box<FrameResult>> {
+    let frame = frame.map_err(|r| Box::new(rejected(index, None, None, r)))?;
+    let refuse = |r| Box::new(rejected(index, Some(frame.session_id), Some(frame.seq), r));
     validate(&frame, limits, now).map_err(refuse)?;
     match encode(&frame) {
         Ok(value) => Ok(Prepared {

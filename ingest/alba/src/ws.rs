@@ -92,14 +92,12 @@ async fn serve(socket: WebSocket, state: AppState, tenant: TenantId, shutdown: C
     let (queue, mut queued) = mpsc::channel::<Message>(READ_AHEAD);
     let reader = tokio::spawn(async move {
         while let Some(Ok(message)) = rx.next().await {
-            match message {
-                Message::Close(_) => break,
-                Message::Binary(_) | Message::Text(_) => {
-                    if queue.send(message).await.is_err() {
-                        break;
-                    }
-                }
-                _ => {}
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+            let data = matches!(message, Message::Binary(_) | Message::Text(_));
+            if data && queue.send(message).await.is_err() {
+                break;
             }
         }
     });
@@ -325,7 +323,7 @@ fn prepare_messages(
         }
         match prepare(base + i, f, limits, now) {
             Ok(p) => ready.push(p),
-            Err(r) => refused.push(r),
+            Err(r) => refused.push(*r),
         }
     }
     (ready, refused, count)

@@ -73,7 +73,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if cli.devices == 0 || cli.batch == 0 || !(cli.speed >= 0.0) {
+    if cli.devices == 0 || cli.batch == 0 || cli.speed.is_nan() || cli.speed < 0.0 {
         eprintln!("error: --devices and --batch must be at least 1, --speed at least 0");
         return ExitCode::from(2);
     }
