@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::ingest::{prepare, Ingest, Numbering, Prepared};
+use crate::ingest::{prepare, prepare_binary, Ingest, Numbering, Prepared};
 use crate::metrics::Transport;
 
 #[derive(Debug, Clone)]
@@ -123,27 +123,32 @@ pub fn prepare_body(
     now: Timestamp,
     limits: &Limits,
 ) -> Result<(Vec<Prepared>, Vec<FrameResult>), Rejection> {
-    let frames: Vec<Result<Frame, Rejection>> = match kind {
+    let prepared: Vec<Result<Prepared, Box<FrameResult>>> = match kind {
         BodyKind::Json => split_body(body)
             .map_err(|e| Rejection::new(Reason::MalformedFrame, e.0))?
             .into_iter()
-            .map(|raw| parse_frame(raw).and_then(|f| f.into_frame(tenant, now)))
+            .enumerate()
+            .map(|(i, raw)| {
+                let frame = parse_frame(raw).and_then(|f| f.into_frame(tenant, now));
+                prepare(i, frame, limits, now)
+            })
             .collect(),
         BodyKind::Binary => binary::split_items(body)?
             .into_iter()
-            .map(|item| binary::decode_frame(item, tenant, now))
+            .enumerate()
+            .map(|(i, item)| prepare_binary(i, item, tenant, limits, now))
             .collect(),
     };
-    if frames.is_empty() {
+    if prepared.is_empty() {
         return Err(Rejection::new(
             Reason::MalformedFrame,
             "the body holds no frames",
         ));
     }
-    let mut ready = Vec::with_capacity(frames.len());
+    let mut ready = Vec::with_capacity(prepared.len());
     let mut refused = Vec::new();
-    for (i, f) in frames.into_iter().enumerate() {
-        match prepare(i, f, limits, now) {
+    for p in prepared {
+        match p {
             Ok(p) => ready.push(p),
             Err(r) => refused.push(*r),
         }

@@ -65,6 +65,40 @@ pub fn prepare(
     }
 }
 
+/// A binary body item: read straight from its bytes when it is a record of the
+/// current version (the published record is then the client's own bytes with tenant
+/// and receive time replaced), otherwise through the full decoder, which names what
+/// is wrong.
+pub fn prepare_binary(
+    index: usize,
+    item: &[u8],
+    tenant: TenantId,
+    limits: &Limits,
+    now: Timestamp,
+) -> Result<Prepared, Box<FrameResult>> {
+    match clisonix_ingest_protocol::binary::restamp(item, tenant, now) {
+        Some((frame, value)) => match validate(&frame, limits, now) {
+            Ok(()) => Ok(Prepared {
+                index,
+                frame,
+                value,
+            }),
+            Err(r) => Err(Box::new(rejected(
+                index,
+                Some(frame.session_id),
+                Some(frame.seq),
+                r,
+            ))),
+        },
+        None => prepare(
+            index,
+            clisonix_ingest_protocol::binary::decode_frame(item, tenant, now),
+            limits,
+            now,
+        ),
+    }
+}
+
 pub fn rejected(
     index: usize,
     session: Option<SessionId>,

@@ -15,13 +15,13 @@ use clisonix_ingest_protocol::answer::{FrameResult, FrameStatus};
 use clisonix_ingest_protocol::binary;
 use clisonix_ingest_protocol::ws::{ClientMessage, ServerMessage};
 use clisonix_ingest_protocol::{Reason, Rejection};
-use clisonix_schemas::{Frame, SessionId, TenantId, Timestamp};
+use clisonix_schemas::{SessionId, TenantId, Timestamp};
 use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::{AppState, DeviceKey};
-use crate::ingest::{prepare, rejected, Numbering, Prepared};
+use crate::ingest::{prepare, prepare_binary, rejected, Numbering, Prepared};
 use crate::metrics::Transport;
 
 /// Messages read ahead of the publishing loop.
@@ -278,50 +278,53 @@ fn prepare_messages(
     now: Timestamp,
     limits: &clisonix_ingest_protocol::Limits,
 ) -> (Vec<Prepared>, Vec<FrameResult>, usize) {
-    let mut frames: Vec<Result<Frame, Rejection>> = Vec::new();
+    let mut out: Vec<Result<Prepared, Box<FrameResult>>> = Vec::new();
+    let refuse = |i: usize, r: Rejection| Err(Box::new(rejected(i, None, None, r)));
     for m in messages {
         match m {
             Message::Binary(bytes) => match binary::split_items(&bytes) {
-                Ok(items) => frames.extend(
-                    items
-                        .into_iter()
-                        .map(|i| binary::decode_frame(i, tenant, now)),
-                ),
-                Err(r) => frames.push(Err(r)),
+                Ok(items) => {
+                    for item in items {
+                        let i = base + out.len();
+                        out.push(prepare_binary(i, item, tenant, limits, now));
+                    }
+                }
+                Err(r) => out.push(refuse(base + out.len(), r)),
             },
             Message::Text(t) => match serde_json::from_str::<ClientMessage>(t.as_str()) {
                 Ok(ClientMessage::Frames { frames: list }) => {
-                    frames.extend(list.into_iter().map(|f| f.into_frame(tenant, now)))
+                    for f in list {
+                        let i = base + out.len();
+                        out.push(prepare(i, f.into_frame(tenant, now), limits, now));
+                    }
                 }
-                Ok(ClientMessage::Open { .. }) => frames.push(Err(Rejection::new(
-                    Reason::MalformedFrame,
-                    "the stream is already open",
-                ))),
-                Err(e) => frames.push(Err(Rejection::new(Reason::MalformedFrame, e.to_string()))),
+                Ok(ClientMessage::Open { .. }) => out.push(refuse(
+                    base + out.len(),
+                    Rejection::new(Reason::MalformedFrame, "the stream is already open"),
+                )),
+                Err(e) => out.push(refuse(
+                    base + out.len(),
+                    Rejection::new(Reason::MalformedFrame, e.to_string()),
+                )),
             },
             _ => {}
         }
     }
-    let count = frames.len();
+    let count = out.len();
     let mut ready = Vec::with_capacity(count);
     let mut refused = Vec::new();
-    for (i, f) in frames.into_iter().enumerate() {
-        if let Ok(f) = &f {
-            if f.session_id != session {
-                refused.push(rejected(
-                    base + i,
-                    Some(f.session_id),
-                    Some(f.seq),
-                    Rejection::new(
-                        Reason::WrongSession,
-                        format!("this stream is open for session {session}"),
-                    )
-                    .field("session_id"),
-                ));
-                continue;
-            }
-        }
-        match prepare(base + i, f, limits, now) {
+    for p in out {
+        match p {
+            Ok(p) if p.frame.session_id != session => refused.push(rejected(
+                p.index,
+                Some(p.frame.session_id),
+                Some(p.frame.seq),
+                Rejection::new(
+                    Reason::WrongSession,
+                    format!("this stream is open for session {session}"),
+                )
+                .field("session_id"),
+            )),
             Ok(p) => ready.push(p),
             Err(r) => refused.push(*r),
         }

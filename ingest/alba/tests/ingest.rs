@@ -668,7 +668,12 @@ async fn bad_input_gets_a_clear_4xx_and_publishes_nothing() {
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
     // Nothing of the above was published: the next record is this sentinel.
-    assert_eq!(t.post(std::slice::from_ref(&good), Format::Binary).await.status, 200);
+    assert_eq!(
+        t.post(std::slice::from_ref(&good), Format::Binary)
+            .await
+            .status,
+        200
+    );
     let next = t.read_frames(&consumer, 1).await;
     assert_eq!(
         (next[0].1.session_id, next[0].1.tenant_id),

@@ -9,7 +9,8 @@
 use apache_avro::types::Value;
 use clisonix_schemas::codec::{read_datum, HEADER_LEN};
 use clisonix_schemas::{
-    encode_into, writer_schema, AvroRecord, Family, Frame, TenantId, Timestamp,
+    encode_into, writer_schema, AvroRecord, DeviceId, Family, Frame, Marker, SampleUnit, SessionId,
+    TenantId, Timestamp,
 };
 
 use crate::validate::{Reason, Rejection};
@@ -73,6 +74,163 @@ pub fn split_items(body: &[u8]) -> Result<Vec<&[u8]>, Rejection> {
     Ok(items)
 }
 
+/// The fast path for the current `eeg_frame` version: reads the record straight from
+/// its bytes (no generic Avro values) and returns the frame together with the record
+/// to publish — the client's own bytes with only `tenant_id` and `received_at_us`
+/// replaced. `None` when the item is not a well-formed record of that version; the
+/// caller then takes [`decode_frame`], which says what is wrong.
+pub fn restamp(item: &[u8], tenant: TenantId, received_at: Timestamp) -> Option<(Frame, Vec<u8>)> {
+    let version = writer_schema(item).ok()?;
+    if version.family != Family::EegFrame || version.version != 1 {
+        return None;
+    }
+    let mut c = Cursor {
+        b: item,
+        pos: HEADER_LEN,
+    };
+    // Whatever tenant the client wrote is replaced; it must still be a string.
+    c.str()?;
+    let tenant_end = c.pos;
+    let device_id = DeviceId::parse(c.str()?).ok()?;
+    let session_id = SessionId::parse(c.str()?).ok()?;
+    let seq = u64::try_from(c.long()?).ok()?;
+    let device_time = Timestamp::from_micros(c.long()?);
+    let received_start = c.pos;
+    c.long()?;
+    let received_end = c.pos;
+    let sample_rate_hz = c.double()?;
+    let unit = match c.long()? {
+        0 => SampleUnit::Microvolt,
+        1 => SampleUnit::Millivolt,
+        2 => SampleUnit::Volt,
+        _ => return None,
+    };
+    let mut channel_labels = Vec::new();
+    c.array(|c| {
+        channel_labels.push(c.str()?.to_owned());
+        Some(())
+    })?;
+    let samples_per_channel = u32::try_from(c.long()?).ok()?;
+    let raw = c.bytes()?;
+    if raw.len() != 4 * channel_labels.len() * samples_per_channel as usize {
+        return None;
+    }
+    let samples = raw
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let mut markers = Vec::new();
+    c.array(|c| {
+        let sample_offset = u32::try_from(c.long()?).ok()?;
+        let duration_us = match c.long()? {
+            0 => None,
+            1 => Some(c.long()?),
+            _ => return None,
+        };
+        markers.push(Marker {
+            sample_offset,
+            duration_us,
+            label: c.str()?.to_owned(),
+        });
+        Some(())
+    })?;
+    if c.pos != item.len() {
+        return None;
+    }
+    let tenant_text = tenant.to_string();
+    let mut out = Vec::with_capacity(item.len() + 48);
+    out.extend_from_slice(&item[..HEADER_LEN]);
+    write_long(&mut out, tenant_text.len() as i64);
+    out.extend_from_slice(tenant_text.as_bytes());
+    out.extend_from_slice(&item[tenant_end..received_start]);
+    write_long(&mut out, received_at.as_micros());
+    out.extend_from_slice(&item[received_end..]);
+    let frame = Frame {
+        tenant_id: tenant,
+        device_id,
+        session_id,
+        seq,
+        device_time,
+        received_at,
+        sample_rate_hz,
+        unit,
+        channel_labels,
+        samples_per_channel,
+        samples,
+        markers,
+    };
+    Some((frame, out))
+}
+
+/// Reads Avro binary primitives from a slice; `None` on anything malformed.
+struct Cursor<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    /// A zig-zag varint `long` (or `int`).
+    fn long(&mut self) -> Option<i64> {
+        let mut value: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let byte = *self.b.get(self.pos)?;
+            self.pos += 1;
+            value |= u64::from(byte & 0x7F) << shift;
+            if byte & 0x80 == 0 {
+                return Some((value >> 1) as i64 ^ -((value & 1) as i64));
+            }
+        }
+        None
+    }
+
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let len = usize::try_from(self.long()?).ok()?;
+        let end = self.pos.checked_add(len)?;
+        let out = self.b.get(self.pos..end)?;
+        self.pos = end;
+        Some(out)
+    }
+
+    fn str(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.bytes()?).ok()
+    }
+
+    fn double(&mut self) -> Option<f64> {
+        let b = self.b.get(self.pos..self.pos + 8)?;
+        self.pos += 8;
+        Some(f64::from_le_bytes(b.try_into().ok()?))
+    }
+
+    /// An array: blocks of items (a negative count is followed by the block's size).
+    fn array(&mut self, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+        loop {
+            let mut n = self.long()?;
+            if n == 0 {
+                return Some(());
+            }
+            if n < 0 {
+                n = n.checked_neg()?;
+                self.long()?;
+            }
+            for _ in 0..n {
+                item(self)?;
+            }
+        }
+    }
+}
+
+fn write_long(out: &mut Vec<u8>, v: i64) {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    loop {
+        if z < 0x80 {
+            out.push(z as u8);
+            return;
+        }
+        out.push((z as u8 & 0x7F) | 0x80);
+        z >>= 7;
+    }
+}
+
 /// Decodes one item as a frame of `tenant`, whatever tenant the bytes name.
 pub fn decode_frame(
     item: &[u8],
@@ -132,6 +290,44 @@ mod tests {
             assert_eq!(got.samples, frame.samples);
             assert_eq!(got.seq, frame.seq);
             assert_eq!(decode::<Frame>(&encode(&got).unwrap()).unwrap(), got);
+        }
+    }
+
+    #[test]
+    fn the_fast_path_gives_what_decoding_and_encoding_again_give() {
+        let tenant = TenantId::random();
+        let now = Timestamp::from_micros(1_800_000_000_123_456);
+        for (seed, channels, n) in [(0, 1, 1), (7, 4, 16), (300, 32, 32), (1 << 40, 3, 5)] {
+            let mut frame = examples::frame(seed, channels, n);
+            frame.markers.push(clisonix_schemas::Marker {
+                sample_offset: 0,
+                duration_us: None,
+                label: "ä".into(),
+            });
+            let item = encode(&frame).unwrap();
+            let (fast, bytes) = restamp(&item, tenant, now).expect("the fast path reads it");
+            let slow = decode_frame(&item, tenant, now).unwrap();
+            assert_eq!(fast, slow);
+            assert_eq!(bytes, encode(&slow).unwrap(), "the same record bytes");
+        }
+        // Every truncation and many corruptions fall back (never panic, never accept
+        // what the slow path refuses).
+        let item = encode(&examples::frame(3, 4, 8)).unwrap();
+        for cut in 0..item.len() {
+            assert!(restamp(&item[..cut], tenant, now).is_none());
+        }
+        for i in HEADER_LEN..item.len() {
+            for flip in [0x01u8, 0x80, 0xFF] {
+                let mut bad = item.clone();
+                bad[i] ^= flip;
+                if let Some((fast, _)) = restamp(&bad, tenant, now) {
+                    assert_eq!(
+                        Ok(fast),
+                        decode_frame(&bad, tenant, now),
+                        "byte {i} ^ {flip:#x}"
+                    );
+                }
+            }
         }
     }
 
