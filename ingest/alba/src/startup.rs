@@ -17,7 +17,7 @@ use clisonix_gateway::error::{ApiError, REQUEST_ID};
 use clisonix_gateway::keys::KeyVerifier;
 use clisonix_topics::catalog::{EEG_FRAMES, USAGE_EVENTS};
 use clisonix_topics::Topics;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -88,10 +88,20 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Application> {
+        let options: PgConnectOptions = config
+            .database_url
+            .expose()
+            .parse()
+            .context("DATABASE_URL is not a Postgres URL")?;
+        // Ingest's writes record which frames the broker already holds; losing the last
+        // of them in a database crash can only make a resend publish a duplicate (which
+        // downstream drops by sequence number), never lose a frame. So commits do not
+        // wait for the disk, which keeps a group's round trip short.
+        let options = options.options([("synchronous_commit", "off")]);
         let pool = PgPoolOptions::new()
             .max_connections(32)
             .acquire_timeout(Duration::from_secs(5))
-            .connect(config.database_url.expose())
+            .connect_with(options)
             .await
             .context("connecting to the database")?;
         if config.migrate {
