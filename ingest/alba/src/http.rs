@@ -33,6 +33,8 @@ pub struct AppState {
     pub uploads: Arc<crate::recording::UploadSlots>,
     /// Fires at shutdown: open WebSocket streams close after their current group.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// The open WebSocket streams, so shutdown can wait for them to finish.
+    pub streams: tokio_util::task::TaskTracker,
 }
 
 /// A caller holding a valid key with the `ingest` scope: `Authorization: Bearer <key>`

@@ -142,6 +142,7 @@ impl Application {
             config: Arc::new(config),
             uploads: Arc::new(UploadSlots::default()),
             shutdown: CancellationToken::new(),
+            streams: tokio_util::task::TaskTracker::new(),
         };
         Ok(Application {
             listener,
@@ -177,9 +178,18 @@ impl Application {
             signal.cancelled().await;
             streams.cancel();
         });
+        let streams = state.streams.clone();
         let served = axum::serve(self.listener, router(state))
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
+        // Streams finish their current group and send its answers before the close.
+        streams.close();
+        if tokio::time::timeout(Duration::from_secs(20), streams.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("WebSocket streams did not finish within 20 s");
+        }
         background.cancel();
         let _ = probe.await;
         let _ = usage.await;

@@ -42,12 +42,15 @@ pub async fn stream(
 ) -> Response {
     let tenant = key.tenant();
     let shutdown = state.shutdown.clone();
+    let streams = state.streams.clone();
     upgrade
         .max_message_size(state.config.max_message_bytes)
-        .on_upgrade(move |socket| async move {
-            state.ingest.metrics.ws_connections.inc();
-            serve(socket, state.clone(), tenant, shutdown).await;
-            state.ingest.metrics.ws_connections.dec();
+        .on_upgrade(move |socket| {
+            streams.track_future(async move {
+                state.ingest.metrics.ws_connections.inc();
+                serve(socket, state.clone(), tenant, shutdown).await;
+                state.ingest.metrics.ws_connections.dec();
+            })
         })
 }
 

@@ -27,6 +27,16 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Stops the private broker and deletes its data however the test ends.
+struct NodeGuard(KafkaNode);
+
+impl Drop for NodeGuard {
+    fn drop(&mut self) {
+        let _ = self.0.stop();
+        let _ = std::fs::remove_dir_all(&self.0.dir);
+    }
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.unwrap()
 }
@@ -35,11 +45,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 async fn when_the_broker_stops_clients_are_pushed_back_and_nothing_acknowledged_is_lost() {
     let dir = std::env::temp_dir().join(TestEnv::unique("clisonix-outage-kafka"));
     let node = KafkaNode {
-        dir: dir.clone(),
+        dir,
         cache: cache_dir().unwrap().join(format!("kafka-{VERSION}")),
         port: free_port(),
         controller_port: free_port(),
     };
+    let guard = NodeGuard(node.clone());
     let n = node.clone();
     blocking(move || n.start())
         .await
@@ -168,7 +179,5 @@ async fn when_the_broker_stops_clients_are_pushed_back_and_nothing_acknowledged_
         stats.acked, stats.resent, stats.reconnects
     );
     t.stop().await;
-    let n = node.clone();
-    blocking(move || n.stop()).await.unwrap();
-    let _ = std::fs::remove_dir_all(dir);
+    blocking(move || drop(guard)).await;
 }

@@ -764,3 +764,30 @@ async fn ingest_meters_usage_and_exposes_metrics_health_and_readiness() {
     );
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_open_streams_after_their_answers() {
+    let t = TestIngest::spawn().await;
+    let session = SessionId::random();
+    let sent = frames(session, 4, 4, 16);
+    let (mut c, _) = Connection::open(&t.url, &t.tenant.key, session)
+        .await
+        .unwrap();
+    c.send_frames(&sent, Format::Binary).await.unwrap();
+    match c.next().await.unwrap() {
+        Some(ServerMessage::Ack { frames: 4, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    t.shutdown.cancel();
+    let closed = tokio::time::timeout(Duration::from_secs(10), c.next()).await;
+    assert!(
+        matches!(closed, Ok(Ok(None))),
+        "the stream is closed: {closed:?}"
+    );
+    let stopped = tokio::time::timeout(Duration::from_secs(30), t.server).await;
+    assert!(
+        matches!(stopped, Ok(Ok(Ok(())))),
+        "ingest stops: {stopped:?}"
+    );
+    t.db.drop_now().await;
+}
