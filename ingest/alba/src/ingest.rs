@@ -203,8 +203,9 @@ impl Ingest {
         }
     }
 
-    /// Publishes checked frames of `tenant`, session by session (sessions in parallel,
-    /// each in order). Returns one result per frame, in no particular order.
+    /// Publishes checked frames of `tenant`, session by session (up to eight sessions
+    /// at once, each holding a database connection; each session in order). Returns
+    /// one result per frame, in no particular order.
     pub async fn publish(
         &self,
         tenant: TenantId,
@@ -219,10 +220,13 @@ impl Ingest {
                 None => groups.push((p.frame.session_id, vec![p])),
             }
         }
+        use futures::StreamExt;
         let runs = groups
             .into_iter()
             .map(|(_, group)| self.publish_session(tenant, transport, group, numbering));
-        futures::future::join_all(runs)
+        futures::stream::iter(runs)
+            .buffer_unordered(8)
+            .collect::<Vec<_>>()
             .await
             .into_iter()
             .flatten()

@@ -93,6 +93,27 @@ async fn a_batch_answer_says_which_frames_were_accepted_and_why_others_were_not(
     );
     assert_eq!(b.results[1].status, FrameStatus::Accepted, "{b:?}");
     assert_eq!(b.results[2].error.as_ref().unwrap().code, "out_of_order");
+    // One request may carry many sessions: each is published in its own order.
+    let consumer = t.frames_consumer();
+    let sessions: Vec<SessionId> = (0..20).map(|_| SessionId::random()).collect();
+    let mut mixed = Vec::new();
+    for seq in 0..3 {
+        for s in &sessions {
+            mixed.push(frames(*s, 3, 4, 8).swap_remove(seq));
+        }
+    }
+    let b = t.post(&mixed, Format::Binary).await.batch().unwrap();
+    assert_eq!((b.accepted, b.rejected), (60, 0), "{b:?}");
+    // The topic also holds the 4 frames accepted above.
+    let got = t.read_frames(&consumer, 64).await;
+    for s in &sessions {
+        let seqs: Vec<u64> = got
+            .iter()
+            .filter(|(_, f)| f.session_id == *s)
+            .map(|(_, f)| f.seq)
+            .collect();
+        assert_eq!(seqs, [0, 1, 2]);
+    }
     t.stop().await;
 }
 
