@@ -7,7 +7,8 @@
 //! control), never silently dropped.
 //!
 //! The wire formats and rules are in `clisonix-ingest-protocol`; [`ingest`] is the
-//! transport-independent core; [`publisher`] is the only Kafka code.
+//! transport-independent core; [`publisher`] writes to Kafka (and [`recording`]
+//! holds each upload's transactional producer).
 
 pub mod config;
 pub mod http;
