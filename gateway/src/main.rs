@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 
 use clisonix_gateway::{Application, Config};
-use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 #[tokio::main]
@@ -29,18 +28,8 @@ async fn main() -> ExitCode {
         }
     };
     info!(port = app.port(), production, "gateway listening");
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM can be handled");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        info!("stopping: finishing requests in flight");
-        signal.cancel();
-    });
+    let shutdown =
+        clisonix_gateway::startup::shutdown_on_signal("stopping: finishing requests in flight");
     match app.run_until_stopped(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -117,6 +117,24 @@ pub fn router(state: AppState) -> Router {
 /// Gives each request an id (echoed in `x-request-id` and error bodies) and records
 /// the request metrics by matched route.
 async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    observed(
+        request,
+        next,
+        &state.metrics.requests,
+        &state.metrics.latency,
+    )
+    .await
+}
+
+/// The request-id and metrics middleware every HTTP service shares: the request id
+/// comes from `x-request-id` (or is made), is set for the error bodies and echoed;
+/// `requests` and `latency` are labelled by matched route, method and status.
+pub async fn observed(
+    request: Request,
+    next: Next,
+    requests: &IntCounterVec,
+    latency: &HistogramVec,
+) -> Response {
     let started = Instant::now();
     let id = request
         .headers()
@@ -136,13 +154,29 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
     }
     let status = response.status().as_u16().to_string();
     let labels = [route.as_str(), method.as_str(), status.as_str()];
-    state.metrics.requests.with_label_values(&labels).inc();
-    state
-        .metrics
-        .latency
+    requests.with_label_values(&labels).inc();
+    latency
         .with_label_values(&labels)
         .observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// A token cancelled on SIGTERM or Ctrl-C (logging `stopping`), for a service's
+/// graceful shutdown.
+pub fn shutdown_on_signal(stopping: &'static str) -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM can be handled");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("{stopping}");
+        signal.cancel();
+    });
+    shutdown
 }
 
 /// `GET /health`: the process is up.

@@ -183,7 +183,8 @@ impl Ingest {
             .map(row))
     }
 
-    fn unavailable(&self, what: impl std::fmt::Display) -> Rejection {
+    /// The retryable refusal when the database does not answer.
+    pub fn unavailable(&self, what: impl std::fmt::Display) -> Rejection {
         Rejection::new(
             Reason::Unavailable,
             format!("ingest cannot reach its database: {what}"),
@@ -271,14 +272,7 @@ impl Ingest {
             }
         };
         if locked.tenant_id != tenant.as_uuid() {
-            let out = fail_all(
-                &frames,
-                Rejection::new(
-                    Reason::SessionForbidden,
-                    format!("session {session} belongs to another tenant"),
-                )
-                .field("session_id"),
-            );
+            let out = fail_all(&frames, forbidden(session));
             self.count_rejections(&out);
             return out;
         }
@@ -325,7 +319,11 @@ impl Ingest {
             high = p.frame.seq as i64;
             to_publish.push(p);
         }
-        let key = encode(&first_key(&to_publish)).expect("keys encode");
+        let key = encode(&clisonix_schemas::SessionKey {
+            tenant_id: tenant,
+            session_id: session,
+        })
+        .expect("keys encode");
         let records: Vec<Record> = to_publish
             .iter_mut()
             .map(|p| Record {
@@ -433,15 +431,13 @@ impl Ingest {
     }
 }
 
-/// The Kafka key of a session group (all its frames share it).
-fn first_key(frames: &[Prepared]) -> clisonix_schemas::SessionKey {
-    frames.first().map_or(
-        clisonix_schemas::SessionKey {
-            tenant_id: TenantId::new(Uuid::nil()),
-            session_id: SessionId::new(Uuid::nil()),
-        },
-        |p| p.frame.key(),
+/// The refusal of a session that belongs to another tenant.
+pub fn forbidden(session: SessionId) -> Rejection {
+    Rejection::new(
+        Reason::SessionForbidden,
+        format!("session {session} belongs to another tenant"),
     )
+    .field("session_id")
 }
 
 /// How a frame differs from its session, if it does.

@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 
 use clisonix_alba::{Application, Config};
-use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 #[tokio::main]
@@ -28,18 +27,9 @@ async fn main() -> ExitCode {
         }
     };
     info!(port = app.port(), "ingest listening");
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM can be handled");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        info!("stopping: finishing requests and streams in flight");
-        signal.cancel();
-    });
+    let shutdown = clisonix_gateway::startup::shutdown_on_signal(
+        "stopping: finishing requests and streams in flight",
+    );
     match app.run_until_stopped(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use crate::http::{rejection_error, AppState, DeviceKey};
-use crate::ingest::prepare;
+use crate::ingest::{forbidden, prepare};
 use crate::metrics::Transport;
 
 /// Uploads processed at once.
@@ -218,13 +218,7 @@ pub async fn upload(
     match ingest.session(session).await {
         Err(e) => return Err(unavailable(&state, e)),
         Ok(Some(row)) if row.tenant_id != tenant.as_uuid() => {
-            return Err(rejection_error(
-                &Rejection::new(
-                    Reason::SessionForbidden,
-                    format!("session {session} belongs to another tenant"),
-                )
-                .field("session_id"),
-            ))
+            return Err(rejection_error(&forbidden(session)))
         }
         Ok(Some(row)) if row.last_seq >= 0 => return Err(session_exists(session, row.last_seq)),
         Ok(_) => {}
@@ -382,13 +376,7 @@ async fn confirmed(d: DeliveryFuture) -> Result<(), rdkafka::error::KafkaError> 
 }
 
 fn unavailable(state: &AppState, e: impl std::fmt::Display) -> ApiError {
-    rejection_error(
-        &Rejection::new(
-            Reason::Unavailable,
-            format!("ingest cannot reach its database: {e}"),
-        )
-        .retry_after_ms(state.config.retry_after.as_millis() as u64),
-    )
+    rejection_error(&state.ingest.unavailable(e))
 }
 
 fn broker(state: &AppState, e: rdkafka::error::KafkaError) -> ApiError {
@@ -426,13 +414,7 @@ async fn begin(
         .await
         .map_err(|e| unavailable(state, e))?;
     if row.tenant_id != tenant.as_uuid() {
-        return Err(rejection_error(
-            &Rejection::new(
-                Reason::SessionForbidden,
-                format!("session {session} belongs to another tenant"),
-            )
-            .field("session_id"),
-        ));
+        return Err(rejection_error(&forbidden(session)));
     }
     if row.last_seq >= 0 {
         return Err(session_exists(session, row.last_seq));

@@ -4,17 +4,18 @@
 //! current group, the last usage counts are emitted and the producer is flushed.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
-use clisonix_gateway::error::{ApiError, REQUEST_ID};
+use clisonix_gateway::error::ApiError;
 use clisonix_gateway::keys::KeyVerifier;
+use clisonix_gateway::startup::observed;
 use clisonix_topics::catalog::{EEG_FRAMES, USAGE_EVENTS};
 use clisonix_topics::Topics;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -51,31 +52,8 @@ pub fn router(state: AppState) -> Router {
 
 /// Request ids (echoed in `x-request-id` and error bodies) and request metrics.
 async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 64)
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().to_string();
-    let mut response = REQUEST_ID.scope(id.clone(), next.run(request)).await;
-    if let Ok(value) = HeaderValue::from_str(&id) {
-        response.headers_mut().insert("x-request-id", value);
-    }
-    let status = response.status().as_u16().to_string();
-    let labels = [route.as_str(), method.as_str(), status.as_str()];
     let m = &state.ingest.metrics;
-    m.requests.with_label_values(&labels).inc();
-    m.request_latency
-        .with_label_values(&labels)
-        .observe(started.elapsed().as_secs_f64());
-    response
+    observed(request, next, &m.requests, &m.request_latency).await
 }
 
 /// Ingest, bound and connected.

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::{AppState, DeviceKey};
-use crate::ingest::{prepare, prepare_binary, rejected, Numbering, Prepared};
+use crate::ingest::{forbidden, prepare, prepare_binary, rejected, Numbering, Prepared};
 use crate::metrics::Transport;
 
 /// Messages read ahead of the publishing loop.
@@ -216,13 +216,12 @@ async fn open(
     };
     match state.ingest.session(session).await {
         Err(e) => Err((
-            "unavailable",
-            format!("ingest cannot reach its database: {e}"),
+            Reason::Unavailable.code(),
+            state.ingest.unavailable(e).message,
         )),
-        Ok(Some(row)) if row.tenant_id != tenant.as_uuid() => Err((
-            Reason::SessionForbidden.code(),
-            format!("session {session} belongs to another tenant"),
-        )),
+        Ok(Some(row)) if row.tenant_id != tenant.as_uuid() => {
+            Err((Reason::SessionForbidden.code(), forbidden(session).message))
+        }
         Ok(row) => Ok((session, row.and_then(|r| u64::try_from(r.last_seq).ok()))),
     }
 }
