@@ -19,21 +19,20 @@
 //! from the session's first sample, so a restarted Albi re-reads the whole open session
 //! (cheaply: replayed windows are counted off without computing features).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use clisonix_schemas::{
     Bands, DeviceId, Features, Frame, Hjorth, SampleUnit, SessionId, TenantId, Timestamp,
     WindowQuality,
 };
 use clisonix_signal::{FeatureEngine, SignalError, WindowFeatures, ALGORITHM_VERSION};
-use clisonix_stage::{Output, OutputTopic, RecordMeta, Rejection, Stage};
+use clisonix_stage::{
+    Arrival, IdleSweep, Output, OutputTopic, RecordMeta, Rejection, SeqTracker, Stage,
+};
 
 /// The stage's name (its consumer group) and version.
 pub const NAME: &str = "albi";
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// How many sequence numbers behind the newest a duplicate is still recognised.
-const SEEN_HORIZON: u64 = 4096;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AlbiConfig {
@@ -87,8 +86,7 @@ struct Session {
     buffer_start: u64,
     next_window: u64,
     frames: VecDeque<BufferedFrame>,
-    next_seq: u64,
-    seen: BTreeSet<u64>,
+    seqs: SeqTracker,
     gaps: u32,
     duplicates: u32,
     out_of_order: u32,
@@ -121,8 +119,7 @@ pub struct Albi {
     engines: BTreeMap<(u64, usize), FeatureEngine>,
     features: WindowFeatures,
     window: Vec<f64>,
-    /// Per partition, the record timestamp at which idle sessions were last looked for.
-    last_sweep_ms: BTreeMap<i32, i64>,
+    sweep: IdleSweep,
 }
 
 impl Albi {
@@ -133,7 +130,7 @@ impl Albi {
             engines: BTreeMap::new(),
             features: WindowFeatures::default(),
             window: Vec::new(),
-            last_sweep_ms: BTreeMap::new(),
+            sweep: IdleSweep::default(),
         }
     }
 
@@ -143,11 +140,9 @@ impl Albi {
     }
 
     fn sweep_idle(&mut self, partition: i32, now_ms: i64) {
-        let last = self.last_sweep_ms.entry(partition).or_insert(i64::MIN);
-        if now_ms < last.saturating_add(1000) {
+        if !self.sweep.due(partition, now_ms) {
             return;
         }
-        *last = now_ms;
         let idle = self.config.idle_ms;
         self.sessions
             .retain(|_, s| s.partition != partition || now_ms - s.last_timestamp_ms <= idle);
@@ -312,22 +307,20 @@ impl Stage for Albi {
                     ));
                 }
                 session.last_timestamp_ms = now_ms;
-                if frame.seq < session.next_seq {
-                    if session.seen.contains(&frame.seq)
-                        || session.next_seq - frame.seq > SEEN_HORIZON
-                    {
+                match session.seqs.observe(frame.seq) {
+                    Arrival::Duplicate => {
                         session.duplicates += 1;
-                    } else {
-                        session.out_of_order += 1;
-                        session.seen.insert(frame.seq);
+                        return Ok(());
                     }
-                    return Ok(());
-                }
-                if frame.seq > session.next_seq {
-                    let missing = frame.seq - session.next_seq;
-                    session.gaps = session
-                        .gaps
-                        .saturating_add(missing.min(u32::MAX as u64) as u32);
+                    Arrival::OutOfOrder => {
+                        session.out_of_order += 1;
+                        return Ok(());
+                    }
+                    Arrival::InOrder { missing } => {
+                        session.gaps = session
+                            .gaps
+                            .saturating_add(missing.min(u32::MAX as u64) as u32);
+                    }
                 }
             }
             None => {
@@ -361,8 +354,11 @@ impl Stage for Albi {
                         buffer_start: 0,
                         next_window: 0,
                         frames: VecDeque::new(),
-                        next_seq: frame.seq,
-                        seen: BTreeSet::new(),
+                        seqs: {
+                            let mut seqs = SeqTracker::new();
+                            seqs.observe(frame.seq);
+                            seqs
+                        },
                         gaps: 0,
                         duplicates: 0,
                         out_of_order: 0,
@@ -384,12 +380,6 @@ impl Stage for Albi {
                 device_time_us: frame.device_time.as_micros(),
             });
         }
-        session.seen.insert(frame.seq);
-        session.next_seq = frame.seq + 1;
-        let horizon = session.next_seq.saturating_sub(SEEN_HORIZON);
-        while session.seen.first().is_some_and(|&s| s < horizon) {
-            session.seen.pop_first();
-        }
         self.emit_ready_windows(key, !meta.replay, out);
         Ok(())
     }
@@ -404,6 +394,6 @@ impl Stage for Albi {
 
     fn forget(&mut self, partition: i32) {
         self.sessions.retain(|_, s| s.partition != partition);
-        self.last_sweep_ms.remove(&partition);
+        self.sweep.forget(partition);
     }
 }

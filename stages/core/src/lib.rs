@@ -15,6 +15,10 @@
 
 use clisonix_schemas::{AvroRecord, Family};
 
+mod session;
+
+pub use session::{Arrival, IdleSweep, SeqTracker, SEEN_HORIZON};
+
 /// Where an input record came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordMeta {

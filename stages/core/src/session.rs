@@ -1,0 +1,125 @@
+//! Per-session bookkeeping every frame-consuming stage needs, kept in one place so the
+//! stages agree on what a gap, a duplicate and an out-of-order frame are, and on when
+//! a session is idle.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// How many sequence numbers behind the newest a duplicate is still recognised.
+pub const SEEN_HORIZON: u64 = 4096;
+
+/// How a frame's `seq` relates to what its session has seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// Newer than anything seen: take it. `missing` frames were skipped before it.
+    InOrder { missing: u64 },
+    /// Seen before (or too old to tell): drop it.
+    Duplicate,
+    /// Older than the newest seen and not seen before: it arrived after a later frame,
+    /// so whatever was built from the later one cannot take it back; drop it.
+    OutOfOrder,
+}
+
+/// Tracks one session's sequence numbers: frames are taken in arrival order; the
+/// `seq`s seen within [`SEEN_HORIZON`] of the newest are remembered to tell duplicates
+/// from late frames.
+#[derive(Debug, Clone, Default)]
+pub struct SeqTracker {
+    next: Option<u64>,
+    seen: BTreeSet<u64>,
+}
+
+impl SeqTracker {
+    pub fn new() -> SeqTracker {
+        SeqTracker::default()
+    }
+
+    /// Classifies `seq` and records it.
+    pub fn observe(&mut self, seq: u64) -> Arrival {
+        let Some(next) = self.next else {
+            self.accept(seq);
+            return Arrival::InOrder { missing: 0 };
+        };
+        if seq < next {
+            if self.seen.contains(&seq) || next - seq > SEEN_HORIZON {
+                return Arrival::Duplicate;
+            }
+            self.seen.insert(seq);
+            return Arrival::OutOfOrder;
+        }
+        self.accept(seq);
+        Arrival::InOrder {
+            missing: seq - next,
+        }
+    }
+
+    fn accept(&mut self, seq: u64) {
+        self.seen.insert(seq);
+        self.next = Some(seq + 1);
+        let horizon = (seq + 1).saturating_sub(SEEN_HORIZON);
+        while self.seen.first().is_some_and(|&s| s < horizon) {
+            self.seen.pop_first();
+        }
+    }
+}
+
+/// Decides, per partition and by the records' own timestamps, when to look for idle
+/// sessions: at most once a second of record time, so a sweep over all sessions is not
+/// paid per record. Record time, never the wall clock, keeps stages deterministic.
+#[derive(Debug, Clone, Default)]
+pub struct IdleSweep {
+    last_ms: BTreeMap<i32, i64>,
+}
+
+impl IdleSweep {
+    /// Whether a sweep is due on `partition` at record time `now_ms`.
+    pub fn due(&mut self, partition: i32, now_ms: i64) -> bool {
+        let last = self.last_ms.entry(partition).or_insert(i64::MIN);
+        if now_ms < last.saturating_add(1000) {
+            return false;
+        }
+        *last = now_ms;
+        true
+    }
+
+    pub fn forget(&mut self, partition: i32) {
+        self.last_ms.remove(&partition);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arrivals_are_classified() {
+        let mut t = SeqTracker::new();
+        assert_eq!(t.observe(5), Arrival::InOrder { missing: 0 });
+        assert_eq!(t.observe(6), Arrival::InOrder { missing: 0 });
+        assert_eq!(t.observe(9), Arrival::InOrder { missing: 2 });
+        assert_eq!(t.observe(6), Arrival::Duplicate);
+        assert_eq!(t.observe(7), Arrival::OutOfOrder);
+        assert_eq!(t.observe(7), Arrival::Duplicate);
+        assert_eq!(t.observe(10), Arrival::InOrder { missing: 0 });
+    }
+
+    #[test]
+    fn frames_beyond_the_horizon_count_as_duplicates_and_memory_stays_bounded() {
+        let mut t = SeqTracker::new();
+        for s in 0..10 * SEEN_HORIZON {
+            assert_eq!(t.observe(s), Arrival::InOrder { missing: 0 });
+        }
+        assert!(t.seen.len() as u64 <= SEEN_HORIZON);
+        assert_eq!(t.observe(10), Arrival::Duplicate);
+    }
+
+    #[test]
+    fn sweeps_are_due_once_a_second_of_record_time_per_partition() {
+        let mut s = IdleSweep::default();
+        assert!(s.due(0, 10_000));
+        assert!(!s.due(0, 10_999));
+        assert!(s.due(1, 10_500));
+        assert!(s.due(0, 11_000));
+        s.forget(0);
+        assert!(s.due(0, 11_001));
+    }
+}
