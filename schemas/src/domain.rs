@@ -152,6 +152,14 @@ impl SampleUnit {
     }
 }
 
+/// Marker label a device puts on its last frame to end the session (stages close it
+/// at once; ingest refuses later frames of the session).
+pub const SESSION_END_MARKER: &str = "clisonix.end";
+
+/// Prefix of the marker label that picks a session's audio presets, e.g.
+/// `clisonix.audio=audification,parameter_mapping`, read from the session's first frame.
+pub const AUDIO_PRESETS_MARKER: &str = "clisonix.audio=";
+
 /// An event inside a frame: an annotation, a trigger.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Marker {

@@ -27,7 +27,8 @@ use clisonix_schemas::{
 };
 use clisonix_signal::{FeatureEngine, SignalError, WindowFeatures, ALGORITHM_VERSION};
 use clisonix_stage::{
-    Arrival, IdleSweep, Output, OutputTopic, RecordMeta, Rejection, SeqTracker, Stage,
+    check_same_stream, check_samples, Arrival, IdleSweep, Output, OutputTopic, RecordMeta,
+    Rejection, SeqTracker, Stage,
 };
 
 /// The stage's name (its consumer group) and version.
@@ -275,15 +276,7 @@ impl Stage for Albi {
     ) -> Result<(), Rejection> {
         let now_ms = meta.timestamp_ms.unwrap_or(frame.received_at.as_millis());
         self.sweep_idle(meta.partition, now_ms);
-        if let Some(i) = frame.samples.iter().position(|v| !v.is_finite()) {
-            return Err(Rejection::new(
-                "non_finite_samples",
-                format!("sample {i} of frame {} is {}", frame.seq, frame.samples[i]),
-            ));
-        }
-        if frame.channel_labels.is_empty() {
-            return Err(Rejection::new("no_channels", "the frame has no channels"));
-        }
+        check_samples(&frame)?;
         let key = SessionRef {
             tenant: frame.tenant_id,
             session: frame.session_id,
@@ -291,21 +284,7 @@ impl Stage for Albi {
         let fs = frame.sample_rate_hz;
         match self.sessions.get_mut(&key) {
             Some(session) => {
-                if session.fs != fs {
-                    return Err(Rejection::new(
-                        "sample_rate_changed",
-                        format!(
-                            "session at {} Hz, frame {} at {fs} Hz",
-                            session.fs, frame.seq
-                        ),
-                    ));
-                }
-                if session.labels != frame.channel_labels {
-                    return Err(Rejection::new(
-                        "channels_changed",
-                        format!("frame {} has other channels than its session", frame.seq),
-                    ));
-                }
+                check_same_stream(session.fs, &session.labels, &frame)?;
                 session.last_timestamp_ms = now_ms;
                 match session.seqs.observe(frame.seq) {
                     Arrival::Duplicate => {

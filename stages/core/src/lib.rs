@@ -17,7 +17,7 @@ use clisonix_schemas::{AvroRecord, Family};
 
 mod session;
 
-pub use session::{Arrival, IdleSweep, SeqTracker, SEEN_HORIZON};
+pub use session::{check_same_stream, check_samples, Arrival, IdleSweep, SeqTracker, SEEN_HORIZON};
 
 /// Where an input record came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +89,12 @@ pub trait Stage: Send {
 
     /// The stage's version, written into dead letters and (by convention) outputs.
     fn version(&self) -> &'static str;
+
+    /// A per-record timing histogram of this stage's own, as `(name, help)`: the
+    /// runtime observes each processed record's time in it (replays excepted).
+    fn timing_metric(&self) -> Option<(&'static str, &'static str)> {
+        None
+    }
 
     /// The input record family (for checks and messages).
     fn input_family(&self) -> Family {

@@ -4,6 +4,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use clisonix_schemas::Frame;
+
+use crate::Rejection;
+
 /// How many sequence numbers behind the newest a duplicate is still recognised.
 pub const SEEN_HORIZON: u64 = 4096;
 
@@ -84,6 +88,40 @@ impl IdleSweep {
     pub fn forget(&mut self, partition: i32) {
         self.last_ms.remove(&partition);
     }
+}
+
+/// Refuses a frame no frame stage can use: no channels, or a non-finite sample.
+pub fn check_samples(frame: &Frame) -> Result<(), Rejection> {
+    if frame.channel_labels.is_empty() {
+        return Err(Rejection::new("no_channels", "the frame has no channels"));
+    }
+    if let Some(i) = frame.samples.iter().position(|v| !v.is_finite()) {
+        return Err(Rejection::new(
+            "non_finite_samples",
+            format!("sample {i} of frame {} is {}", frame.seq, frame.samples[i]),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a frame whose sample rate or channels differ from its session's.
+pub fn check_same_stream(fs: f64, labels: &[String], frame: &Frame) -> Result<(), Rejection> {
+    if fs != frame.sample_rate_hz {
+        return Err(Rejection::new(
+            "sample_rate_changed",
+            format!(
+                "session at {fs} Hz, frame {} at {} Hz",
+                frame.seq, frame.sample_rate_hz
+            ),
+        ));
+    }
+    if labels != frame.channel_labels.as_slice() {
+        return Err(Rejection::new(
+            "channels_changed",
+            format!("frame {} has other channels than its session", frame.seq),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! The metrics every stage exports, defined once.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// A stage's metrics, registered in their own registry.
@@ -101,6 +102,20 @@ impl StageMetrics {
             transactions,
             lag,
         }
+    }
+
+    /// Registers a stage's own per-record timing histogram (e.g. Jona's
+    /// `jona_synthesis_duration_seconds`, a name dashboards already know).
+    pub fn stage_timing(&self, name: &str, help: &str) -> Histogram {
+        let h = Histogram::with_opts(
+            HistogramOpts::new(name, help)
+                .buckets(prometheus::exponential_buckets(1e-6, 4.0, 12).expect("valid buckets")),
+        )
+        .expect("valid metric");
+        self.registry
+            .register(Box::new(h.clone()))
+            .expect("registered once");
+        h
     }
 
     /// The Prometheus text exposition of every metric.

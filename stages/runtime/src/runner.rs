@@ -129,6 +129,7 @@ struct Loop<S: Stage> {
     topics: Topics,
     parts: BTreeMap<i32, PartitionState>,
     config: RuntimeConfig,
+    timing: Option<prometheus::Histogram>,
 }
 
 /// Runs `stage` until `shutdown` is cancelled (finishing and committing the batch in
@@ -166,7 +167,11 @@ pub async fn run<S: Stage + 'static>(
         .subscribe(&[&input])
         .map_err(kafka("subscribing"))?;
     info!(stage = stage.name(), %input, group = %config.group, "stage running");
+    let timing = stage
+        .timing_metric()
+        .map(|(name, help)| health.metrics.stage_timing(name, help));
     let mut this = Loop {
+        timing,
         dead_letters: config.topics.name(&DEAD_LETTERS),
         topics: config.topics.clone(),
         stage,
@@ -355,12 +360,16 @@ impl<S: Stage> Loop<S> {
                     Err(e) => Err(Rejection::new(e.reason_code(), e.to_string())),
                 },
             };
+            let took = started.elapsed().as_secs_f64();
             metrics
                 .processing
                 .with_label_values(&[stage_name])
-                .observe(started.elapsed().as_secs_f64());
+                .observe(took);
             if replaying {
                 continue;
+            }
+            if let Some(timing) = &self.timing {
+                timing.observe(took);
             }
             for o in buf.drain(..) {
                 let topic = self.output_topic(o.topic);
