@@ -51,7 +51,7 @@ impl Default for AlbiConfig {
         AlbiConfig {
             window_seconds: 2.0,
             hop_seconds: 2.0,
-            idle_ms: 10 * 60 * 1000,
+            idle_ms: 15 * 60 * 1000,
         }
     }
 }

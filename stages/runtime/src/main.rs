@@ -7,6 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use clisonix_albi::{Albi, AlbiConfig};
+use clisonix_jona::{Jona, JonaConfig, Preset};
+use clisonix_sessions::{Sessions, SessionsConfig};
+use clisonix_stage::Stage;
 use clisonix_stage_runtime::{router, run, Health, RuntimeConfig};
 use clisonix_topics::{KafkaSettings, Topics};
 use tokio_util::sync::CancellationToken;
@@ -21,7 +24,13 @@ Examples:
   clisonix-stage --instance-id albi-1 --http-addr 127.0.0.1:9465 albi
 
   # Overlapping 4 s windows every second
-  clisonix-stage albi --window-seconds 4 --hop-seconds 1";
+  clisonix-stage albi --window-seconds 4 --hop-seconds 1
+
+  # Jona rendering both presets for sessions that do not pick theirs
+  clisonix-stage --http-addr 127.0.0.1:9466 jona --presets audification,parameter_mapping
+
+  # The sessions stage
+  clisonix-stage --http-addr 127.0.0.1:9467 sessions";
 
 #[derive(Debug, Parser)]
 #[command(name = "clisonix-stage", version, about = "Run a Clisonix stream stage", after_help = EXAMPLES)]
@@ -68,9 +77,41 @@ enum StageCmd {
         #[arg(long)]
         hop_seconds: Option<f64>,
         /// Close a session after this many seconds without frames
-        #[arg(long, default_value_t = 600)]
+        #[arg(long, default_value_t = 900)]
         idle_seconds: i64,
     },
+    /// Jona: eeg.frames -> audio.chunks
+    Jona {
+        /// Presets of sessions that do not name theirs (comma-separated:
+        /// audification, parameter_mapping)
+        #[arg(long, value_delimiter = ',', default_value = "parameter_mapping", value_parser = parse_preset)]
+        presets: Vec<Preset>,
+        /// Audio frames per second
+        #[arg(long, default_value_t = 44_100, value_parser = clap::value_parser!(u32).range(8_000..=192_000))]
+        sample_rate: u32,
+        /// EEG seconds per audio chunk
+        #[arg(long, default_value_t = 1.0)]
+        chunk_seconds: f64,
+        /// Close a session after this many seconds without frames
+        #[arg(long, default_value_t = 900)]
+        idle_seconds: i64,
+    },
+    /// Sessions: eeg.frames -> eeg.sessions
+    Sessions {
+        /// A session without frames for this many seconds has ended
+        #[arg(long, default_value_t = 900)]
+        idle_seconds: i64,
+        /// Write an active session's state at most this often, in seconds
+        #[arg(long, default_value_t = 5.0)]
+        update_seconds: f64,
+    },
+}
+
+fn parse_preset(s: &str) -> Result<Preset, String> {
+    Preset::parse(s).ok_or_else(|| {
+        let known: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
+        format!("unknown preset {s:?} (known: {})", known.join(", "))
+    })
 }
 
 fn main() -> ExitCode {
@@ -107,32 +148,74 @@ fn hostname() -> String {
 }
 
 async fn serve(cli: Cli) -> anyhow::Result<()> {
-    let (stage, window, hop, idle) = match cli.stage {
-        StageCmd::Albi {
-            window_seconds,
-            hop_seconds,
-            idle_seconds,
-        } => (
-            "albi",
-            window_seconds,
-            hop_seconds.unwrap_or(window_seconds),
-            idle_seconds,
-        ),
+    let name = match &cli.stage {
+        StageCmd::Albi { .. } => clisonix_albi::NAME,
+        StageCmd::Jona { .. } => clisonix_jona::NAME,
+        StageCmd::Sessions { .. } => clisonix_sessions::NAME,
     };
     let config = RuntimeConfig {
-        kafka: KafkaSettings::new(&cli.bootstrap, format!("clisonix-{stage}")),
+        kafka: KafkaSettings::new(&cli.bootstrap, format!("clisonix-{name}")),
         topics: Topics::new(cli.topic_prefix),
-        group: cli.group.unwrap_or_else(|| stage.to_owned()),
+        group: cli.group.unwrap_or_else(|| name.to_owned()),
         instance_id: cli.instance_id.unwrap_or_else(hostname),
         batch_max: cli.batch_max.max(1),
         batch_linger: Duration::from_millis(cli.batch_linger_ms),
     };
+    match cli.stage {
+        StageCmd::Albi {
+            window_seconds,
+            hop_seconds,
+            idle_seconds,
+        } => {
+            let albi = Albi::new(AlbiConfig {
+                window_seconds,
+                hop_seconds: hop_seconds.unwrap_or(window_seconds),
+                idle_ms: idle_seconds * 1000,
+            });
+            serve_stage(albi, config, cli.http_addr).await
+        }
+        StageCmd::Jona {
+            presets,
+            sample_rate,
+            chunk_seconds,
+            idle_seconds,
+        } => {
+            anyhow::ensure!(
+                chunk_seconds > 0.0 && chunk_seconds <= 60.0,
+                "--chunk-seconds must be in (0, 60]"
+            );
+            let jona = Jona::new(JonaConfig {
+                sample_rate_hz: sample_rate,
+                chunk_seconds,
+                presets,
+                idle_ms: idle_seconds * 1000,
+            });
+            serve_stage(jona, config, cli.http_addr).await
+        }
+        StageCmd::Sessions {
+            idle_seconds,
+            update_seconds,
+        } => {
+            let sessions = Sessions::new(SessionsConfig {
+                idle_ms: idle_seconds * 1000,
+                update_ms: (update_seconds * 1000.0).round() as i64,
+            });
+            serve_stage(sessions, config, cli.http_addr).await
+        }
+    }
+}
+
+/// Serves `/metrics`, `/health` and `/ready` and runs `stage` until SIGTERM or Ctrl-C.
+async fn serve_stage<S: Stage + 'static>(
+    stage: S,
+    config: RuntimeConfig,
+    http_addr: SocketAddr,
+) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let health = Health::default();
-
-    let listener = tokio::net::TcpListener::bind(cli.http_addr)
+    let listener = tokio::net::TcpListener::bind(http_addr)
         .await
-        .with_context(|| format!("binding {}", cli.http_addr))?;
+        .with_context(|| format!("binding {http_addr}"))?;
     info!(addr = %listener.local_addr()?, "serving /metrics, /health, /ready");
     let server = {
         let shutdown = shutdown.clone();
@@ -144,13 +227,7 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         })
     };
     tokio::spawn(signals(shutdown.clone()));
-
-    let albi = Albi::new(AlbiConfig {
-        window_seconds: window,
-        hop_seconds: hop,
-        idle_ms: idle * 1000,
-    });
-    let result = run(albi, config, health, shutdown.clone()).await;
+    let result = run(stage, config, health, shutdown.clone()).await;
     // Whatever ended the stage ends the server too.
     shutdown.cancel();
     match tokio::time::timeout(Duration::from_secs(10), server).await {

@@ -3,50 +3,20 @@
 //! rebalance. Outputs are compared byte for byte with Albi run in-process on the same
 //! frames, which is deterministic.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clisonix_albi::{Albi, AlbiConfig};
 use clisonix_e2e::TestEnv;
-use clisonix_edf::{FrameSpec, Framer, Reader};
-use clisonix_schemas::{
-    decode, encode, DeadLetter, DeviceId, Features, Frame, SessionId, TenantId, Timestamp,
-};
+use clisonix_schemas::{decode, encode, DeadLetter, Features, Frame, SessionId, TenantId};
 use clisonix_stage::{RecordMeta, Stage};
 use clisonix_topics::catalog::{DEAD_LETTERS, EEG_FEATURES, EEG_FRAMES};
-use clisonix_topics::Topics;
-use futures::StreamExt;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::Message;
 
-fn data_dir() -> PathBuf {
-    std::env::var_os("CLISONIX_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"))
-}
-
-/// The reference recording as 1/8 s frames of one session.
-fn recording(tenant: TenantId, session: SessionId, frames: usize) -> Vec<Frame> {
-    let file = std::fs::File::open(data_dir().join("eeglab_sample_32ch_128hz_238s.edf")).unwrap();
-    let mut reader = Reader::new(std::io::BufReader::new(file)).unwrap();
-    let header = reader.header().clone();
-    let spec = FrameSpec {
-        tenant_id: tenant,
-        device_id: DeviceId::parse("edf").unwrap(),
-        session_id: session,
-        samples_per_frame: 16,
-    };
-    let mut framer = Framer::new(&header, spec).unwrap();
-    let mut out = Vec::new();
-    while let Some(r) = reader.next_record().unwrap() {
-        framer.push(&r, Timestamp::from_micros(1_700_000_000_000_000), &mut out);
-    }
-    out.truncate(frames);
-    out
-}
+use common::{
+    assert_same_set, data_dir, http_get, produce_frames, read_all, recording, StageProcess,
+};
 
 /// What Albi makes of these frames (feature key bytes -> value bytes).
 fn expected(frames: &[Frame]) -> BTreeMap<Vec<u8>, Vec<u8>> {
@@ -68,185 +38,6 @@ fn expected(frames: &[Frame]) -> BTreeMap<Vec<u8>, Vec<u8>> {
     out.into_iter().map(|o| (o.key, o.value)).collect()
 }
 
-async fn produce_frames(env: &TestEnv, topics: &Topics, frames: &[Frame]) {
-    let producer = env.producer();
-    let topic = topics.name(&EEG_FRAMES);
-    for f in frames {
-        env.produce(
-            &producer,
-            &topic,
-            &encode(&f.key()).unwrap(),
-            &encode(f).unwrap(),
-        )
-        .await;
-    }
-}
-
-/// A `clisonix-stage albi` process.
-struct StageProcess {
-    child: Child,
-    log: PathBuf,
-}
-
-impl StageProcess {
-    fn spawn(
-        env: &TestEnv,
-        topics: &Topics,
-        group: &str,
-        instance: &str,
-        batch_max: usize,
-    ) -> StageProcess {
-        let log =
-            std::env::temp_dir().join(format!("{group}-{instance}-{}.log", uuid::Uuid::new_v4()));
-        let child = Command::new(env!("CARGO_BIN_EXE_clisonix-stage"))
-            .args([
-                "--bootstrap",
-                &env.kafka.bootstrap,
-                "--topic-prefix",
-                topics.prefix(),
-            ])
-            .args([
-                "--group",
-                group,
-                "--instance-id",
-                instance,
-                "--http-addr",
-                "127.0.0.1:0",
-            ])
-            .args(["--batch-max", &batch_max.to_string(), "albi"])
-            .env("RUST_LOG", "info,librdkafka=warn")
-            .env("NO_COLOR", "1")
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the stage binary runs");
-        StageProcess { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The HTTP address the stage reported.
-    fn http_addr(&self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let log = self.log();
-            if let Some(line) = log.lines().find(|l| l.contains("serving /metrics")) {
-                let addr = line.split("addr=").nth(1).unwrap().trim();
-                return addr
-                    .trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
-                    .to_owned();
-            }
-            assert!(Instant::now() < deadline, "the stage did not start:\n{log}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill9(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    /// SIGTERM, then the exit status.
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the stage did not stop on SIGTERM:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for StageProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("stage log kept: {}", self.log.display());
-        } else {
-            let _ = std::fs::remove_file(&self.log);
-        }
-    }
-}
-
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, text)
-}
-
-/// Reads a topic (read committed) until `want` records arrived and then nothing more
-/// for `quiet`; returns every record, duplicates included.
-async fn read_all(
-    env: &TestEnv,
-    topic: &str,
-    want: usize,
-    timeout: Duration,
-    quiet: Duration,
-) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let consumer: StreamConsumer = env.consumer(&[topic]);
-    let mut stream = consumer.stream();
-    let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let wait = if out.len() >= want {
-            quiet
-        } else {
-            deadline.saturating_duration_since(tokio::time::Instant::now())
-        };
-        match tokio::time::timeout(wait, stream.next()).await {
-            Ok(Some(Ok(m))) => out.push((
-                m.key().unwrap_or_default().to_vec(),
-                m.payload().unwrap_or_default().to_vec(),
-            )),
-            Ok(Some(Err(e))) => panic!("consumer error: {e}"),
-            Ok(None) => break,
-            Err(_) => break,
-        }
-    }
-    drop(stream);
-    consumer.unsubscribe();
-    out
-}
-
-fn assert_same_set(got: &[(Vec<u8>, Vec<u8>)], want: &BTreeMap<Vec<u8>, Vec<u8>>) {
-    let mut keys: Vec<&Vec<u8>> = got.iter().map(|(k, _)| k).collect();
-    keys.sort();
-    keys.dedup();
-    assert_eq!(keys.len(), got.len(), "no feature record is written twice");
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "every window of every channel, nothing missing"
-    );
-    for (k, v) in got {
-        assert_eq!(
-            want.get(k),
-            Some(v),
-            "the record equals the clean run's, byte for byte"
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recording_becomes_the_expected_features() {
     let env = TestEnv::get();
@@ -256,7 +47,8 @@ async fn a_recording_becomes_the_expected_features() {
     let want = expected(&frames);
     assert_eq!(want.len(), 25 * 32);
     produce_frames(&env, &topics, &frames).await;
-    let mut stage = StageProcess::spawn(&env, &topics, &TestEnv::unique("albi"), "a", 500);
+    let mut stage =
+        StageProcess::spawn(&env, &topics, &TestEnv::unique("albi"), "a", 500, &["albi"]);
     let got = read_all(
         &env,
         &topics.name(&EEG_FEATURES),
@@ -316,7 +108,7 @@ async fn kill_9_mid_stream_and_restart_gives_the_same_set() {
     produce_frames(&env, &topics, &frames).await;
     let group = TestEnv::unique("albi");
     // Small batches: many transactions, so the kill lands between and inside them.
-    let mut first = StageProcess::spawn(&env, &topics, &group, "k", 7);
+    let mut first = StageProcess::spawn(&env, &topics, &group, "k", 7, &["albi"]);
     let some = read_all(
         &env,
         &topics.name(&EEG_FEATURES),
@@ -327,7 +119,7 @@ async fn kill_9_mid_stream_and_restart_gives_the_same_set() {
     .await;
     assert!(some.len() >= 600);
     first.kill9();
-    let _second = StageProcess::spawn(&env, &topics, &group, "k", 7);
+    let _second = StageProcess::spawn(&env, &topics, &group, "k", 7, &["albi"]);
     let got = read_all(
         &env,
         &topics.name(&EEG_FEATURES),
@@ -365,7 +157,7 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_stage_goes_on() {
         };
         env.produce(&producer, &topic, &key, &value).await;
     }
-    let _stage = StageProcess::spawn(&env, &topics, &TestEnv::unique("albi"), "p", 500);
+    let _stage = StageProcess::spawn(&env, &topics, &TestEnv::unique("albi"), "p", 500, &["albi"]);
     let dead = read_all(
         &env,
         &topics.name(&DEAD_LETTERS),
@@ -432,7 +224,7 @@ async fn two_instances_split_the_partitions_and_a_rebalance_loses_nothing() {
     }
     produce_frames(&env, &topics, &interleaved).await;
     let group = TestEnv::unique("albi");
-    let mut a = StageProcess::spawn(&env, &topics, &group, "a", 25);
+    let mut a = StageProcess::spawn(&env, &topics, &group, "a", 25, &["albi"]);
     let early = read_all(
         &env,
         &topics.name(&EEG_FEATURES),
@@ -442,7 +234,7 @@ async fn two_instances_split_the_partitions_and_a_rebalance_loses_nothing() {
     )
     .await;
     assert!(early.len() >= 300);
-    let b = StageProcess::spawn(&env, &topics, &group, "b", 25);
+    let b = StageProcess::spawn(&env, &topics, &group, "b", 25, &["albi"]);
     // Cooperative rebalancing hands B some of A's partitions (B's first assignment is
     // empty; the second carries what A revoked). Then A leaves and B takes the rest.
     let deadline = Instant::now() + Duration::from_secs(60);

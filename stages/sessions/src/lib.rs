@@ -1,0 +1,264 @@
+//! Sessions: keeps each session's lifecycle in the compacted `eeg.sessions` topic,
+//! where the newest record per session is its state.
+//!
+//! A session starts with its first frame and is `ACTIVE` until a frame carries the end
+//! marker ([`clisonix_schemas::SESSION_END_MARKER`], end reason `explicit`) or no frame
+//! arrives for `idle_ms` of record time (`idle_timeout`; its end time is its last
+//! frame's). Its state counts distinct frames and their samples, frames missing between
+//! the lowest and highest `seq` seen (a late frame fills its gap again), duplicates and
+//! late (out-of-order) frames.
+//!
+//! A state record is written when the session starts, at most every `update_ms` of
+//! record time while frames arrive, and when it ends. After an explicit end the session
+//! is remembered until it idles out, and frames for it are refused (`session_ended`).
+//! Poison frames are refused with the same rules as the other frame stages, so the
+//! counts describe the frames the features and audio were made from.
+//!
+//! Deterministic, with the committed offset held at an open session's first frame like
+//! the other frame stages: its counts are rebuilt by re-reading it.
+
+use std::collections::BTreeMap;
+
+use clisonix_schemas::{
+    EndReason, Frame, SessionId, SessionState, SessionStatus, TenantId, Timestamp,
+    SESSION_END_MARKER,
+};
+use clisonix_stage::{
+    check_same_stream, check_samples, Arrival, IdleSweep, Output, OutputTopic, RecordMeta,
+    Rejection, SeqTracker, Stage,
+};
+
+/// The stage's name (its consumer group) and version.
+pub const NAME: &str = "sessions";
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionsConfig {
+    /// A session without frames for this long (record time) has ended.
+    pub idle_ms: i64,
+    /// How often an active session's state is written, at most (record time).
+    pub update_ms: i64,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        SessionsConfig {
+            idle_ms: 15 * 60 * 1000,
+            update_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct SessionRef {
+    tenant: TenantId,
+    session: SessionId,
+}
+
+#[derive(Debug)]
+struct Open {
+    partition: i32,
+    first_offset: i64,
+    last_timestamp_ms: i64,
+    last_written_ms: i64,
+    seqs: SeqTracker,
+    lowest_seq: u64,
+    highest_seq: u64,
+    state: SessionState,
+}
+
+impl Open {
+    fn write(&mut self, now_ms: i64, emit: bool, out: &mut Vec<Output>) {
+        self.last_written_ms = now_ms;
+        if emit {
+            out.push(Output::new(
+                OutputTopic::EegSessions,
+                &self.state.key(),
+                &self.state,
+            ));
+        }
+    }
+
+    fn end(
+        &mut self,
+        at: Timestamp,
+        reason: EndReason,
+        now_ms: i64,
+        emit: bool,
+        out: &mut Vec<Output>,
+    ) {
+        self.state.status = SessionStatus::Ended;
+        self.state.ended = Some((at, reason));
+        self.write(now_ms, emit, out);
+    }
+}
+
+/// Device time just after a frame's last sample.
+fn end_of(frame: &Frame) -> Timestamp {
+    let span = (f64::from(frame.samples_per_channel) * 1e6 / frame.sample_rate_hz).round() as i64;
+    Timestamp::from_micros(frame.device_time.as_micros() + span)
+}
+
+/// The sessions stage.
+#[derive(Debug)]
+pub struct Sessions {
+    config: SessionsConfig,
+    sessions: BTreeMap<SessionRef, Open>,
+    sweep: IdleSweep,
+}
+
+impl Sessions {
+    pub fn new(config: SessionsConfig) -> Sessions {
+        Sessions {
+            config,
+            sessions: BTreeMap::new(),
+            sweep: IdleSweep::default(),
+        }
+    }
+
+    /// Sessions not yet ended (for metrics).
+    pub fn open_sessions(&self) -> usize {
+        self.sessions
+            .values()
+            .filter(|s| s.state.status == SessionStatus::Active)
+            .count()
+    }
+
+    fn sweep_idle(&mut self, partition: i32, now_ms: i64, emit: bool, out: &mut Vec<Output>) {
+        if !self.sweep.due(partition, now_ms) {
+            return;
+        }
+        let idle = self.config.idle_ms;
+        let expired: Vec<SessionRef> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.partition == partition && now_ms - s.last_timestamp_ms > idle)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            let Some(mut open) = self.sessions.remove(&key) else {
+                continue;
+            };
+            if open.state.status == SessionStatus::Active {
+                let at = open.state.last_frame_at;
+                open.end(at, EndReason::IdleTimeout, now_ms, emit, out);
+            }
+        }
+    }
+}
+
+impl Stage for Sessions {
+    type Input = Frame;
+
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn version(&self) -> &'static str {
+        VERSION
+    }
+
+    fn process(
+        &mut self,
+        frame: Frame,
+        meta: RecordMeta,
+        out: &mut Vec<Output>,
+    ) -> Result<(), Rejection> {
+        let now_ms = meta.timestamp_ms.unwrap_or(frame.received_at.as_millis());
+        let emit = !meta.replay;
+        self.sweep_idle(meta.partition, now_ms, emit, out);
+        check_samples(&frame)?;
+        let key = SessionRef {
+            tenant: frame.tenant_id,
+            session: frame.session_id,
+        };
+        let ends = frame.markers.iter().any(|m| m.label == SESSION_END_MARKER);
+        let Some(open) = self.sessions.get_mut(&key) else {
+            let mut seqs = SeqTracker::new();
+            seqs.observe(frame.seq);
+            let mut open = Open {
+                partition: meta.partition,
+                first_offset: meta.offset,
+                last_timestamp_ms: now_ms,
+                last_written_ms: now_ms,
+                seqs,
+                lowest_seq: frame.seq,
+                highest_seq: frame.seq,
+                state: SessionState {
+                    tenant_id: frame.tenant_id,
+                    session_id: frame.session_id,
+                    device_id: frame.device_id.clone(),
+                    status: SessionStatus::Active,
+                    started_at: frame.received_at,
+                    last_frame_at: frame.received_at,
+                    first_device_time: frame.device_time,
+                    last_device_time: end_of(&frame),
+                    sample_rate_hz: frame.sample_rate_hz,
+                    channel_labels: frame.channel_labels.clone(),
+                    frames: 1,
+                    samples_per_channel: u64::from(frame.samples_per_channel),
+                    seq_gaps: 0,
+                    duplicate_frames: 0,
+                    out_of_order_frames: 0,
+                    ended: None,
+                },
+            };
+            if ends {
+                open.end(frame.received_at, EndReason::Explicit, now_ms, emit, out);
+            } else {
+                open.write(now_ms, emit, out);
+            }
+            self.sessions.insert(key, open);
+            return Ok(());
+        };
+        if open.state.status == SessionStatus::Ended {
+            return Err(Rejection::new(
+                "session_ended",
+                format!("frame {} arrived after its session's end marker", frame.seq),
+            ));
+        }
+        check_same_stream(
+            open.state.sample_rate_hz,
+            &open.state.channel_labels,
+            &frame,
+        )?;
+        open.last_timestamp_ms = now_ms;
+        let state = &mut open.state;
+        state.last_frame_at = state.last_frame_at.max(frame.received_at);
+        match open.seqs.observe(frame.seq) {
+            Arrival::Duplicate => state.duplicate_frames += 1,
+            arrival => {
+                if arrival == Arrival::OutOfOrder {
+                    state.out_of_order_frames += 1;
+                }
+                state.frames += 1;
+                state.samples_per_channel += u64::from(frame.samples_per_channel);
+                open.lowest_seq = open.lowest_seq.min(frame.seq);
+                open.highest_seq = open.highest_seq.max(frame.seq);
+                state.first_device_time = state.first_device_time.min(frame.device_time);
+                state.last_device_time = state.last_device_time.max(end_of(&frame));
+                state.seq_gaps =
+                    (open.highest_seq - open.lowest_seq + 1).saturating_sub(state.frames);
+            }
+        }
+        if ends {
+            open.end(frame.received_at, EndReason::Explicit, now_ms, emit, out);
+        } else if now_ms - open.last_written_ms >= self.config.update_ms {
+            open.write(now_ms, emit, out);
+        }
+        Ok(())
+    }
+
+    fn needed_from(&self, partition: i32) -> Option<i64> {
+        self.sessions
+            .values()
+            .filter(|s| s.partition == partition)
+            .map(|s| s.first_offset)
+            .min()
+    }
+
+    fn forget(&mut self, partition: i32) {
+        self.sessions.retain(|_, s| s.partition != partition);
+        self.sweep.forget(partition);
+    }
+}
