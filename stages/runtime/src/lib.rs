@@ -6,7 +6,9 @@
 pub mod http;
 pub mod metrics;
 pub mod runner;
+pub mod sink;
 
 pub use http::{router, Health};
 pub use metrics::StageMetrics;
 pub use runner::{run, RuntimeConfig, RuntimeError};
+pub use sink::{run_sink, SinkConfig};

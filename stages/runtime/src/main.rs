@@ -9,8 +9,11 @@ use clap::{Parser, Subcommand};
 use clisonix_albi::{Albi, AlbiConfig};
 use clisonix_jona::{Jona, JonaConfig, Preset};
 use clisonix_sessions::{Sessions, SessionsConfig};
+use clisonix_sink::Results;
 use clisonix_stage::Stage;
-use clisonix_stage_runtime::{router, run, Health, RuntimeConfig};
+use clisonix_stage_runtime::{
+    router, run, run_sink, Health, RuntimeConfig, RuntimeError, SinkConfig,
+};
 use clisonix_topics::{KafkaSettings, Topics};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -30,7 +33,10 @@ Examples:
   clisonix-stage --http-addr 127.0.0.1:9466 jona --presets audification,parameter_mapping
 
   # The sessions stage
-  clisonix-stage --http-addr 127.0.0.1:9467 sessions";
+  clisonix-stage --http-addr 127.0.0.1:9467 sessions
+
+  # The results sink into Postgres
+  DATABASE_URL=postgres://... clisonix-stage --http-addr 127.0.0.1:9468 sink";
 
 #[derive(Debug, Parser)]
 #[command(name = "clisonix-stage", version, about = "Run a Clisonix stream stage", after_help = EXAMPLES)]
@@ -96,6 +102,15 @@ enum StageCmd {
         #[arg(long, default_value_t = 900)]
         idle_seconds: i64,
     },
+    /// The results sink: eeg.sessions, eeg.features and audio.chunks -> Postgres
+    Sink {
+        /// Postgres to write to
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// Apply the database migrations at start
+        #[arg(long, env = "CLISONIX_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+        migrate: bool,
+    },
     /// Sessions: eeg.frames -> eeg.sessions
     Sessions {
         /// A session without frames for this many seconds has ended
@@ -152,6 +167,7 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         StageCmd::Albi { .. } => clisonix_albi::NAME,
         StageCmd::Jona { .. } => clisonix_jona::NAME,
         StageCmd::Sessions { .. } => clisonix_sessions::NAME,
+        StageCmd::Sink { .. } => clisonix_stage_runtime::sink::NAME,
     };
     let config = RuntimeConfig {
         kafka: KafkaSettings::new(&cli.bootstrap, format!("clisonix-{name}")),
@@ -202,6 +218,35 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
             });
             serve_stage(sessions, config, cli.http_addr).await
         }
+        StageCmd::Sink {
+            database_url,
+            migrate,
+        } => {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(&database_url)
+                .await
+                .context("connecting to Postgres")?;
+            if migrate {
+                sqlx::migrate!("../../gateway/migrations")
+                    .run(&pool)
+                    .await
+                    .context("applying the migrations")?;
+            }
+            let sink = SinkConfig {
+                kafka: config.kafka,
+                topics: config.topics,
+                group: config.group,
+                batch_max: config.batch_max,
+                batch_linger: config.batch_linger,
+            };
+            let results = Results::new(pool);
+            serve_with(cli.http_addr, |health, shutdown| {
+                run_sink(results, sink, health, shutdown)
+            })
+            .await
+        }
     }
 }
 
@@ -211,6 +256,18 @@ async fn serve_stage<S: Stage + 'static>(
     config: RuntimeConfig,
     http_addr: SocketAddr,
 ) -> anyhow::Result<()> {
+    serve_with(http_addr, |health, shutdown| {
+        run(stage, config, health, shutdown)
+    })
+    .await
+}
+
+/// Serves `/metrics`, `/health` and `/ready` while `work` runs, until SIGTERM or Ctrl-C.
+async fn serve_with<F, Fut>(http_addr: SocketAddr, work: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Health, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), RuntimeError>>,
+{
     let shutdown = CancellationToken::new();
     let health = Health::default();
     let listener = tokio::net::TcpListener::bind(http_addr)
@@ -227,8 +284,8 @@ async fn serve_stage<S: Stage + 'static>(
         })
     };
     tokio::spawn(signals(shutdown.clone()));
-    let result = run(stage, config, health, shutdown.clone()).await;
-    // Whatever ended the stage ends the server too.
+    let result = work(health, shutdown.clone()).await;
+    // Whatever ended the work ends the server too.
     shutdown.cancel();
     match tokio::time::timeout(Duration::from_secs(10), server).await {
         Ok(Ok(Ok(()))) => {}

@@ -205,7 +205,7 @@ impl<S: Stage> Loop<S> {
                     self.apply_events(&mut Vec::new())?;
                     if last_lag.elapsed() >= LAG_EVERY {
                         last_lag = Instant::now();
-                        block_in_place(|| self.update_lag());
+                        block_in_place(|| update_lag(&self.consumer, self.stage.name(), &self.health));
                     }
                     continue;
                 }
@@ -251,7 +251,7 @@ impl<S: Stage> Loop<S> {
             }
             if last_lag.elapsed() >= LAG_EVERY {
                 last_lag = Instant::now();
-                block_in_place(|| self.update_lag());
+                block_in_place(|| update_lag(&self.consumer, self.stage.name(), &self.health));
             }
         }
     }
@@ -386,7 +386,13 @@ impl<S: Stage> Loop<S> {
                     .dead_letters
                     .with_label_values(&[stage_name, rejection.code])
                     .inc();
-                outputs.push(self.dead_letter(m, rejection));
+                outputs.push(dead_letter(
+                    self.stage.name(),
+                    self.stage.version(),
+                    &self.dead_letters,
+                    m,
+                    rejection,
+                ));
             }
         }
         outputs
@@ -399,37 +405,6 @@ impl<S: Stage> Loop<S> {
             OutputTopic::EegSessions => &EEG_SESSIONS,
             OutputTopic::UsageEvents => &USAGE_EVENTS,
         })
-    }
-
-    fn dead_letter(&self, m: &OwnedMessage, rejection: Rejection) -> (String, Vec<u8>, Vec<u8>) {
-        let headers = m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| Header {
-                        name: h.key.to_owned(),
-                        value: h.value.map(<[u8]>::to_vec),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let letter = DeadLetter {
-            stage: self.stage.name().to_owned(),
-            stage_version: self.stage.version().to_owned(),
-            source_topic: m.topic().to_owned(),
-            source_partition: m.partition(),
-            source_offset: m.offset(),
-            source_timestamp_ms: m.timestamp().to_millis(),
-            key: m.key().map(<[u8]>::to_vec),
-            value: m.payload().map(<[u8]>::to_vec),
-            headers,
-            reason_code: rejection.code.to_owned(),
-            reason_detail: rejection.detail,
-            failed_at: Timestamp::now(),
-        };
-        let key = encode(&letter.key()).expect("a dead-letter key encodes");
-        let value = encode(&letter).expect("a dead letter encodes");
-        (self.dead_letters.clone(), key, value)
     }
 
     /// Produces the outputs and commits the batch's offsets in one transaction.
@@ -500,25 +475,76 @@ impl<S: Stage> Loop<S> {
         }
         Ok(())
     }
+}
 
-    fn update_lag(&self) {
-        let Ok(positions) = self.consumer.position() else {
-            return;
+/// The dead-letter record for input `m`: original key, value and headers, where it came
+/// from, and why `stage` refused it.
+pub(crate) fn dead_letter(
+    stage: &str,
+    stage_version: &str,
+    topic: &str,
+    m: &OwnedMessage,
+    rejection: Rejection,
+) -> (String, Vec<u8>, Vec<u8>) {
+    let headers = m
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| Header {
+                    name: h.key.to_owned(),
+                    value: h.value.map(<[u8]>::to_vec),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let letter = DeadLetter {
+        stage: stage.to_owned(),
+        stage_version: stage_version.to_owned(),
+        source_topic: m.topic().to_owned(),
+        source_partition: m.partition(),
+        source_offset: m.offset(),
+        source_timestamp_ms: m.timestamp().to_millis(),
+        key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec),
+        headers,
+        reason_code: rejection.code.to_owned(),
+        reason_detail: rejection.detail,
+        failed_at: Timestamp::now(),
+    };
+    let key = encode(&letter.key()).expect("a dead-letter key encodes");
+    let value = encode(&letter).expect("a dead letter encodes");
+    (topic.to_owned(), key, value)
+}
+
+/// Sets the consumer-lag gauge of every assigned partition (labelled by partition, or
+/// `topic/partition` when a consumer reads several topics).
+pub(crate) fn update_lag<C: ConsumerContext>(
+    consumer: &StreamConsumer<C>,
+    stage: &str,
+    health: &Health,
+) {
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    let elements = positions.elements();
+    let topics: std::collections::BTreeSet<&str> = elements.iter().map(|e| e.topic()).collect();
+    for e in &elements {
+        let Offset::Offset(position) = e.offset() else {
+            continue;
         };
-        for e in positions.elements() {
-            let Offset::Offset(position) = e.offset() else {
-                continue;
+        if let Ok((_, high)) =
+            consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2))
+        {
+            let label = if topics.len() > 1 {
+                format!("{}/{}", e.topic(), e.partition())
+            } else {
+                e.partition().to_string()
             };
-            if let Ok((_, high)) =
-                self.consumer
-                    .fetch_watermarks(&self.input, e.partition(), Duration::from_secs(2))
-            {
-                self.health
-                    .metrics
-                    .lag
-                    .with_label_values(&[self.stage.name(), &e.partition().to_string()])
-                    .set(high - position);
-            }
+            health
+                .metrics
+                .lag
+                .with_label_values(&[stage, &label])
+                .set(high - position);
         }
     }
 }

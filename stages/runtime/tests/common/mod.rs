@@ -74,6 +74,19 @@ impl StageProcess {
         batch_max: usize,
         stage: &[&str],
     ) -> StageProcess {
+        StageProcess::spawn_with_env(env, topics, group, instance, batch_max, stage, &[])
+    }
+
+    /// As [`StageProcess::spawn`], with more environment variables.
+    pub fn spawn_with_env(
+        env: &TestEnv,
+        topics: &Topics,
+        group: &str,
+        instance: &str,
+        batch_max: usize,
+        stage: &[&str],
+        vars: &[(&str, &str)],
+    ) -> StageProcess {
         let log =
             std::env::temp_dir().join(format!("{group}-{instance}-{}.log", uuid::Uuid::new_v4()));
         let child = Command::new(env!("CARGO_BIN_EXE_clisonix-stage"))
@@ -95,6 +108,7 @@ impl StageProcess {
             .args(stage)
             .env("RUST_LOG", "info,librdkafka=warn")
             .env("NO_COLOR", "1")
+            .envs(vars.iter().copied())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::null())
             .spawn()

@@ -1,0 +1,245 @@
+//! The results sink as a real process on the real broker and Postgres (`./dev test`):
+//! session states, features and audio chunks from their topics into their tables,
+//! idempotently (records written again change nothing, an older session state cannot
+//! undo a newer one), through a kill -9, with undecodable records dead-lettered.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use clisonix_albi::{Albi, AlbiConfig};
+use clisonix_e2e::{TestDatabase, TestEnv};
+use clisonix_jona::{Jona, JonaConfig, Preset};
+use clisonix_schemas::{
+    decode, AudioChunk, DeadLetter, Features, Frame, Marker, SessionId, SessionState, TenantId,
+    SESSION_END_MARKER,
+};
+use clisonix_sessions::{Sessions, SessionsConfig};
+use clisonix_stage::{Output, RecordMeta, Stage};
+use clisonix_topics::catalog::{AUDIO_CHUNKS, DEAD_LETTERS, EEG_FEATURES, EEG_SESSIONS};
+use clisonix_topics::Topics;
+use rdkafka::producer::FutureProducer;
+use sqlx::Row;
+
+use common::{recording, StageProcess};
+
+/// Every output of the three frame stages for these frames, in order.
+fn outputs(frames: &[Frame]) -> (Vec<Output>, Vec<Output>, Vec<Output>) {
+    let mut albi = Albi::new(AlbiConfig::default());
+    let mut jona = Jona::new(JonaConfig {
+        presets: Preset::ALL.to_vec(),
+        ..JonaConfig::default()
+    });
+    let mut sessions = Sessions::new(SessionsConfig::default());
+    let (mut f, mut a, mut s) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, frame) in frames.iter().enumerate() {
+        let meta = RecordMeta {
+            partition: 0,
+            offset: i as i64,
+            timestamp_ms: Some(frame.received_at.as_millis() + i as i64 * 125),
+            replay: false,
+        };
+        albi.process(frame.clone(), meta, &mut f).unwrap();
+        jona.process(frame.clone(), meta, &mut a).unwrap();
+        sessions.process(frame.clone(), meta, &mut s).unwrap();
+    }
+    (f, a, s)
+}
+
+fn ended(mut frames: Vec<Frame>) -> Vec<Frame> {
+    frames.last_mut().unwrap().markers.push(Marker {
+        sample_offset: 0,
+        duration_us: None,
+        label: SESSION_END_MARKER.into(),
+    });
+    frames
+}
+
+async fn produce(env: &TestEnv, producer: &FutureProducer, topic: &str, records: &[Output]) {
+    for o in records {
+        env.produce(producer, topic, &o.key, &o.value).await;
+    }
+}
+
+fn spawn_sink(
+    env: &TestEnv,
+    topics: &Topics,
+    db: &TestDatabase,
+    group: &str,
+    batch: usize,
+) -> StageProcess {
+    StageProcess::spawn_with_env(
+        env,
+        topics,
+        group,
+        "s",
+        batch,
+        &["sink"],
+        &[("DATABASE_URL", &db.url())],
+    )
+}
+
+async fn count(db: &TestDatabase, table: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+        .fetch_one(&db.pool)
+        .await
+        .unwrap_or(0)
+}
+
+/// Waits until `table` holds `want` rows.
+async fn wait_rows(db: &TestDatabase, table: &str, want: i64, sink: &StageProcess) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let n = count(db, table).await;
+        if n == want {
+            return;
+        }
+        assert!(n < want, "{table}: {n} rows, more than the {want} records");
+        assert!(
+            Instant::now() < deadline,
+            "{table}: {n} of {want} rows\n{}",
+            sink.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_land_in_postgres_once_and_replays_change_nothing() {
+    let env = TestEnv::get();
+    let topics = env.topics();
+    env.create_catalog(&topics).await;
+    let db = env.fresh_database().await;
+    let frames = ended(recording(TenantId::random(), SessionId::random(), 160));
+    let (features, audio, states) = outputs(&frames);
+    assert_eq!(features.len(), 10 * 32);
+    let producer = env.producer();
+    produce(&env, &producer, &topics.name(&EEG_FEATURES), &features).await;
+    produce(&env, &producer, &topics.name(&AUDIO_CHUNKS), &audio).await;
+    produce(&env, &producer, &topics.name(&EEG_SESSIONS), &states).await;
+    let sink = spawn_sink(&env, &topics, &db, &TestEnv::unique("sink"), 100);
+    wait_rows(&db, "features", features.len() as i64, &sink).await;
+    wait_rows(&db, "audio_chunks", audio.len() as i64, &sink).await;
+    wait_rows(&db, "sessions", 1, &sink).await;
+
+    // Values as the records have them.
+    let f: Features = decode(&features[37].value).unwrap();
+    let row = sqlx::query(
+        "SELECT tenant_id, channel_label, total_abs, rel_alpha, peak_alpha_hz, psd, window_start \
+         FROM features WHERE session_id = $1 AND window_index = $2 AND channel_index = $3",
+    )
+    .bind(f.session_id.as_uuid())
+    .bind(f.window_index as i64)
+    .bind(f.channel_index as i32)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(row.get::<uuid::Uuid, _>("tenant_id"), f.tenant_id.as_uuid());
+    assert_eq!(row.get::<String, _>("channel_label"), f.channel_label);
+    assert_eq!(row.get::<Option<f64>, _>("total_abs"), f.total_abs);
+    assert_eq!(row.get::<Option<f64>, _>("rel_alpha"), f.rel.alpha);
+    assert_eq!(row.get::<Option<f64>, _>("peak_alpha_hz"), f.peak_alpha_hz);
+    assert_eq!(
+        row.get::<Vec<u8>, _>("psd"),
+        clisonix_sink::psd_bytes(&f.psd)
+    );
+    let a: AudioChunk = decode(&audio[5].value).unwrap();
+    let pcm: Vec<u8> = sqlx::query_scalar(
+        "SELECT pcm FROM audio_chunks WHERE session_id = $1 AND preset = $2 AND chunk_index = $3",
+    )
+    .bind(a.session_id.as_uuid())
+    .bind(&a.preset)
+    .bind(a.chunk_index as i64)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(pcm, clisonix_sink::pcm_bytes(&a.pcm));
+    let last: SessionState = decode(&states.last().unwrap().value).unwrap();
+    let (status, frames_seen, reason): (String, i64, Option<String>) =
+        sqlx::query_as("SELECT status, frames, end_reason FROM sessions WHERE session_id = $1")
+            .bind(last.session_id.as_uuid())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), frames_seen, reason.as_deref()),
+        ("ended", 160, Some("explicit"))
+    );
+
+    // Everything again, and the first (older) session state last: nothing changes.
+    produce(&env, &producer, &topics.name(&EEG_FEATURES), &features).await;
+    produce(&env, &producer, &topics.name(&AUDIO_CHUNKS), &audio).await;
+    produce(&env, &producer, &topics.name(&EEG_SESSIONS), &states[..1]).await;
+    // A garbage record on the way is dead-lettered, and the sink goes on.
+    env.produce(&producer, &topics.name(&EEG_FEATURES), b"k", b"not avro")
+        .await;
+    let marker = {
+        let mut s = last.clone();
+        s.session_id = SessionId::random();
+        Output::new(clisonix_stage::OutputTopic::EegSessions, &s.key(), &s)
+    };
+    produce(&env, &producer, &topics.name(&EEG_SESSIONS), &[marker]).await;
+    wait_rows(&db, "sessions", 2, &sink).await;
+    assert_eq!(count(&db, "features").await, features.len() as i64);
+    assert_eq!(count(&db, "audio_chunks").await, audio.len() as i64);
+    let status: String = sqlx::query_scalar("SELECT status FROM sessions WHERE session_id = $1")
+        .bind(last.session_id.as_uuid())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "ended", "an older state does not undo the end");
+    let letters = env
+        .consume(
+            &env.consumer(&[&topics.name(&DEAD_LETTERS)]),
+            1,
+            Duration::from_secs(30),
+        )
+        .await;
+    let letter: DeadLetter = decode(&letters[0].value).unwrap();
+    assert_eq!(letter.stage, "sink");
+    assert_eq!(letter.value.as_deref(), Some(&b"not avro"[..]));
+    drop(sink);
+    db.drop_now().await;
+    env.delete_topics(topics.prefix()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_and_restart_leaves_every_row_once() {
+    let env = TestEnv::get();
+    let topics = env.topics();
+    env.create_catalog(&topics).await;
+    let db = env.fresh_database().await;
+    let frames = ended(recording(TenantId::random(), SessionId::random(), 960));
+    let (features, audio, _) = outputs(&frames);
+    let producer = env.producer();
+    produce(&env, &producer, &topics.name(&EEG_FEATURES), &features).await;
+    produce(&env, &producer, &topics.name(&AUDIO_CHUNKS), &audio).await;
+    let group = TestEnv::unique("sink");
+    let mut first = spawn_sink(&env, &topics, &db, &group, 20);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(&db, "features").await < 300 {
+        assert!(Instant::now() < deadline, "{}", first.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill9();
+    let second = spawn_sink(&env, &topics, &db, &group, 20);
+    wait_rows(&db, "features", features.len() as i64, &second).await;
+    wait_rows(&db, "audio_chunks", audio.len() as i64, &second).await;
+    // Every record's row is there, with the record's values.
+    for o in features.iter().step_by(97) {
+        let f: Features = decode(&o.value).unwrap();
+        let total: Option<f64> = sqlx::query_scalar(
+            "SELECT total_abs FROM features WHERE session_id = $1 AND window_index = $2 AND channel_index = $3",
+        )
+        .bind(f.session_id.as_uuid())
+        .bind(f.window_index as i64)
+        .bind(f.channel_index as i32)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(total, f.total_abs);
+    }
+    drop(second);
+    db.drop_now().await;
+    env.delete_topics(topics.prefix()).await;
+}
