@@ -1,6 +1,6 @@
 //! The Clisonix gateway: the public HTTP API that SaaS users and device clients
-//! authenticate against. This first part holds accounts and authentication; results,
-//! keys, roles, audit reads and billing build on it.
+//! authenticate against. It holds accounts, authentication, keys, roles and audit reads,
+//! and the results API (sessions, features, audio).
 
 pub mod accounts;
 pub mod auth;
@@ -10,6 +10,7 @@ pub mod keys;
 pub mod limits;
 pub mod members;
 pub mod openapi;
+pub mod results;
 pub mod startup;
 pub mod tenant;
 

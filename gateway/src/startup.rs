@@ -25,6 +25,7 @@ use crate::error::{ApiError, REQUEST_ID};
 use crate::keys::KeyVerifier;
 use crate::limits::{AttemptLimiter, RequestLimiter};
 use crate::members;
+use crate::results;
 use crate::tenant;
 
 /// The seed's API metrics, defined once.
@@ -100,6 +101,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/invitations", post(members::invite))
         .route("/v1/auth/accept-invitation", post(members::accept))
+        .route("/v1/sessions", get(results::list_sessions))
+        .route("/v1/sessions/{id}", get(results::get_session))
+        .route("/v1/sessions/{id}/features", get(results::features))
+        .route("/v1/sessions/{id}/audio", get(results::audio))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))

@@ -134,11 +134,28 @@ impl Client {
         body: Vec<u8>,
         key: Option<&str>,
     ) -> Result<Answer, HttpError> {
+        self.send_with(method, path, content_type, body, key, &[])
+            .await
+    }
+
+    /// As [`Client::send`], with more request headers.
+    pub async fn send_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+        key: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Result<Answer, HttpError> {
         let key = key.unwrap_or(&self.key).to_owned();
         let mut request = Request::builder()
             .method(method)
             .uri(path)
             .header("host", &self.authority);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
         if !key.is_empty() {
             request = request.header("authorization", format!("Bearer {key}"));
         }

@@ -65,6 +65,13 @@ struct Cli {
     /// Device ids are <prefix>-<n>.
     #[arg(long, default_value = "player")]
     device_prefix: String,
+    /// Audio presets each session asks for (comma-separated, e.g.
+    /// audification,parameter_mapping; default: the audio stage's own)
+    #[arg(long)]
+    audio_presets: Option<String>,
+    /// Leave sessions open at the end (default: the last frame ends its session)
+    #[arg(long)]
+    no_end: bool,
     /// No progress line.
     #[arg(long, short)]
     quiet: bool,
@@ -102,6 +109,8 @@ async fn main() -> ExitCode {
         device_prefix: cli.device_prefix,
         original_time: cli.original_time,
         progress: !cli.quiet,
+        audio_presets: cli.audio_presets,
+        end_sessions: !cli.no_end,
     };
     eprintln!(
         "playing {} ({} channels at {} Hz, {} frames of {} samples, {:.0} s) as {} device(s) to {}",

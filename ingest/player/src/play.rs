@@ -11,7 +11,7 @@ use clisonix_ingest_protocol::{FrameStatus, Rejection};
 use clisonix_schemas::{DeviceId, Frame, SessionId, Timestamp};
 
 use crate::http::{Client, Format};
-use crate::recording::Recording;
+use crate::recording::{mark_session, Recording};
 use crate::stream::{stream_frames, DeviceStats, Progress, StreamOptions};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +39,11 @@ pub struct PlayOptions {
     pub original_time: bool,
     /// Draw a progress line on stderr.
     pub progress: bool,
+    /// Audio presets each session asks for (a `clisonix.audio=` marker on its first
+    /// frame).
+    pub audio_presets: Option<String>,
+    /// Put the end marker on each session's last frame.
+    pub end_sessions: bool,
 }
 
 impl Default for PlayOptions {
@@ -55,6 +60,8 @@ impl Default for PlayOptions {
             device_prefix: "player".into(),
             original_time: false,
             progress: false,
+            audio_presets: None,
+            end_sessions: true,
         }
     }
 }
@@ -130,7 +137,12 @@ pub async fn play(recording: &Recording, options: &PlayOptions) -> anyhow::Resul
         let session = SessionId::random();
         sessions.push((device.clone(), session));
         let begin = (!options.original_time).then(Timestamp::now);
-        let frames = recording.for_device(&device, session, begin);
+        let mut frames = recording.for_device(&device, session, begin);
+        mark_session(
+            &mut frames,
+            options.audio_presets.as_deref(),
+            options.end_sessions,
+        );
         let options = options.clone();
         let progress = progress.clone();
         tasks.push(tokio::spawn(async move {

@@ -4,7 +4,10 @@ use std::path::Path;
 
 use anyhow::Context;
 use clisonix_edf::{FrameSpec, Framer, Reader};
-use clisonix_schemas::{DeviceId, Frame, SessionId, TenantId, Timestamp};
+use clisonix_schemas::{
+    DeviceId, Frame, Marker, SessionId, TenantId, Timestamp, AUDIO_PRESETS_MARKER,
+    SESSION_END_MARKER,
+};
 
 /// A recording's frames (session, device and tenant still to be set per device).
 #[derive(Debug, Clone)]
@@ -42,6 +45,25 @@ impl Recording {
                 ..f.clone()
             })
             .collect()
+    }
+}
+
+/// Marks a session's frames: its audio presets on the first frame, and the end marker
+/// on the last.
+pub fn mark_session(frames: &mut [Frame], audio_presets: Option<&str>, end: bool) {
+    if let (Some(presets), Some(first)) = (audio_presets, frames.first_mut()) {
+        first.markers.push(Marker {
+            sample_offset: 0,
+            duration_us: None,
+            label: format!("{AUDIO_PRESETS_MARKER}{presets}"),
+        });
+    }
+    if let (true, Some(last)) = (end, frames.last_mut()) {
+        last.markers.push(Marker {
+            sample_offset: last.samples_per_channel.saturating_sub(1),
+            duration_us: None,
+            label: SESSION_END_MARKER.to_owned(),
+        });
     }
 }
 

@@ -1,0 +1,246 @@
+//! The whole pipeline in one process, on the real broker and a fresh database: the
+//! gateway, ingest, Albi, Jona (both presets), sessions and the sink, each as it runs
+//! in production but as a task; a tenant signed up through the API with an ingest and
+//! a read key; and a second tenant with a read key of its own.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clisonix_albi::{Albi, AlbiConfig};
+use clisonix_e2e::{TestDatabase, TestEnv};
+use clisonix_jona::{Jona, JonaConfig, Preset};
+use clisonix_player::http::{Answer, Client};
+use clisonix_sessions::{Sessions, SessionsConfig};
+use clisonix_sink::Results;
+use clisonix_stage::Stage;
+use clisonix_stage_runtime::{run, run_sink, Health, RuntimeConfig, SinkConfig};
+use clisonix_topics::{KafkaSettings, Topics};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+pub fn data_dir() -> PathBuf {
+    std::env::var_os("CLISONIX_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
+}
+
+pub fn recording_path() -> PathBuf {
+    data_dir().join("eeglab_sample_32ch_128hz_238s.edf")
+}
+
+/// A tenant's keys.
+pub struct Tenant {
+    pub ingest_key: String,
+    pub read_key: String,
+    pub access_token: String,
+}
+
+pub struct Pipeline {
+    pub env: TestEnv,
+    pub topics: Topics,
+    pub db: TestDatabase,
+    pub gateway: String,
+    pub ingest: String,
+    pub tenant: Tenant,
+    pub other: Tenant,
+    pub stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn stage_config(env: &TestEnv, topics: &Topics, name: &str) -> RuntimeConfig {
+    RuntimeConfig {
+        kafka: KafkaSettings::new(env.kafka.bootstrap.clone(), format!("e2e-{name}")),
+        topics: topics.clone(),
+        group: TestEnv::unique(name),
+        instance_id: TestEnv::unique("i"),
+        batch_max: 500,
+        batch_linger: Duration::from_millis(20),
+    }
+}
+
+impl Pipeline {
+    pub async fn start() -> Pipeline {
+        let env = TestEnv::get();
+        let topics = env.topics();
+        env.create_catalog(&topics).await;
+        let db = env.fresh_database().await;
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+
+        let mut config = clisonix_gateway::Config::defaults();
+        config.database_url = clisonix_gateway::config::Secret::new(db.url());
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        let app = clisonix_gateway::Application::build(config)
+            .await
+            .expect("the gateway starts");
+        let gateway = format!("http://127.0.0.1:{}", app.port());
+        let token = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            app.run_until_stopped(token).await.unwrap();
+        }));
+
+        let mut config = clisonix_alba::Config::defaults();
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.database_url = clisonix_gateway::config::Secret::new(db.url());
+        config.kafka = KafkaSettings::new(env.kafka.bootstrap.clone(), "e2e-alba");
+        config.topic_prefix = topics.prefix().to_owned();
+        let app = clisonix_alba::Application::build(config)
+            .await
+            .expect("ingest starts");
+        let ingest = format!("http://127.0.0.1:{}", app.port());
+        let token = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            app.run_until_stopped(token).await.unwrap();
+        }));
+
+        let mut pipeline = Pipeline {
+            tenant: Tenant {
+                ingest_key: String::new(),
+                read_key: String::new(),
+                access_token: String::new(),
+            },
+            other: Tenant {
+                ingest_key: String::new(),
+                read_key: String::new(),
+                access_token: String::new(),
+            },
+            env,
+            topics,
+            db,
+            gateway,
+            ingest,
+            stop,
+            tasks,
+        };
+        pipeline.spawn_stage(Albi::new(AlbiConfig::default()));
+        pipeline.spawn_stage(Jona::new(JonaConfig {
+            presets: Preset::ALL.to_vec(),
+            ..JonaConfig::default()
+        }));
+        pipeline.spawn_stage(Sessions::new(SessionsConfig::default()));
+        pipeline.spawn_sink();
+        pipeline.tenant = pipeline.sign_up("alpha").await;
+        pipeline.other = pipeline.sign_up("beta").await;
+        pipeline
+    }
+
+    pub fn spawn_stage<S: Stage + 'static>(&mut self, stage: S) {
+        let config = stage_config(&self.env, &self.topics, stage.name());
+        let token = self.stop.clone();
+        self.tasks.push(tokio::spawn(async move {
+            run(stage, config, Health::default(), token)
+                .await
+                .expect("the stage runs");
+        }));
+    }
+
+    pub fn spawn_sink(&mut self) {
+        let c = stage_config(&self.env, &self.topics, "sink");
+        let config = SinkConfig {
+            kafka: c.kafka,
+            topics: c.topics,
+            group: c.group,
+            batch_max: 500,
+            batch_linger: Duration::from_millis(20),
+        };
+        let results = Results::new(self.db.pool.clone());
+        let token = self.stop.clone();
+        self.tasks.push(tokio::spawn(async move {
+            run_sink(results, config, Health::default(), token)
+                .await
+                .expect("the sink runs");
+        }));
+    }
+
+    /// Signs a tenant up through the API and makes an ingest and a read key.
+    async fn sign_up(&self, name: &str) -> Tenant {
+        let mut c = Client::new(&self.gateway, "").unwrap();
+        let email = format!("{name}-{}@example.org", uuid::Uuid::new_v4());
+        let body =
+            json!({"email": email, "password": "Correct-Horse-9-Battery", "tenant_name": name});
+        let a = c
+            .send(
+                "POST",
+                "/v1/auth/signup",
+                Some("application/json"),
+                body.to_string().into_bytes(),
+                Some(""),
+            )
+            .await
+            .unwrap();
+        assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
+        let token = a.json()["access_token"].as_str().unwrap().to_owned();
+        let mut key = async |scope: &str| {
+            let body = json!({"name": format!("e2e {scope}"), "scopes": [scope]});
+            let a = c
+                .send(
+                    "POST",
+                    "/v1/api-keys",
+                    Some("application/json"),
+                    body.to_string().into_bytes(),
+                    Some(&token),
+                )
+                .await
+                .unwrap();
+            assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
+            a.json()["key"].as_str().unwrap().to_owned()
+        };
+        let ingest_key = key("ingest").await;
+        let read_key = key("read").await;
+        Tenant {
+            ingest_key,
+            read_key,
+            access_token: token,
+        }
+    }
+
+    /// A results client with `key`.
+    pub fn reader(&self, key: &str) -> Client {
+        Client::new(&self.gateway, key).unwrap()
+    }
+
+    /// GETs `path` until `done` holds for the JSON answer (or fails after `timeout`).
+    pub async fn wait_for(
+        &self,
+        client: &mut Client,
+        path: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let a = client.get(path).await.unwrap();
+            if a.status == 200 {
+                let v = a.json();
+                if done(&v) {
+                    return v;
+                }
+                assert!(Instant::now() < deadline, "{path} never got there: {v}");
+            } else {
+                assert!(
+                    a.status == 404 && Instant::now() < deadline,
+                    "{path}: {} {}",
+                    a.status,
+                    String::from_utf8_lossy(&a.body)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+        }
+        self.db.drop_now().await;
+        self.env.delete_topics(self.topics.prefix()).await;
+    }
+}
+
+/// The body of an answer as text.
+pub fn text(a: &Answer) -> String {
+    String::from_utf8_lossy(&a.body).into_owned()
+}
