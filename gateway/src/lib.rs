@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod keys;
 pub mod limits;
+pub mod live;
 pub mod members;
 pub mod openapi;
 pub mod results;

@@ -60,6 +60,7 @@ impl Modify for BearerAuth {
         crate::results::get_session,
         crate::results::features,
         crate::results::audio,
+        crate::live::live,
         crate::startup::health,
         crate::startup::ready,
         crate::startup::metrics,

@@ -36,55 +36,72 @@ pub struct Reader {
     pub tenant: Uuid,
 }
 
-fn api_key_of(parts: &Parts) -> Option<&str> {
-    let header = |name| parts.headers.get(name).and_then(|v| v.to_str().ok());
+/// The credential a request carries: `X-API-Key`, or the `Authorization` bearer.
+pub(crate) fn credential(headers: &HeaderMap) -> Option<&str> {
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
     header("x-api-key")
         .or_else(|| header("authorization").and_then(|v| v.strip_prefix("Bearer ")))
         .map(str::trim)
-        .filter(|k| k.starts_with("ck_"))
+        .filter(|k| !k.is_empty())
+}
+
+/// A reader from an API key (`ck_…`, with the `read` scope).
+async fn key_reader(state: &AppState, key: &str) -> Result<Reader, ApiError> {
+    let verified = state.api_keys.verify(key).await.map_err(|e| match e {
+        KeyError::Database(e) => ApiError::internal(e),
+        other => ApiError::new(StatusCode::UNAUTHORIZED, "invalid_key", other.to_string()),
+    })?;
+    if !verified.allows(Scope::Read) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_scope",
+            "this key has no read scope",
+        ));
+    }
+    state
+        .request_limits
+        .take(
+            (verified.tenant_id, verified.key_id),
+            state.config.requests_per_minute_member,
+        )
+        .map_err(|wait| {
+            ApiError::too_many(
+                "rate_limited",
+                format!("too many requests; retry in {wait} s"),
+                wait,
+            )
+        })?;
+    Ok(Reader {
+        tenant: verified.tenant_id,
+    })
+}
+
+/// A reader from a token given outside the headers (a WebSocket's query string).
+pub(crate) async fn reader_from(state: &AppState, token: &str) -> Result<Reader, ApiError> {
+    if token.starts_with("ck_") {
+        return key_reader(state, token).await;
+    }
+    let claims = state.keys.verify(token)?;
+    Ok(Reader { tenant: claims.tid })
 }
 
 impl FromRequestParts<AppState> for Reader {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let Some(key) = api_key_of(parts) else {
-            let caller = crate::auth::Caller::from_request_parts(parts, state).await?;
-            return Ok(Reader {
-                tenant: caller.0.tid,
-            });
-        };
-        let verified = state.api_keys.verify(key).await.map_err(|e| match e {
-            KeyError::Database(e) => ApiError::internal(e),
-            other => ApiError::new(StatusCode::UNAUTHORIZED, "invalid_key", other.to_string()),
-        })?;
-        if !verified.allows(Scope::Read) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden_scope",
-                "this key has no read scope",
-            ));
+        match credential(&parts.headers) {
+            Some(key) if key.starts_with("ck_") => key_reader(state, key).await,
+            _ => {
+                let caller = crate::auth::Caller::from_request_parts(parts, state).await?;
+                Ok(Reader {
+                    tenant: caller.0.tid,
+                })
+            }
         }
-        state
-            .request_limits
-            .take(
-                (verified.tenant_id, verified.key_id),
-                state.config.requests_per_minute_member,
-            )
-            .map_err(|wait| {
-                ApiError::too_many(
-                    "rate_limited",
-                    format!("too many requests; retry in {wait} s"),
-                    wait,
-                )
-            })?;
-        Ok(Reader {
-            tenant: verified.tenant_id,
-        })
     }
 }
 
-fn query_error(rejection: QueryRejection) -> ApiError {
+pub(crate) fn query_error(rejection: QueryRejection) -> ApiError {
     let text = rejection.body_text();
     let field = text.split('`').nth(1).map(str::to_owned);
     let mut e = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_query", text);
@@ -104,7 +121,7 @@ fn not_found() -> ApiError {
     )
 }
 
-fn rfc3339(t: DateTime<Utc>) -> String {
+pub(crate) fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
@@ -294,18 +311,30 @@ pub struct AudioSummary {
     pub channels: i16,
 }
 
-async fn find_session(state: &AppState, reader: Reader, id: Uuid) -> Result<Session, ApiError> {
+pub(crate) async fn find_session(
+    state: &AppState,
+    reader: Reader,
+    id: Uuid,
+) -> Result<Session, ApiError> {
+    find_session_row(&state.pool, reader.tenant, id).await
+}
+
+pub(crate) async fn find_session_row(
+    pool: &sqlx::PgPool,
+    tenant: Uuid,
+    id: Uuid,
+) -> Result<Session, ApiError> {
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = $1 AND tenant_id = $2"
     )))
     .bind(id)
-    .bind(reader.tenant)
-    .fetch_optional(&state.pool)
+    .bind(tenant)
+    .fetch_optional(pool)
     .await?;
     Ok(session_of(&row.ok_or_else(not_found)?)?)
 }
 
-async fn audio_presets(
+pub(crate) async fn audio_presets(
     state: &AppState,
     reader: Reader,
     id: Uuid,
@@ -412,6 +441,36 @@ fn default_features() -> Vec<(&'static str, Column)> {
         .iter()
         .filter(|(_, k)| *k != Column::Psd)
         .map(|(n, k)| (*n, *k))
+        .collect()
+}
+
+/// The default feature columns, comma-separated, for a SELECT.
+pub(crate) fn scalar_feature_columns() -> String {
+    default_features()
+        .iter()
+        .map(|(n, _)| *n)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The default features of a row selected with [`scalar_feature_columns`], as JSON.
+pub(crate) fn scalar_features(
+    row: &PgRow,
+) -> Result<Vec<(&'static str, serde_json::Value)>, sqlx::Error> {
+    default_features()
+        .into_iter()
+        .map(|(name, kind)| {
+            let value = match kind {
+                Column::Float => serde_json::json!(row
+                    .try_get::<Option<f64>, _>(name)?
+                    .filter(|v| v.is_finite())),
+                Column::Bool => serde_json::json!(row.try_get::<bool, _>(name)?),
+                Column::Int => serde_json::json!(row.try_get::<i32, _>(name)?),
+                Column::Text => serde_json::json!(row.try_get::<String, _>(name)?),
+                Column::Psd => serde_json::Value::Null,
+            };
+            Ok((name, value))
+        })
         .collect()
 }
 

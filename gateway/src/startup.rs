@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::error::{ApiError, REQUEST_ID};
 use crate::keys::KeyVerifier;
 use crate::limits::{AttemptLimiter, RequestLimiter};
+use crate::live::LiveHub;
 use crate::members;
 use crate::results;
 use crate::tenant;
@@ -74,6 +75,7 @@ pub struct AppState {
     pub login_limits: Arc<AttemptLimiter>,
     pub request_limits: Arc<RequestLimiter>,
     pub api_keys: Arc<KeyVerifier>,
+    pub live: LiveHub,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -105,6 +107,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sessions/{id}", get(results::get_session))
         .route("/v1/sessions/{id}/features", get(results::features))
         .route("/v1/sessions/{id}/audio", get(results::audio))
+        .route("/v1/sessions/{id}/live", get(crate::live::live))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -265,6 +268,7 @@ impl Application {
                 config.login_attempts_per_ip,
             )),
             request_limits: Arc::new(RequestLimiter::default()),
+            live: LiveHub::start(pool.clone()),
             pool,
             keys: Keys::new(&config),
             config: Arc::new(config),
@@ -277,10 +281,21 @@ impl Application {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
+    /// Serves until `shutdown` is cancelled; live streams are then closed (1001) and
+    /// waited for.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        let live = self.state.live.clone();
         let app = router(self.state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
+        let stop_live = live.stop.clone();
+        let served = axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move {
+                shutdown.cancelled().await;
+                stop_live.cancel();
+            })
+            .await;
+        live.stop.cancel();
+        live.streams.close();
+        live.streams.wait().await;
+        served
     }
 }

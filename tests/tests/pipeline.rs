@@ -11,7 +11,9 @@ use clisonix_player::http::Format;
 use clisonix_player::play::{play, PlayOptions, Transport};
 use clisonix_player::recording::load;
 use common::{recording_path, text, Pipeline};
+use futures::StreamExt;
 use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
 
 const FEATURES: [&str; 17] = [
     "abs_delta",
@@ -44,23 +46,46 @@ fn close(got: &Value, want: &Value) -> bool {
 async fn a_streamed_recording_is_readable_and_audible_through_the_api() {
     let p = Pipeline::start().await;
     let recording = load(&recording_path(), 125).unwrap();
-    let report = play(
-        &recording,
-        &PlayOptions {
-            url: p.ingest.clone(),
-            key: p.tenant.ingest_key.clone(),
-            transport: Transport::WebSocket,
-            format: Format::Binary,
-            speed: 0.0,
-            audio_presets: Some("audification,parameter_mapping".into()),
-            ..PlayOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    // The device streams in the background; a live client connects as soon as the
+    // session exists.
+    let device = {
+        let (url, key) = (p.ingest.clone(), p.tenant.ingest_key.clone());
+        tokio::spawn(async move {
+            play(
+                &recording,
+                &PlayOptions {
+                    url,
+                    key,
+                    transport: Transport::WebSocket,
+                    format: Format::Binary,
+                    speed: 0.0,
+                    audio_presets: Some("audification,parameter_mapping".into()),
+                    ..PlayOptions::default()
+                },
+            )
+            .await
+            .unwrap()
+        })
+    };
+    let mut reader = p.reader(&p.tenant.read_key);
+    let listed = p
+        .wait_for(&mut reader, "/v1/sessions", Duration::from_secs(60), |v| {
+            v["sessions"].as_array().is_some_and(|s| !s.is_empty())
+        })
+        .await;
+    let live_session = listed["sessions"][0]["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let live = tokio::spawn(watch(format!(
+        "{}/v1/sessions/{live_session}/live?access_token={}",
+        p.gateway.replace("http", "ws"),
+        p.tenant.read_key
+    )));
+    let report = device.await.unwrap();
     assert_eq!(report.acked, 1904, "{}", report.summary());
     let session = report.sessions[0].1;
-    let mut reader = p.reader(&p.tenant.read_key);
+    assert_eq!(live_session, session.to_string());
 
     // The session ends (the player marks the last frame) with everything stored.
     let detail = p
@@ -246,6 +271,27 @@ async fn a_streamed_recording_is_readable_and_audible_through_the_api() {
     );
     assert_eq!(part_data, &data[..part_data.len()]);
 
+    // The live stream pushed every window in order with all channels, every chunk with
+    // its PCM, then the end.
+    let (windows, chunks, end) = live.await.unwrap();
+    assert_eq!(windows, (0..119).collect::<Vec<i64>>());
+    assert_eq!(
+        chunks.iter().map(|(i, _)| *i).collect::<Vec<i64>>(),
+        (0..239).collect::<Vec<i64>>()
+    );
+    let pushed: Vec<u8> = chunks.into_iter().flat_map(|(_, pcm)| pcm).collect();
+    assert_eq!(pushed, data, "the pushed audio is the WAV's");
+    assert_eq!(end["session"]["status"], "ended");
+    // Resuming from a window, features only.
+    let (windows, chunks, _) = watch(format!(
+        "{}/v1/sessions/{session}/live?from_window=100&audio=false&access_token={}",
+        p.gateway.replace("http", "ws"),
+        p.tenant.read_key
+    ))
+    .await;
+    assert_eq!(windows, (100..119).collect::<Vec<i64>>());
+    assert!(chunks.is_empty());
+
     // A user's token reads the same; another tenant sees nothing.
     let mut user = p.reader(&p.tenant.access_token);
     assert_eq!(
@@ -302,4 +348,45 @@ fn parse_wav(bytes: &[u8]) -> (u32, u16, &[u8]) {
         u16::from_le_bytes([bytes[22], bytes[23]]),
         &bytes[44..],
     )
+}
+
+/// Reads a live stream to its end: the windows and audio chunks in arrival order, and
+/// the end message.
+async fn watch(url: String) -> (Vec<i64>, Vec<(i64, Vec<u8>)>, Value) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap();
+    let first: Value = match ws.next().await.unwrap().unwrap() {
+        Message::Text(t) => serde_json::from_str(&t).unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(first["type"], "session");
+    let (mut windows, mut chunks) = (Vec::new(), Vec::new());
+    let mut pending: Option<i64> = None;
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(60), ws.next())
+            .await
+            .expect("the live stream goes on")
+            .expect("the stream ends with an end message")
+            .unwrap();
+        match m {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                assert!(pending.is_none(), "PCM follows its header");
+                match v["type"].as_str().unwrap() {
+                    "features" => {
+                        assert_eq!(v["channels"].as_array().unwrap().len(), 32);
+                        assert!(v["channels"][0]["rel_alpha"].is_number());
+                        windows.push(v["window_index"].as_i64().unwrap());
+                    }
+                    "audio" => pending = Some(v["chunk_index"].as_i64().unwrap()),
+                    "end" => return (windows, chunks, v),
+                    other => panic!("unexpected {other}"),
+                }
+            }
+            Message::Binary(b) => chunks.push((pending.take().unwrap(), b.to_vec())),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
 }
