@@ -7,7 +7,7 @@ use std::process::{Command, ExitCode};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use clisonix_dev::stack::{Stack, Started};
+use clisonix_dev::stack::Stack;
 use clisonix_dev::{procs, run};
 
 const ABOUT: &str = "The Clisonix development stack: Apache Kafka (KRaft, one node) and Postgres \
@@ -62,8 +62,8 @@ enum Cmd {
         #[arg(short = 'n', long, default_value_t = 50)]
         lines: usize,
     },
-    /// The main job: bring the stack up, run Albi, stream a recording through eeg.frames,
-    /// read it back and read its features
+    /// The main job: the whole pipeline (stack, gateway, ingest, Albi, Jona, sessions,
+    /// the sink) with a recording streamed through it as a device, in real time
     Run {
         /// The EDF/BDF recording (default: the shared example recording)
         #[arg(long)]
@@ -71,10 +71,22 @@ enum Cmd {
         /// Frame length in milliseconds
         #[arg(long, default_value_t = 125)]
         frame_ms: u32,
-        /// Pace the frames at the recording's own speed instead of as fast as possible
+        /// Stream as fast as possible instead of in real time
         #[arg(long)]
-        realtime: bool,
-        /// Leave the stack running afterwards
+        fast: bool,
+        /// Stream at this multiple of real time
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Stop once the results are in instead of serving until Ctrl-C
+        #[arg(long)]
+        exit_when_done: bool,
+        /// Where the gateway (the public API) listens
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        gateway_listen: std::net::SocketAddr,
+        /// Where ingest listens
+        #[arg(long, default_value = "127.0.0.1:8100")]
+        ingest_listen: std::net::SocketAddr,
+        /// Leave the stack (Kafka, Postgres) running afterwards
         #[arg(long)]
         keep_running: bool,
     },
@@ -166,100 +178,49 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Run {
             file,
             frame_ms,
-            realtime,
+            fast,
+            speed,
+            exit_when_done,
+            gateway_listen,
+            ingest_listen,
             keep_running,
         } => {
+            if speed.is_nan() || speed <= 0.0 {
+                anyhow::bail!("--speed must be above 0 (--fast streams as fast as possible)");
+            }
             let file =
                 file.unwrap_or_else(|| data_dir(&root).join("eeglab_sample_32ch_128hz_238s.edf"));
+            let options = run::RunOptions {
+                file,
+                frame_ms,
+                speed: if fast { 0.0 } else { speed },
+                exit_when_done,
+                gateway: gateway_listen,
+                ingest: ingest_listen,
+                out_dir: run::out_dir(&root),
+            };
             let rt = runtime()?;
             let started = stack.up(&rt)?;
-            let options = run::PlayOptions { frame_ms, realtime };
-            let settings = stack.kafka_settings("clisonix-dev-run");
+            let stop = tokio_util::sync::CancellationToken::new();
             let outcome = rt.block_on(async {
-                // Albi runs alongside, in its own consumer group, as it would in production.
-                let albi_stop = tokio_util::sync::CancellationToken::new();
-                let albi = tokio::spawn(clisonix_stage_runtime::run(
-                    clisonix_albi::Albi::new(clisonix_albi::AlbiConfig::default()),
-                    clisonix_stage_runtime::RuntimeConfig {
-                        kafka: stack.kafka_settings("clisonix-albi"),
-                        topics: stack.topics.clone(),
-                        group: clisonix_albi::NAME.to_owned(),
-                        instance_id: "dev-run".to_owned(),
-                        batch_max: 500,
-                        batch_linger: std::time::Duration::from_millis(50),
-                    },
-                    clisonix_stage_runtime::Health::default(),
-                    albi_stop.clone(),
-                ));
-                let job = async {
-                    let summary = run::play(&settings, &stack.topics, &file, &options).await?;
-                    // Albi's default windows: 2 s, non-overlapping.
-                    let window = (2.0 * summary.sample_rate_hz).round() as u64;
-                    let windows = summary.samples_per_channel / window;
-                    let expected = windows as usize * summary.channels;
-                    let started = std::time::Instant::now();
-                    let features = run::features_of(
-                        &settings,
-                        &stack.topics,
-                        summary.session,
-                        expected,
-                        std::time::Duration::from_secs(180),
-                    )
-                    .await?;
-                    anyhow::Ok((summary, features, started.elapsed()))
-                };
-                let outcome = tokio::select! {
-                    result = job => Some(result),
-                    _ = tokio::signal::ctrl_c() => None,
-                };
-                albi_stop.cancel();
-                match albi.await {
-                    Ok(Ok(())) => outcome,
-                    Ok(Err(e)) => Some(Err(anyhow::Error::from(e).context("Albi failed"))),
-                    Err(e) => Some(Err(anyhow::anyhow!("the Albi task failed: {e}"))),
-                }
+                let signal = stop.clone();
+                tokio::spawn(async move {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        signal.cancel();
+                    }
+                });
+                run::run_pipeline(&stack, &options, stop.clone()).await
             });
             drop(rt);
-            let finish = |stack: &Stack, started: Started| -> anyhow::Result<()> {
-                if keep_running || !started.any() {
-                    eprintln!("==> The stack keeps running (./dev down stops it)");
-                    print_status(stack);
-                    Ok(())
-                } else {
-                    stack.down_started(started)
-                }
-            };
-            match outcome {
-                None => {
-                    eprintln!("==> Interrupted; stopping");
-                    finish(&stack, started)?;
-                    return Ok(ExitCode::from(130));
-                }
-                Some(Err(error)) => {
-                    finish(&stack, started)?;
-                    return Err(error);
-                }
-                Some(Ok((s, features, features_took))) => {
-                    finish(&stack, started)?;
-                    println!(
-                        "Done: session {} — {} frames ({} channels, {} Hz, {:.1} s of EEG, {:.2} MB) \
-                         through eeg.frames partition {} (offsets {}..={}); produced and acknowledged \
-                         in {:.2} s ({:.0} frames/s), read back and verified in {:.2} s.",
-                        s.session,
-                        s.frames,
-                        s.channels,
-                        s.sample_rate_hz,
-                        s.seconds_of_eeg,
-                        s.bytes as f64 / 1e6,
-                        s.partition,
-                        s.offsets.0,
-                        s.offsets.1,
-                        s.produce.as_secs_f64(),
-                        s.frames as f64 / s.produce.as_secs_f64(),
-                        s.verify.as_secs_f64()
-                    );
-                    print_features(&features, features_took);
-                }
+            if keep_running || !started.any() {
+                eprintln!("==> The stack keeps running (./dev down stops it)");
+                print_status(&stack);
+            } else {
+                stack.down_started(started)?;
+            }
+            outcome?;
+            if stop.is_cancelled() {
+                return Ok(ExitCode::from(130));
             }
         }
         Cmd::Test {
@@ -292,43 +253,5 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn print_status(stack: &Stack) {
     for line in stack.status() {
         println!("{line}");
-    }
-}
-
-/// A few lines about the features Albi computed: enough to see it worked.
-fn print_features(features: &[clisonix_schemas::Features], took: std::time::Duration) {
-    let windows = features
-        .iter()
-        .map(|f| f.window_index)
-        .max()
-        .map_or(0, |w| w + 1);
-    println!(
-        "Albi: {} feature records ({windows} windows x {} channels) in eeg.features, all read back within {:.1} s of the last frame.",
-        features.len(),
-        features.len() / windows.max(1) as usize,
-        took.as_secs_f64()
-    );
-    println!(
-        "  {:<6} {:>6} {:>10} {:>10} {:>10} {:>9} {:>9}",
-        "channel", "window", "delta", "alpha", "beta", "peak Hz", "entropy"
-    );
-    for f in features
-        .iter()
-        .filter(|f| f.channel_label == "Cz" || f.channel_label == "Oz")
-        .take(6)
-    {
-        let pct = |x: Option<f64>| x.map_or("-".to_owned(), |v| format!("{:.1} %", 100.0 * v));
-        println!(
-            "  {:<6} {:>6} {:>10} {:>10} {:>10} {:>9} {:>9}",
-            f.channel_label,
-            f.window_index,
-            pct(f.rel.delta),
-            pct(f.rel.alpha),
-            pct(f.rel.beta),
-            f.peak_alpha_hz
-                .map_or("-".to_owned(), |v| format!("{v:.0}")),
-            f.spectral_entropy
-                .map_or("-".to_owned(), |v| format!("{v:.3}")),
-        );
     }
 }

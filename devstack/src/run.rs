@@ -1,287 +1,448 @@
-//! The main job, at this stage of the product: stream a real recording's frames
-//! through `eeg.frames`, read them back checking every byte, and read the features
-//! Albi (running alongside) computes from them out of `eeg.features`.
+//! The main job: the whole pipeline on a real recording, locally. The gateway, ingest,
+//! Albi, Jona, the sessions stage and the results sink run in this process (each as
+//! it runs in production, as a task); a tenant is signed up through the API with an
+//! ingest and a read key; the recording is streamed as a device over ingest's
+//! WebSocket, in real time by default; then the features are read through the API
+//! and the audio saved as WAV files. It prints how to read, listen and watch, and keeps
+//! serving until Ctrl-C.
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clisonix_edf::{FrameSpec, Framer, Reader};
-use clisonix_schemas::{
-    decode, encode, DeviceId, FeatureKey, Features, Frame, SessionId, TenantId, Timestamp,
-};
-use clisonix_topics::catalog::{EEG_FEATURES, EEG_FRAMES};
-use clisonix_topics::{KafkaSettings, Topics};
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use clisonix_player::http::{Client, Format};
+use clisonix_player::play::{play, PlayOptions, Transport};
+use clisonix_player::recording::load;
+use clisonix_schemas::SessionId;
+use clisonix_stage::Stage;
+use clisonix_stage_runtime::{run, run_sink, Health, RuntimeConfig, SinkConfig};
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
-/// The tenant of local runs, until accounts exist (the gateway issue).
-pub const LOCAL_TENANT: &str = "00000000-0000-4000-8000-00000000c115";
+use crate::stack::Stack;
+
+/// The audio presets the local run renders for its session.
+const PRESETS: [&str; 2] = ["parameter_mapping", "audification"];
 
 #[derive(Debug, Clone)]
-pub struct PlayOptions {
+pub struct RunOptions {
+    pub file: PathBuf,
     pub frame_ms: u32,
-    pub realtime: bool,
+    /// Multiple of real time; 0 streams as fast as possible.
+    pub speed: f64,
+    /// Stop once the results are in, instead of serving until Ctrl-C.
+    pub exit_when_done: bool,
+    pub gateway: SocketAddr,
+    pub ingest: SocketAddr,
+    /// Where the WAV files go.
+    pub out_dir: PathBuf,
 }
 
-#[derive(Debug)]
-pub struct PlaySummary {
-    pub session: SessionId,
-    pub frames: usize,
-    pub channels: usize,
-    pub sample_rate_hz: f64,
-    pub seconds_of_eeg: f64,
-    pub bytes: usize,
-    pub produce: Duration,
-    pub partition: i32,
-    pub offsets: (i64, i64),
-    pub verify: Duration,
-    /// Samples per channel streamed (for the expected number of windows).
-    pub samples_per_channel: u64,
+/// The services of the pipeline, running as tasks until `stop`.
+struct Services {
+    stop: CancellationToken,
+    tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
 }
 
-/// Streams the recording at `path` into `eeg.frames`, then consumes the same range
-/// back and compares it with what was sent.
-pub async fn play(
-    settings: &KafkaSettings,
-    topics: &Topics,
-    path: &Path,
-    options: &PlayOptions,
-) -> anyhow::Result<PlaySummary> {
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("opening the recording {}", path.display()))?;
-    let mut reader = Reader::new(std::io::BufReader::new(file))
-        .with_context(|| format!("reading {}", path.display()))?;
-    let header = reader.header().clone();
-    let first = header.data_signals()[0];
-    let fs = header.sample_rate(first);
-    let samples_per_frame = ((fs * f64::from(options.frame_ms) / 1000.0).round() as u32).max(1);
-    let session = SessionId::random();
-    let spec = FrameSpec {
-        tenant_id: TenantId::parse(LOCAL_TENANT).expect("a valid UUID"),
-        device_id: DeviceId::parse("edf-player").expect("valid"),
-        session_id: session,
-        samples_per_frame,
-    };
-    let mut framer = Framer::new(&header, spec)?;
-    let topic = topics.name(&EEG_FRAMES);
-    let producer: FutureProducer = settings
-        .producer()
-        .create()
-        .context("creating a producer")?;
+impl Services {
+    async fn start(
+        stack: &Stack,
+        options: &RunOptions,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Services> {
+        let mut services = Services {
+            stop,
+            tasks: Vec::new(),
+        };
+        let database = stack.postgres.url();
 
-    eprintln!(
-        "==> Streaming {} ({} channels at {fs} Hz, {} s) into {topic} as session {session}, {samples_per_frame} samples per frame{}",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        framer.channel_labels().len(),
-        header.record_count.unwrap_or(0) as f64 * header.record_duration_s,
-        if options.realtime { ", in real time" } else { "" }
-    );
-    let started = Instant::now();
-    let mut sent: Vec<Vec<u8>> = Vec::new();
-    let mut deliveries = Vec::new();
-    let mut frames = Vec::new();
-    let mut key_bytes = None;
-    let mut eeg_seconds = 0.0;
-    let mut record = reader.next_record()?;
-    loop {
-        frames.clear();
-        match &record {
-            Some(r) => framer.push(r, Timestamp::now(), &mut frames),
-            None => framer.finish(Timestamp::now(), &mut frames),
-        }
-        for frame in &frames {
-            if options.realtime {
-                let due = Duration::from_secs_f64(eeg_seconds);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    tokio::time::sleep(wait).await;
+        let mut config = clisonix_gateway::Config::defaults();
+        config.database_url = clisonix_gateway::config::Secret::new(database.clone());
+        config.listen = options.gateway;
+        let gateway = clisonix_gateway::Application::build(config)
+            .await
+            .with_context(|| format!("starting the gateway on {}", options.gateway))?;
+        let token = services.stop.clone();
+        services.tasks.push((
+            "gateway",
+            tokio::spawn(async move { Ok(gateway.run_until_stopped(token).await?) }),
+        ));
+
+        let mut config = clisonix_alba::Config::defaults();
+        config.database_url = clisonix_gateway::config::Secret::new(database.clone());
+        config.listen = options.ingest;
+        config.kafka = stack.kafka_settings("clisonix-alba");
+        config.topic_prefix = stack.topics.prefix().to_owned();
+        let ingest = clisonix_alba::Application::build(config)
+            .await
+            .with_context(|| format!("starting ingest on {}", options.ingest))?;
+        let token = services.stop.clone();
+        services.tasks.push((
+            "ingest",
+            tokio::spawn(async move { Ok(ingest.run_until_stopped(token).await?) }),
+        ));
+
+        services.stage(
+            stack,
+            clisonix_albi::Albi::new(clisonix_albi::AlbiConfig::default()),
+        );
+        services.stage(
+            stack,
+            clisonix_jona::Jona::new(clisonix_jona::JonaConfig::default()),
+        );
+        services.stage(
+            stack,
+            clisonix_sessions::Sessions::new(clisonix_sessions::SessionsConfig::default()),
+        );
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&database)
+            .await
+            .context("connecting the sink to Postgres")?;
+        let config = SinkConfig {
+            kafka: stack.kafka_settings("clisonix-sink"),
+            topics: stack.topics.clone(),
+            group: clisonix_stage_runtime::sink::NAME.to_owned(),
+            batch_max: 500,
+            batch_linger: Duration::from_millis(20),
+        };
+        let token = services.stop.clone();
+        services.tasks.push((
+            "sink",
+            tokio::spawn(async move {
+                Ok(run_sink(
+                    clisonix_sink::Results::new(pool),
+                    config,
+                    Health::default(),
+                    token,
+                )
+                .await?)
+            }),
+        ));
+        Ok(services)
+    }
+
+    fn stage<S: Stage + 'static>(&mut self, stack: &Stack, stage: S) {
+        let name = stage.name();
+        let config = RuntimeConfig {
+            kafka: stack.kafka_settings(&format!("clisonix-{name}")),
+            topics: stack.topics.clone(),
+            group: name.to_owned(),
+            instance_id: "dev-run".to_owned(),
+            batch_max: 500,
+            batch_linger: Duration::from_millis(20),
+        };
+        let token = self.stop.clone();
+        self.tasks.push((
+            name,
+            tokio::spawn(async move { Ok(run(stage, config, Health::default(), token).await?) }),
+        ));
+    }
+
+    /// A service that stopped on its own (an error: they run until told).
+    fn failed(&mut self) -> Option<anyhow::Error> {
+        let i = self.tasks.iter().position(|(_, t)| t.is_finished())?;
+        let (name, task) = self.tasks.remove(i);
+        let outcome = futures::executor::block_on(task);
+        Some(match outcome {
+            Ok(Ok(())) => anyhow::anyhow!("{name} stopped unexpectedly"),
+            Ok(Err(e)) => e.context(format!("{name} failed")),
+            Err(e) => anyhow::anyhow!("{name} panicked: {e}"),
+        })
+    }
+
+    async fn shut_down(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        let mut first_error = None;
+        for (name, task) in self.tasks {
+            match tokio::time::timeout(Duration::from_secs(30), task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => {
+                    first_error.get_or_insert(e.context(format!("{name} failed")));
+                }
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(anyhow::anyhow!("{name} panicked: {e}"));
+                }
+                Err(_) => {
+                    first_error.get_or_insert(anyhow::anyhow!("{name} did not stop within 30 s"));
                 }
             }
-            eeg_seconds += f64::from(frame.samples_per_channel) / fs;
-            let key = key_bytes.get_or_insert_with(|| encode(&frame.key()).expect("keys encode"));
-            let mut frame = frame.clone();
-            frame.received_at = Timestamp::now();
-            let value = encode(&frame).context("encoding a frame")?;
-            deliveries.push(send(&producer, &topic, key, &value, frame.received_at).await?);
-            sent.push(value);
-            if sent.len() % 400 == 0 {
-                eprintln!("    {} frames, {:.0} s of EEG", sent.len(), eeg_seconds);
-            }
         }
-        if record.is_none() {
-            break;
-        }
-        record = reader.next_record()?;
+        first_error.map_or(Ok(()), Err)
     }
-    let mut positions = Vec::with_capacity(deliveries.len());
-    for delivery in deliveries {
-        let delivered = delivery
-            .await
-            .context("the producer was dropped")?
-            .map_err(|(e, _)| e)
-            .context("the broker did not acknowledge a frame")?;
-        positions.push((delivered.partition, delivered.offset));
-    }
-    let produce = started.elapsed();
-    let partition = positions[0].0;
-    if positions.iter().any(|(p, _)| *p != partition) {
+}
+
+/// A tenant signed up for this run, with its keys.
+struct Tenant {
+    email: String,
+    password: String,
+    ingest_key: String,
+    read_key: String,
+}
+
+async fn sign_up(gateway: &str) -> anyhow::Result<Tenant> {
+    let mut c = Client::new(gateway, "")?;
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let email = format!("dev-{tag}@clisonix.local");
+    let password = format!("Dev-{}-run", uuid::Uuid::new_v4().simple());
+    let body =
+        json!({"email": email, "password": password, "tenant_name": format!("local run {tag}")});
+    let a = c
+        .send(
+            "POST",
+            "/v1/auth/signup",
+            Some("application/json"),
+            body.to_string().into_bytes(),
+            Some(""),
+        )
+        .await?;
+    if a.status != 201 {
         bail!(
-            "one session's frames landed on several partitions: the key must decide the partition"
+            "signing up failed: {} {}",
+            a.status,
+            String::from_utf8_lossy(&a.body)
         );
     }
-    let offsets = (positions[0].1, positions[positions.len() - 1].1);
-    eprintln!(
-        "==> {} frames acknowledged by the broker (partition {partition}, offsets {}..={}) in {:.2} s",
-        sent.len(),
-        offsets.0,
-        offsets.1,
-        produce.as_secs_f64()
-    );
-
-    let verify_started = Instant::now();
-    verify(
-        settings,
-        &topic,
-        partition,
-        &positions,
-        &sent,
-        key_bytes.as_deref(),
-    )
-    .await?;
-    Ok(PlaySummary {
-        session,
-        frames: sent.len(),
-        channels: framer.channel_labels().len(),
-        sample_rate_hz: fs,
-        seconds_of_eeg: eeg_seconds,
-        bytes: sent.iter().map(Vec::len).sum(),
-        produce,
-        partition,
-        offsets,
-        verify: verify_started.elapsed(),
-        samples_per_channel: (eeg_seconds * fs).round() as u64,
+    let token = a.json()["access_token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let mut keys = Vec::new();
+    for scope in ["ingest", "read"] {
+        let body = json!({"name": format!("local run {scope}"), "scopes": [scope]});
+        let a = c
+            .send(
+                "POST",
+                "/v1/api-keys",
+                Some("application/json"),
+                body.to_string().into_bytes(),
+                Some(&token),
+            )
+            .await?;
+        if a.status != 201 {
+            bail!(
+                "creating a key failed: {} {}",
+                a.status,
+                String::from_utf8_lossy(&a.body)
+            );
+        }
+        keys.push(a.json()["key"].as_str().unwrap_or_default().to_owned());
+    }
+    let read_key = keys.pop().unwrap_or_default();
+    let ingest_key = keys.pop().unwrap_or_default();
+    Ok(Tenant {
+        email,
+        password,
+        ingest_key,
+        read_key,
     })
 }
 
-type Delivery = rdkafka::producer::DeliveryFuture;
+/// Runs the main job until it is done (with `exit_when_done`) or `stop` is cancelled.
+pub async fn run_pipeline(
+    stack: &Stack,
+    options: &RunOptions,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let recording = load(&options.file, options.frame_ms)?;
+    let mut services = Services::start(stack, options, stop.clone()).await?;
+    let outcome = tokio::select! {
+        r = job(&mut services, options, &recording, &stop) => r,
+        _ = stop.cancelled() => {
+            eprintln!("==> Stopping");
+            Ok(())
+        }
+    };
+    let stopped = services.shut_down().await;
+    outcome.and(stopped)
+}
 
-/// Enqueues one record, waiting while the producer's queue is full (backpressure).
-async fn send(
-    producer: &FutureProducer,
-    topic: &str,
-    key: &[u8],
-    value: &[u8],
-    at: Timestamp,
-) -> anyhow::Result<Delivery> {
-    loop {
-        let record = FutureRecord::to(topic)
-            .key(key)
-            .payload(value)
-            .timestamp(at.as_millis());
-        match producer.send_result(record) {
-            Ok(delivery) => return Ok(delivery),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+async fn job(
+    services: &mut Services,
+    options: &RunOptions,
+    recording: &clisonix_player::Recording,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let gateway = format!("http://{}", options.gateway);
+    let ingest = format!("http://{}", options.ingest);
+    let tenant = sign_up(&gateway).await?;
+    let session = SessionId::random();
+    let keys = options.out_dir.join("keys.env");
+    std::fs::create_dir_all(&options.out_dir)
+        .with_context(|| format!("creating {}", options.out_dir.display()))?;
+    std::fs::write(
+        &keys,
+        format!(
+            "# The local run's tenant (account {} / {})\nCLISONIX_INGEST_KEY={}\nCLISONIX_READ_KEY={}\nCLISONIX_SESSION={session}\n",
+            tenant.email, tenant.password, tenant.ingest_key, tenant.read_key
+        ),
+    )
+    .with_context(|| format!("writing {}", keys.display()))?;
+    let seconds = recording.frames.len() as f64 * recording.frame_seconds();
+    let key = &tenant.read_key;
+    eprintln!(
+        "==> Pipeline up: gateway {gateway} (docs {gateway}/docs), ingest {ingest}; Albi, Jona, sessions and the sink running\n\
+         ==> Tenant {} signed up; keys in {}\n\
+         ==> Streaming {} ({} channels, {} Hz, {seconds:.0} s) as a device, session {session}{}\n\n\
+         Watch it live (any WebSocket client):\n  \
+           websocat '{}/v1/sessions/{session}/live?access_token={key}'\n\
+         Read the features (JSON, NDJSON or CSV; by time, channel and feature):\n  \
+           curl -H 'Authorization: Bearer {key}' '{gateway}/v1/sessions/{session}/features?format=csv&channels=Cz,Oz&features=rel_alpha,peak_alpha_hz'\n\
+         The session:\n  \
+           curl -H 'Authorization: Bearer {key}' {gateway}/v1/sessions/{session}\n",
+        tenant.email,
+        keys.display(),
+        options.file.file_name().unwrap_or_default().to_string_lossy(),
+        recording.channels,
+        recording.sample_rate_hz,
+        if options.speed == 0.0 { ", as fast as possible" } else if options.speed == 1.0 { ", in real time" } else { "" },
+        gateway.replace("http://", "ws://"),
+    );
+    let report = play(
+        recording,
+        &PlayOptions {
+            url: ingest.clone(),
+            key: tenant.ingest_key.clone(),
+            transport: Transport::WebSocket,
+            format: Format::Binary,
+            speed: options.speed,
+            audio_presets: Some(PRESETS.join(",")),
+            end_sessions: true,
+            session_ids: vec![session],
+            progress: true,
+            device_prefix: "dev-run".into(),
+            ..PlayOptions::default()
+        },
+    )
+    .await?;
+    eprintln!("{}", report.summary());
+    if let Some(e) = services.failed() {
+        return Err(e);
+    }
+
+    // Everything stored: the session ended, every window and chunk in.
+    let fs = recording.sample_rate_hz;
+    let samples = recording
+        .frames
+        .iter()
+        .map(|f| u64::from(f.samples_per_channel))
+        .sum::<u64>();
+    let windows = samples / (2.0 * fs).round() as u64;
+    let chunks = samples / fs.round() as u64 + 1;
+    let started = Instant::now();
+    let mut reader = Client::new(&gateway, key)?;
+    let detail = loop {
+        let a = reader.get(&format!("/v1/sessions/{session}")).await?;
+        if a.status == 200 {
+            let v = a.json();
+            let audio_done = v["audio"].as_array().is_some_and(|a| {
+                a.len() == PRESETS.len() && a.iter().all(|p| p["chunks"].as_u64() == Some(chunks))
+            });
+            if v["status"] == "ended"
+                && v["feature_windows"].as_u64() == Some(windows)
+                && audio_done
+            {
+                break v;
             }
-            Err((e, _)) => return Err(e).context("producing a frame"),
+        }
+        if started.elapsed() > Duration::from_secs(180) {
+            bail!("the results did not arrive within 3 minutes of the last frame");
+        }
+        if let Some(e) = services.failed() {
+            return Err(e);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let settled = started.elapsed();
+    print_features(&mut reader, session, &detail, settled).await?;
+    for preset in PRESETS {
+        let a = reader
+            .get(&format!("/v1/sessions/{session}/audio?preset={preset}"))
+            .await?;
+        if a.status != 200 {
+            bail!(
+                "reading the {preset} audio: {} {}",
+                a.status,
+                String::from_utf8_lossy(&a.body)
+            );
+        }
+        let path = options.out_dir.join(format!("{session}-{preset}.wav"));
+        std::fs::write(&path, &a.body).with_context(|| format!("writing {}", path.display()))?;
+        let seconds = (a.body.len() - 44) as f64 / (44_100.0 * 4.0);
+        println!("Audio ({preset}, {seconds:.1} s): {}", path.display());
+    }
+    println!(
+        "  or stream it: curl -H 'Authorization: Bearer {key}' -o session.wav '{gateway}/v1/sessions/{session}/audio?preset=parameter_mapping'"
+    );
+    if options.exit_when_done {
+        return Ok(());
+    }
+    println!("\nThe pipeline keeps serving at {gateway}: Ctrl-C stops everything.");
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                if let Some(e) = services.failed() {
+                    return Err(e);
+                }
+            }
         }
     }
 }
 
-/// Reads the produced range back and checks it record by record.
-async fn verify(
-    settings: &KafkaSettings,
-    topic: &str,
-    partition: i32,
-    positions: &[(i32, i64)],
-    sent: &[Vec<u8>],
-    key: Option<&[u8]>,
+/// A few lines about the stored session and its features: enough to see it worked.
+async fn print_features(
+    reader: &mut Client,
+    session: SessionId,
+    detail: &Value,
+    took: Duration,
 ) -> anyhow::Result<()> {
-    let consumer: StreamConsumer = settings
-        .consumer(&format!("clisonix-dev-verify-{}", uuid::Uuid::new_v4()))
-        .create()
-        .context("creating a consumer")?;
-    let mut assignment = TopicPartitionList::new();
-    assignment.add_partition_offset(topic, partition, Offset::Offset(positions[0].1))?;
-    consumer.assign(&assignment)?;
-    let mut previous_seq = None;
-    for ((_, offset), bytes) in positions.iter().zip(sent) {
-        let message = loop {
-            let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-                .await
-                .context("timed out reading the frames back")??;
-            // Records of other sessions interleave on the partition.
-            if message.offset() >= *offset && message.key() == key {
-                break message;
-            }
-        };
-        if message.offset() != *offset {
-            bail!("expected offset {offset}, read {}", message.offset());
-        }
-        if message.payload() != Some(bytes.as_slice()) {
-            bail!("the record at offset {offset} differs from what was sent");
-        }
-        let frame: Frame = decode(bytes).context("decoding a frame read back")?;
-        if previous_seq.is_some_and(|p: u64| frame.seq != p + 1) {
-            bail!(
-                "frame {} follows frame {previous_seq:?}: out of order",
-                frame.seq
-            );
-        }
-        previous_seq = Some(frame.seq);
-    }
-    eprintln!(
-        "==> Read all {} frames back from {topic}: byte-exact, in order, decoded",
-        sent.len()
+    println!(
+        "\nDone: session {session}: {} frames ({} channels, {} samples per channel, {} gaps), {} feature windows and {} audio presets stored, all readable {:.1} s after the last frame.",
+        detail["frames"],
+        detail["channel_labels"].as_array().map_or(0, Vec::len),
+        detail["samples_per_channel"],
+        detail["seq_gaps"],
+        detail["feature_windows"],
+        detail["audio"].as_array().map_or(0, Vec::len),
+        took.as_secs_f64()
     );
+    let a = reader
+        .get(&format!(
+            "/v1/sessions/{session}/features?channels=Cz,Oz&features=rel_delta,rel_alpha,rel_beta,peak_alpha_hz,spectral_entropy"
+        ))
+        .await?;
+    let rows = a.json()["rows"].as_array().cloned().unwrap_or_default();
+    println!(
+        "  {:<6} {:>6} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "channel", "window", "delta", "alpha", "beta", "peak Hz", "entropy"
+    );
+    let pct = |v: &Value| {
+        v.as_f64()
+            .map_or("-".to_owned(), |v| format!("{:.1} %", 100.0 * v))
+    };
+    for r in rows.iter().take(6) {
+        println!(
+            "  {:<6} {:>6} {:>10} {:>10} {:>10} {:>9} {:>9}",
+            r["channel_label"].as_str().unwrap_or(""),
+            r["window_index"],
+            pct(&r["rel_delta"]),
+            pct(&r["rel_alpha"]),
+            pct(&r["rel_beta"]),
+            r["peak_alpha_hz"]
+                .as_f64()
+                .map_or("-".to_owned(), |v| format!("{v:.0}")),
+            r["spectral_entropy"]
+                .as_f64()
+                .map_or("-".to_owned(), |v| format!("{v:.3}")),
+        );
+    }
     Ok(())
 }
 
-/// Waits until `expected` feature records of `session` are in `eeg.features` (read
-/// committed) and returns them ordered by window and channel.
-pub async fn features_of(
-    settings: &KafkaSettings,
-    topics: &Topics,
-    session: SessionId,
-    expected: usize,
-    timeout: Duration,
-) -> anyhow::Result<Vec<Features>> {
-    let topic = topics.name(&EEG_FEATURES);
-    let consumer: StreamConsumer = settings
-        .consumer(&format!("clisonix-dev-features-{}", uuid::Uuid::new_v4()))
-        .create()
-        .context("creating a consumer")?;
-    consumer.subscribe(&[&topic])?;
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut found = std::collections::BTreeMap::new();
-    while found.len() < expected {
-        let message = match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(m) => m?,
-            Err(_) => bail!(
-                "only {} of {expected} feature records arrived within {timeout:?}",
-                found.len()
-            ),
-        };
-        let Some(key) = message.key().and_then(|k| decode::<FeatureKey>(k).ok()) else {
-            continue;
-        };
-        if key.session_id != session {
-            continue;
-        }
-        let features: Features =
-            decode(message.payload().unwrap_or_default()).context("decoding a feature record")?;
-        if found
-            .insert((key.window_index, key.channel_index), features)
-            .is_some()
-        {
-            bail!(
-                "window {} of channel {} arrived twice",
-                key.window_index,
-                key.channel_index
-            );
-        }
-    }
-    Ok(found.into_values().collect())
+/// The default folder for a run's outputs.
+pub fn out_dir(root: &Path) -> PathBuf {
+    root.join(".dev").join("run")
 }

@@ -111,6 +111,7 @@ async fn main() -> ExitCode {
         progress: !cli.quiet,
         audio_presets: cli.audio_presets,
         end_sessions: !cli.no_end,
+        session_ids: Vec::new(),
     };
     eprintln!(
         "playing {} ({} channels at {} Hz, {} frames of {} samples, {:.0} s) as {} device(s) to {}",

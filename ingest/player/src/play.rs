@@ -44,6 +44,8 @@ pub struct PlayOptions {
     pub audio_presets: Option<String>,
     /// Put the end marker on each session's last frame.
     pub end_sessions: bool,
+    /// Session ids of the first devices (the rest get random ones).
+    pub session_ids: Vec<SessionId>,
 }
 
 impl Default for PlayOptions {
@@ -62,6 +64,7 @@ impl Default for PlayOptions {
             progress: false,
             audio_presets: None,
             end_sessions: true,
+            session_ids: Vec::new(),
         }
     }
 }
@@ -134,7 +137,11 @@ pub async fn play(recording: &Recording, options: &PlayOptions) -> anyhow::Resul
     for d in 0..options.devices {
         let device = DeviceId::parse(&format!("{}-{d}", options.device_prefix))
             .context("the device prefix makes an invalid device id")?;
-        let session = SessionId::random();
+        let session = options
+            .session_ids
+            .get(d)
+            .copied()
+            .unwrap_or_else(SessionId::random);
         sessions.push((device.clone(), session));
         let begin = (!options.original_time).then(Timestamp::now);
         let mut frames = recording.for_device(&device, session, begin);
