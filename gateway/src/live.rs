@@ -252,8 +252,12 @@ impl Stream {
                     },
                     w = wake.recv() => match w {
                         Ok(payload) if !payload.ends_with(&id) => continue,
-                        // Ours, or missed some: look now.
-                        _ => break,
+                        Ok(payload) if self.preset.is_none() && payload.starts_with("audio:") => continue,
+                        // Ours, or missed some: look now, once for all that is queued.
+                        _ => {
+                            while wake.try_recv().is_ok() {}
+                            break;
+                        }
                     },
                 }
             }

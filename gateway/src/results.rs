@@ -62,7 +62,8 @@ async fn key_reader(state: &AppState, key: &str) -> Result<Reader, ApiError> {
         .request_limits
         .take(
             (verified.tenant_id, verified.key_id),
-            state.config.requests_per_minute_member,
+            // Keys are programs (dashboards, exports): the higher rate.
+            state.config.requests_per_minute_premium,
         )
         .map_err(|wait| {
             ApiError::too_many(

@@ -84,6 +84,9 @@ pub struct PlayReport {
     pub elapsed: Duration,
     /// Send-to-acknowledgement, microseconds, sorted.
     pub latencies_us: Vec<u64>,
+    /// Per device (in the order of `sessions`): when each frame, by `seq`, was
+    /// acknowledged.
+    pub acked_at: Vec<Vec<(u64, std::time::SystemTime)>>,
 }
 
 impl PlayReport {
@@ -199,6 +202,7 @@ pub async fn play(recording: &Recording, options: &PlayOptions) -> anyhow::Resul
         bytes: 0,
         elapsed: Duration::ZERO,
         latencies_us: Vec::new(),
+        acked_at: Vec::new(),
     };
     let mut first_error = None;
     for t in tasks {
@@ -212,6 +216,7 @@ pub async fn play(recording: &Recording, options: &PlayOptions) -> anyhow::Resul
                 report.reconnects += s.reconnects;
                 report.bytes += s.bytes;
                 report.latencies_us.extend(s.latencies_us);
+                report.acked_at.push(s.acked_at);
             }
             Err(e) => {
                 first_error.get_or_insert(e);
@@ -283,6 +288,9 @@ async fn post_frames(
             match r.status {
                 FrameStatus::Accepted => {
                     stats.acked += 1;
+                    stats
+                        .acked_at
+                        .push((batch[r.index].seq, std::time::SystemTime::now()));
                     stats.latencies_us.push(now.elapsed().as_micros() as u64);
                     progress.acked.fetch_add(1, Ordering::Relaxed);
                 }

@@ -71,6 +71,8 @@ pub struct DeviceStats {
     pub bytes: usize,
     /// Send-to-acknowledgement times of acknowledged frames, in microseconds.
     pub latencies_us: Vec<u64>,
+    /// When each acknowledged frame (by `seq`) was acknowledged, wall clock.
+    pub acked_at: Vec<(u64, std::time::SystemTime)>,
 }
 
 /// `http://host:port` → `ws://host:port/v1/stream`.
@@ -308,11 +310,13 @@ pub async fn stream_frames(
             match message {
                 ServerMessage::Ack { frames: k, .. } => {
                     let now = Instant::now();
+                    let wall = std::time::SystemTime::now();
                     for i in pop(k)? {
                         if !done[i] {
                             done[i] = true;
                             remaining -= 1;
                             stats.acked += 1;
+                            stats.acked_at.push((frames[i].seq, wall));
                             if let Some(t) = sent_at[i] {
                                 stats
                                     .latencies_us

@@ -1,5 +1,5 @@
 //! The whole pipeline in one process, on the real broker and a fresh database: the
-//! gateway, ingest, Albi, Jona (both presets), sessions and the sink, each as it runs
+//! gateway, ingest, Albi, Jona, sessions and the sink, each as it runs
 //! in production but as a task; a tenant signed up through the API with an ingest and
 //! a read key; and a second tenant with a read key of its own.
 
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use clisonix_albi::{Albi, AlbiConfig};
 use clisonix_e2e::{TestDatabase, TestEnv};
-use clisonix_jona::{Jona, JonaConfig, Preset};
+use clisonix_jona::{Jona, JonaConfig};
 use clisonix_player::http::{Answer, Client};
 use clisonix_sessions::{Sessions, SessionsConfig};
 use clisonix_sink::Results;
@@ -115,10 +115,8 @@ impl Pipeline {
             tasks,
         };
         pipeline.spawn_stage(Albi::new(AlbiConfig::default()));
-        pipeline.spawn_stage(Jona::new(JonaConfig {
-            presets: Preset::ALL.to_vec(),
-            ..JonaConfig::default()
-        }));
+        // Jona as deployed: sessions that want both presets say so in their first frame.
+        pipeline.spawn_stage(Jona::new(JonaConfig::default()));
         pipeline.spawn_stage(Sessions::new(SessionsConfig::default()));
         pipeline.spawn_sink();
         pipeline.tenant = pipeline.sign_up("alpha").await;
