@@ -174,21 +174,25 @@ impl Services {
     }
 }
 
-/// A tenant signed up for this run, with its keys.
-struct Tenant {
-    email: String,
-    password: String,
-    ingest_key: String,
-    read_key: String,
+/// A tenant signed up through the API, with an ingest and a read key.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub email: String,
+    pub password: String,
+    pub access_token: String,
+    pub ingest_key: String,
+    pub read_key: String,
 }
 
-async fn sign_up(gateway: &str) -> anyhow::Result<Tenant> {
+/// Signs a new tenant up at the gateway `gateway` (`http://host:port`) and makes its
+/// keys, the way a user would.
+pub async fn sign_up(gateway: &str, name: &str) -> anyhow::Result<Tenant> {
     let mut c = Client::new(gateway, "")?;
     let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
-    let email = format!("dev-{tag}@clisonix.local");
+    let email = format!("{name}-{tag}@clisonix.local");
     let password = format!("Dev-{}-run", uuid::Uuid::new_v4().simple());
     let body =
-        json!({"email": email, "password": password, "tenant_name": format!("local run {tag}")});
+        json!({"email": email, "password": password, "tenant_name": format!("{name} {tag}")});
     let a = c
         .send(
             "POST",
@@ -205,20 +209,20 @@ async fn sign_up(gateway: &str) -> anyhow::Result<Tenant> {
             String::from_utf8_lossy(&a.body)
         );
     }
-    let token = a.json()["access_token"]
+    let access_token = a.json()["access_token"]
         .as_str()
         .unwrap_or_default()
         .to_owned();
     let mut keys = Vec::new();
     for scope in ["ingest", "read"] {
-        let body = json!({"name": format!("local run {scope}"), "scopes": [scope]});
+        let body = json!({"name": format!("{name} {scope}"), "scopes": [scope]});
         let a = c
             .send(
                 "POST",
                 "/v1/api-keys",
                 Some("application/json"),
                 body.to_string().into_bytes(),
-                Some(&token),
+                Some(&access_token),
             )
             .await?;
         if a.status != 201 {
@@ -235,6 +239,7 @@ async fn sign_up(gateway: &str) -> anyhow::Result<Tenant> {
     Ok(Tenant {
         email,
         password,
+        access_token,
         ingest_key,
         read_key,
     })
@@ -267,7 +272,7 @@ async fn job(
 ) -> anyhow::Result<()> {
     let gateway = format!("http://{}", options.gateway);
     let ingest = format!("http://{}", options.ingest);
-    let tenant = sign_up(&gateway).await?;
+    let tenant = sign_up(&gateway, "dev-run").await?;
     let session = SessionId::random();
     let keys = options.out_dir.join("keys.env");
     std::fs::create_dir_all(&options.out_dir)

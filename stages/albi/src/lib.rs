@@ -22,13 +22,12 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use clisonix_schemas::{
-    Bands, DeviceId, Features, Frame, Hjorth, SampleUnit, SessionId, TenantId, Timestamp,
-    WindowQuality,
+    Bands, DeviceId, Features, Frame, Hjorth, SampleUnit, Timestamp, WindowQuality,
 };
 use clisonix_signal::{FeatureEngine, SignalError, WindowFeatures, ALGORITHM_VERSION};
 use clisonix_stage::{
-    check_same_stream, check_samples, Arrival, IdleSweep, Output, OutputTopic, RecordMeta,
-    Rejection, SeqTracker, Stage,
+    check_same_stream, check_samples, Arrival, Output, OutputTopic, RecordMeta, Rejection,
+    SeqTracker, SessionRef, SessionTable, Stage, Tracked,
 };
 
 /// The stage's name (its consumer group) and version.
@@ -54,12 +53,6 @@ impl Default for AlbiConfig {
             idle_ms: 15 * 60 * 1000,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct SessionRef {
-    tenant: TenantId,
-    session: SessionId,
 }
 
 /// A frame whose samples are (partly) still buffered.
@@ -94,6 +87,18 @@ struct Session {
     last_timestamp_ms: i64,
 }
 
+impl Tracked for Session {
+    fn partition(&self) -> i32 {
+        self.partition
+    }
+    fn first_offset(&self) -> i64 {
+        self.first_offset
+    }
+    fn last_seen_ms(&self) -> i64 {
+        self.last_timestamp_ms
+    }
+}
+
 impl Session {
     fn buffered_end(&self) -> u64 {
         self.buffer_start + self.buffers[0].len() as u64
@@ -115,23 +120,21 @@ impl Session {
 #[derive(Debug)]
 pub struct Albi {
     config: AlbiConfig,
-    sessions: BTreeMap<SessionRef, Session>,
+    sessions: SessionTable<Session>,
     /// One engine per (sample rate, window length), shared by sessions.
     engines: BTreeMap<(u64, usize), FeatureEngine>,
     features: WindowFeatures,
     window: Vec<f64>,
-    sweep: IdleSweep,
 }
 
 impl Albi {
     pub fn new(config: AlbiConfig) -> Albi {
         Albi {
             config,
-            sessions: BTreeMap::new(),
+            sessions: SessionTable::default(),
             engines: BTreeMap::new(),
             features: WindowFeatures::default(),
             window: Vec::new(),
-            sweep: IdleSweep::default(),
         }
     }
 
@@ -141,12 +144,9 @@ impl Albi {
     }
 
     fn sweep_idle(&mut self, partition: i32, now_ms: i64) {
-        if !self.sweep.due(partition, now_ms) {
-            return;
-        }
-        let idle = self.config.idle_ms;
+        // An idle session's partial window is dropped with it.
         self.sessions
-            .retain(|_, s| s.partition != partition || now_ms - s.last_timestamp_ms <= idle);
+            .take_idle(partition, now_ms, self.config.idle_ms);
     }
 
     /// Emits every window the buffered samples complete; with `compute` false (replay)
@@ -277,10 +277,7 @@ impl Stage for Albi {
         let now_ms = meta.timestamp_ms.unwrap_or(frame.received_at.as_millis());
         self.sweep_idle(meta.partition, now_ms);
         check_samples(&frame)?;
-        let key = SessionRef {
-            tenant: frame.tenant_id,
-            session: frame.session_id,
-        };
+        let key = SessionRef::of(&frame);
         let fs = frame.sample_rate_hz;
         match self.sessions.get_mut(&key) {
             Some(session) => {
@@ -364,15 +361,10 @@ impl Stage for Albi {
     }
 
     fn needed_from(&self, partition: i32) -> Option<i64> {
-        self.sessions
-            .values()
-            .filter(|s| s.partition == partition)
-            .map(|s| s.first_offset)
-            .min()
+        self.sessions.needed_from(partition)
     }
 
     fn forget(&mut self, partition: i32) {
-        self.sessions.retain(|_, s| s.partition != partition);
-        self.sweep.forget(partition);
+        self.sessions.forget(partition);
     }
 }

@@ -17,7 +17,10 @@ use clisonix_schemas::{AvroRecord, Family};
 
 mod session;
 
-pub use session::{check_same_stream, check_samples, Arrival, IdleSweep, SeqTracker, SEEN_HORIZON};
+pub use session::{
+    check_same_stream, check_samples, Arrival, SeqTracker, SessionRef, SessionTable, Tracked,
+    SEEN_HORIZON,
+};
 
 /// Where an input record came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use clisonix_schemas::Frame;
+use clisonix_schemas::{Frame, SessionId, TenantId};
 
 use crate::Rejection;
 
@@ -70,7 +70,7 @@ impl SeqTracker {
 /// sessions: at most once a second of record time, so a sweep over all sessions is not
 /// paid per record. Record time, never the wall clock, keeps stages deterministic.
 #[derive(Debug, Clone, Default)]
-pub struct IdleSweep {
+struct IdleSweep {
     last_ms: BTreeMap<i32, i64>,
 }
 
@@ -87,6 +87,111 @@ impl IdleSweep {
 
     pub fn forget(&mut self, partition: i32) {
         self.last_ms.remove(&partition);
+    }
+}
+
+/// A session's key in a stage's state: ordered, so iteration (and so outputs) is
+/// deterministic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SessionRef {
+    pub tenant: TenantId,
+    pub session: SessionId,
+}
+
+impl SessionRef {
+    pub fn of(frame: &Frame) -> SessionRef {
+        SessionRef {
+            tenant: frame.tenant_id,
+            session: frame.session_id,
+        }
+    }
+}
+
+/// What a stage's per-session state tells the [`SessionTable`].
+pub trait Tracked {
+    /// The partition the session's frames arrive on.
+    fn partition(&self) -> i32;
+    /// The offset of its first frame: a restart must re-read from there.
+    fn first_offset(&self) -> i64;
+    /// The record time of its latest frame.
+    fn last_seen_ms(&self) -> i64;
+}
+
+/// A frame stage's open sessions, with what the runtime's contract asks of every such
+/// stage: the low watermark per partition ([`Stage::needed_from`](crate::Stage)),
+/// forgetting a partition, and closing sessions idle by record time.
+#[derive(Debug, Clone)]
+pub struct SessionTable<S> {
+    sessions: BTreeMap<SessionRef, S>,
+    sweep: IdleSweep,
+}
+
+impl<S> Default for SessionTable<S> {
+    fn default() -> Self {
+        SessionTable {
+            sessions: BTreeMap::new(),
+            sweep: IdleSweep::default(),
+        }
+    }
+}
+
+impl<S: Tracked> SessionTable<S> {
+    pub fn get(&self, key: &SessionRef) -> Option<&S> {
+        self.sessions.get(key)
+    }
+
+    pub fn get_mut(&mut self, key: &SessionRef) -> Option<&mut S> {
+        self.sessions.get_mut(key)
+    }
+
+    pub fn insert(&mut self, key: SessionRef, state: S) {
+        self.sessions.insert(key, state);
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &S> {
+        self.sessions.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// The oldest first offset of the sessions open on `partition`.
+    pub fn needed_from(&self, partition: i32) -> Option<i64> {
+        self.sessions
+            .values()
+            .filter(|s| s.partition() == partition)
+            .map(|s| s.first_offset())
+            .min()
+    }
+
+    /// Drops every session of `partition`.
+    pub fn forget(&mut self, partition: i32) {
+        self.sessions.retain(|_, s| s.partition() != partition);
+        self.sweep.forget(partition);
+    }
+
+    /// Removes and returns, in key order, the sessions of `partition` without a frame
+    /// for more than `idle_ms` at record time `now_ms` (looked for at most once a second
+    /// of record time).
+    pub fn take_idle(&mut self, partition: i32, now_ms: i64, idle_ms: i64) -> Vec<(SessionRef, S)> {
+        if !self.sweep.due(partition, now_ms) {
+            return Vec::new();
+        }
+        let expired: Vec<SessionRef> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.partition() == partition && now_ms - s.last_seen_ms() > idle_ms)
+            .map(|(k, _)| *k)
+            .collect();
+        expired
+            .into_iter()
+            .filter_map(|k| self.sessions.remove(&k).map(|s| (k, s)))
+            .collect()
     }
 }
 
@@ -148,6 +253,56 @@ mod tests {
         }
         assert!(t.seen.len() as u64 <= SEEN_HORIZON);
         assert_eq!(t.observe(10), Arrival::Duplicate);
+    }
+
+    #[derive(Debug)]
+    struct S(i32, i64, i64);
+
+    impl Tracked for S {
+        fn partition(&self) -> i32 {
+            self.0
+        }
+        fn first_offset(&self) -> i64 {
+            self.1
+        }
+        fn last_seen_ms(&self) -> i64 {
+            self.2
+        }
+    }
+
+    #[test]
+    fn the_table_knows_low_watermarks_and_idle_sessions() {
+        let key = |n: u128| SessionRef {
+            tenant: TenantId::new(uuid_of(1)),
+            session: SessionId::new(uuid_of(n)),
+        };
+        let mut t = SessionTable::default();
+        t.insert(key(1), S(0, 10, 1_000));
+        t.insert(key(2), S(0, 5, 50_000));
+        t.insert(key(3), S(1, 2, 1_000));
+        assert_eq!(t.needed_from(0), Some(5));
+        assert_eq!(t.needed_from(2), None);
+        let idle: Vec<SessionRef> = t
+            .take_idle(0, 60_000, 30_000)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            idle,
+            vec![key(1)],
+            "only partition 0's session idle past 30 s"
+        );
+        assert!(
+            t.take_idle(0, 60_500, 0).is_empty(),
+            "not due again within a second"
+        );
+        assert_eq!(t.needed_from(0), Some(5));
+        t.forget(1);
+        assert_eq!(t.len(), 1);
+    }
+
+    fn uuid_of(n: u128) -> uuid::Uuid {
+        uuid::Uuid::from_u128(n)
     }
 
     #[test]

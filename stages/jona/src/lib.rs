@@ -21,15 +21,12 @@
 pub mod dsp;
 pub mod presets;
 
-use std::collections::BTreeMap;
-
 use clisonix_schemas::{
-    AudioChunk, Frame, SampleUnit, SessionId, TenantId, Timestamp, AUDIO_PRESETS_MARKER,
-    SESSION_END_MARKER,
+    AudioChunk, Frame, SampleUnit, Timestamp, AUDIO_PRESETS_MARKER, SESSION_END_MARKER,
 };
 use clisonix_stage::{
-    check_same_stream, check_samples, Arrival, IdleSweep, Output, OutputTopic, RecordMeta,
-    Rejection, SeqTracker, Stage,
+    check_same_stream, check_samples, Arrival, Output, OutputTopic, RecordMeta, Rejection,
+    SeqTracker, SessionRef, SessionTable, Stage, Tracked,
 };
 
 pub use presets::{Mix, Preset, Side, Synth, MIN_SAMPLE_RATE_HZ};
@@ -63,12 +60,6 @@ impl Default for JonaConfig {
             idle_ms: 15 * 60 * 1000,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct SessionRef {
-    tenant: TenantId,
-    session: SessionId,
 }
 
 /// One preset's renderer and the chunk it is filling.
@@ -111,20 +102,30 @@ struct Session {
     ended: bool,
 }
 
+impl Tracked for Session {
+    fn partition(&self) -> i32 {
+        self.partition
+    }
+    fn first_offset(&self) -> i64 {
+        self.first_offset
+    }
+    fn last_seen_ms(&self) -> i64 {
+        self.last_timestamp_ms
+    }
+}
+
 /// The Jona stage.
 #[derive(Debug)]
 pub struct Jona {
     config: JonaConfig,
-    sessions: BTreeMap<SessionRef, Session>,
-    sweep: IdleSweep,
+    sessions: SessionTable<Session>,
 }
 
 impl Jona {
     pub fn new(config: JonaConfig) -> Jona {
         Jona {
             config,
-            sessions: BTreeMap::new(),
-            sweep: IdleSweep::default(),
+            sessions: SessionTable::default(),
         }
     }
 
@@ -152,21 +153,12 @@ impl Jona {
     }
 
     fn sweep_idle(&mut self, partition: i32, now_ms: i64, emit: bool, out: &mut Vec<Output>) {
-        if !self.sweep.due(partition, now_ms) {
-            return;
-        }
-        let idle = self.config.idle_ms;
-        let expired: Vec<SessionRef> = self
+        for (key, mut session) in self
             .sessions
-            .iter()
-            .filter(|(_, s)| s.partition == partition && now_ms - s.last_timestamp_ms > idle)
-            .map(|(k, _)| *k)
-            .collect();
-        for key in expired {
-            if let Some(mut session) = self.sessions.remove(&key) {
-                if !session.ended {
-                    close(key, &mut session, emit, out);
-                }
+            .take_idle(partition, now_ms, self.config.idle_ms)
+        {
+            if !session.ended {
+                close(key, &mut session, emit, out);
             }
         }
     }
@@ -264,10 +256,7 @@ impl Stage for Jona {
         let emit = !meta.replay;
         self.sweep_idle(meta.partition, now_ms, emit, out);
         check_samples(&frame)?;
-        let key = SessionRef {
-            tenant: frame.tenant_id,
-            session: frame.session_id,
-        };
+        let key = SessionRef::of(&frame);
         let fs = frame.sample_rate_hz;
         match self.sessions.get_mut(&key) {
             Some(session) => {
@@ -363,15 +352,10 @@ impl Stage for Jona {
     }
 
     fn needed_from(&self, partition: i32) -> Option<i64> {
-        self.sessions
-            .values()
-            .filter(|s| s.partition == partition)
-            .map(|s| s.first_offset)
-            .min()
+        self.sessions.needed_from(partition)
     }
 
     fn forget(&mut self, partition: i32) {
-        self.sessions.retain(|_, s| s.partition != partition);
-        self.sweep.forget(partition);
+        self.sessions.forget(partition);
     }
 }

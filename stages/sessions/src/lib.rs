@@ -17,15 +17,12 @@
 //! Deterministic, with the committed offset held at an open session's first frame like
 //! the other frame stages: its counts are rebuilt by re-reading it.
 
-use std::collections::BTreeMap;
-
 use clisonix_schemas::{
-    EndReason, Frame, SessionId, SessionState, SessionStatus, TenantId, Timestamp,
-    SESSION_END_MARKER,
+    EndReason, Frame, SessionState, SessionStatus, Timestamp, SESSION_END_MARKER,
 };
 use clisonix_stage::{
-    check_same_stream, check_samples, Arrival, IdleSweep, Output, OutputTopic, RecordMeta,
-    Rejection, SeqTracker, Stage,
+    check_same_stream, check_samples, Arrival, Output, OutputTopic, RecordMeta, Rejection,
+    SeqTracker, SessionRef, SessionTable, Stage, Tracked,
 };
 
 /// The stage's name (its consumer group) and version.
@@ -49,12 +46,6 @@ impl Default for SessionsConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct SessionRef {
-    tenant: TenantId,
-    session: SessionId,
-}
-
 #[derive(Debug)]
 struct Open {
     partition: i32,
@@ -65,6 +56,18 @@ struct Open {
     lowest_seq: u64,
     highest_seq: u64,
     state: SessionState,
+}
+
+impl Tracked for Open {
+    fn partition(&self) -> i32 {
+        self.partition
+    }
+    fn first_offset(&self) -> i64 {
+        self.first_offset
+    }
+    fn last_seen_ms(&self) -> i64 {
+        self.last_timestamp_ms
+    }
 }
 
 impl Open {
@@ -103,16 +106,14 @@ fn end_of(frame: &Frame) -> Timestamp {
 #[derive(Debug)]
 pub struct Sessions {
     config: SessionsConfig,
-    sessions: BTreeMap<SessionRef, Open>,
-    sweep: IdleSweep,
+    sessions: SessionTable<Open>,
 }
 
 impl Sessions {
     pub fn new(config: SessionsConfig) -> Sessions {
         Sessions {
             config,
-            sessions: BTreeMap::new(),
-            sweep: IdleSweep::default(),
+            sessions: SessionTable::default(),
         }
     }
 
@@ -125,20 +126,10 @@ impl Sessions {
     }
 
     fn sweep_idle(&mut self, partition: i32, now_ms: i64, emit: bool, out: &mut Vec<Output>) {
-        if !self.sweep.due(partition, now_ms) {
-            return;
-        }
-        let idle = self.config.idle_ms;
-        let expired: Vec<SessionRef> = self
+        for (_, mut open) in self
             .sessions
-            .iter()
-            .filter(|(_, s)| s.partition == partition && now_ms - s.last_timestamp_ms > idle)
-            .map(|(k, _)| *k)
-            .collect();
-        for key in expired {
-            let Some(mut open) = self.sessions.remove(&key) else {
-                continue;
-            };
+            .take_idle(partition, now_ms, self.config.idle_ms)
+        {
             if open.state.status == SessionStatus::Active {
                 let at = open.state.last_frame_at;
                 open.end(at, EndReason::IdleTimeout, now_ms, emit, out);
@@ -168,10 +159,7 @@ impl Stage for Sessions {
         let emit = !meta.replay;
         self.sweep_idle(meta.partition, now_ms, emit, out);
         check_samples(&frame)?;
-        let key = SessionRef {
-            tenant: frame.tenant_id,
-            session: frame.session_id,
-        };
+        let key = SessionRef::of(&frame);
         let ends = frame.markers.iter().any(|m| m.label == SESSION_END_MARKER);
         let Some(open) = self.sessions.get_mut(&key) else {
             let mut seqs = SeqTracker::new();
@@ -250,15 +238,10 @@ impl Stage for Sessions {
     }
 
     fn needed_from(&self, partition: i32) -> Option<i64> {
-        self.sessions
-            .values()
-            .filter(|s| s.partition == partition)
-            .map(|s| s.first_offset)
-            .min()
+        self.sessions.needed_from(partition)
     }
 
     fn forget(&mut self, partition: i32) {
-        self.sessions.retain(|_, s| s.partition != partition);
-        self.sweep.forget(partition);
+        self.sessions.forget(partition);
     }
 }

@@ -1,7 +1,7 @@
 //! The whole pipeline in one process, on the real broker and a fresh database: the
 //! gateway, ingest, Albi, Jona, sessions and the sink, each as it runs
 //! in production but as a task; a tenant signed up through the API with an ingest and
-//! a read key; and a second tenant with a read key of its own.
+//! a read key (as `./dev run` does); and a second tenant with keys of its own.
 
 #![allow(dead_code)]
 
@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clisonix_albi::{Albi, AlbiConfig};
+use clisonix_dev::run::{sign_up, Tenant};
 use clisonix_e2e::{TestDatabase, TestEnv};
 use clisonix_jona::{Jona, JonaConfig};
 use clisonix_player::http::{Answer, Client};
@@ -17,7 +18,7 @@ use clisonix_sink::Results;
 use clisonix_stage::Stage;
 use clisonix_stage_runtime::{run, run_sink, Health, RuntimeConfig, SinkConfig};
 use clisonix_topics::{KafkaSettings, Topics};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 pub fn data_dir() -> PathBuf {
@@ -28,13 +29,6 @@ pub fn data_dir() -> PathBuf {
 
 pub fn recording_path() -> PathBuf {
     data_dir().join("eeglab_sample_32ch_128hz_238s.edf")
-}
-
-/// A tenant's keys.
-pub struct Tenant {
-    pub ingest_key: String,
-    pub read_key: String,
-    pub access_token: String,
 }
 
 pub struct Pipeline {
@@ -95,17 +89,16 @@ impl Pipeline {
             app.run_until_stopped(token).await.unwrap();
         }));
 
+        let tenant = Tenant {
+            email: String::new(),
+            password: String::new(),
+            access_token: String::new(),
+            ingest_key: String::new(),
+            read_key: String::new(),
+        };
         let mut pipeline = Pipeline {
-            tenant: Tenant {
-                ingest_key: String::new(),
-                read_key: String::new(),
-                access_token: String::new(),
-            },
-            other: Tenant {
-                ingest_key: String::new(),
-                read_key: String::new(),
-                access_token: String::new(),
-            },
+            other: tenant.clone(),
+            tenant,
             env,
             topics,
             db,
@@ -119,8 +112,8 @@ impl Pipeline {
         pipeline.spawn_stage(Jona::new(JonaConfig::default()));
         pipeline.spawn_stage(Sessions::new(SessionsConfig::default()));
         pipeline.spawn_sink();
-        pipeline.tenant = pipeline.sign_up("alpha").await;
-        pipeline.other = pipeline.sign_up("beta").await;
+        pipeline.tenant = sign_up(&pipeline.gateway, "alpha").await.unwrap();
+        pipeline.other = sign_up(&pipeline.gateway, "beta").await.unwrap();
         pipeline
     }
 
@@ -150,48 +143,6 @@ impl Pipeline {
                 .await
                 .expect("the sink runs");
         }));
-    }
-
-    /// Signs a tenant up through the API and makes an ingest and a read key.
-    async fn sign_up(&self, name: &str) -> Tenant {
-        let mut c = Client::new(&self.gateway, "").unwrap();
-        let email = format!("{name}-{}@example.org", uuid::Uuid::new_v4());
-        let body =
-            json!({"email": email, "password": "Correct-Horse-9-Battery", "tenant_name": name});
-        let a = c
-            .send(
-                "POST",
-                "/v1/auth/signup",
-                Some("application/json"),
-                body.to_string().into_bytes(),
-                Some(""),
-            )
-            .await
-            .unwrap();
-        assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
-        let token = a.json()["access_token"].as_str().unwrap().to_owned();
-        let mut key = async |scope: &str| {
-            let body = json!({"name": format!("e2e {scope}"), "scopes": [scope]});
-            let a = c
-                .send(
-                    "POST",
-                    "/v1/api-keys",
-                    Some("application/json"),
-                    body.to_string().into_bytes(),
-                    Some(&token),
-                )
-                .await
-                .unwrap();
-            assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
-            a.json()["key"].as_str().unwrap().to_owned()
-        };
-        let ingest_key = key("ingest").await;
-        let read_key = key("read").await;
-        Tenant {
-            ingest_key,
-            read_key,
-            access_token: token,
-        }
     }
 
     /// A results client with `key`.
