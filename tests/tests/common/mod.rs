@@ -54,8 +54,23 @@ fn stage_config(env: &TestEnv, topics: &Topics, name: &str) -> RuntimeConfig {
     }
 }
 
+/// Which services run in-process (the others a test runs itself, e.g. as processes).
+#[derive(Debug, Clone, Copy)]
+pub struct Parts {
+    pub jona: bool,
+    pub sink: bool,
+}
+
 impl Pipeline {
     pub async fn start() -> Pipeline {
+        Self::start_with(Parts {
+            jona: true,
+            sink: true,
+        })
+        .await
+    }
+
+    pub async fn start_with(parts: Parts) -> Pipeline {
         let env = TestEnv::get();
         let topics = env.topics();
         env.create_catalog(&topics).await;
@@ -109,9 +124,13 @@ impl Pipeline {
         };
         pipeline.spawn_stage(Albi::new(AlbiConfig::default()));
         // Jona as deployed: sessions that want both presets say so in their first frame.
-        pipeline.spawn_stage(Jona::new(JonaConfig::default()));
+        if parts.jona {
+            pipeline.spawn_stage(Jona::new(JonaConfig::default()));
+        }
         pipeline.spawn_stage(Sessions::new(SessionsConfig::default()));
-        pipeline.spawn_sink();
+        if parts.sink {
+            pipeline.spawn_sink();
+        }
         pipeline.tenant = sign_up(&pipeline.gateway, "alpha").await.unwrap();
         pipeline.other = sign_up(&pipeline.gateway, "beta").await.unwrap();
         pipeline

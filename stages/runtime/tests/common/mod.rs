@@ -58,6 +58,27 @@ pub async fn produce_frames(env: &TestEnv, topics: &Topics, frames: &[Frame]) {
     }
 }
 
+/// The `clisonix-stage` binary: cargo's own path in this package's tests; elsewhere
+/// (the end-to-end tests include this module) the one `cargo test --workspace` built
+/// next to the test executable.
+pub fn stage_binary() -> PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_clisonix-stage") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let bin = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map(|dir| dir.join("clisonix-stage"))
+        .expect("tests run from target/<profile>/deps");
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo build -p clisonix-stage-runtime` builds it (`./dev test` does)",
+        bin.display()
+    );
+    bin
+}
+
 /// A `clisonix-stage` process running the stage that `stage` (its subcommand and
 /// arguments) names.
 pub struct StageProcess {
@@ -89,7 +110,7 @@ impl StageProcess {
     ) -> StageProcess {
         let log =
             std::env::temp_dir().join(format!("{group}-{instance}-{}.log", uuid::Uuid::new_v4()));
-        let child = Command::new(env!("CARGO_BIN_EXE_clisonix-stage"))
+        let child = Command::new(stage_binary())
             .args([
                 "--bootstrap",
                 &env.kafka.bootstrap,

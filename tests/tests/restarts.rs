@@ -1,0 +1,173 @@
+//! kill -9 of Jona and of the results sink while a session streams: after their
+//! restarts every audio chunk and feature row is stored once, none missing, and the
+//! audio read through the API is bit for bit what an uninterrupted Jona renders.
+
+mod common;
+#[path = "../../stages/runtime/tests/common/mod.rs"]
+mod stages;
+
+use std::time::{Duration, Instant};
+
+use clisonix_e2e::TestEnv;
+use clisonix_jona::{Jona, JonaConfig};
+use clisonix_player::http::Format;
+use clisonix_player::play::{play, PlayOptions, Transport};
+use clisonix_player::recording::{load, mark_session};
+use clisonix_schemas::{decode, AudioChunk, DeviceId, SessionId};
+use clisonix_stage::{RecordMeta, Stage};
+use common::{recording_path, Parts, Pipeline};
+use stages::StageProcess;
+
+const PRESETS: [&str; 2] = ["audification", "parameter_mapping"];
+
+async fn count(p: &Pipeline, sql: &str, session: SessionId) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .bind(session.as_uuid())
+        .fetch_one(&p.db.pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_until(
+    p: &Pipeline,
+    sql: &str,
+    session: SessionId,
+    at_least: i64,
+    logs: &[&StageProcess],
+) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while count(p, sql, session).await < at_least {
+        assert!(
+            Instant::now() < deadline,
+            "{sql}: fewer than {at_least}\n{}",
+            logs.iter()
+                .map(|l| l.log())
+                .collect::<Vec<_>>()
+                .join("\n---\n")
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_jona_and_the_sink_leaves_no_gap_and_no_duplicate() {
+    let p = Pipeline::start_with(Parts {
+        jona: false,
+        sink: false,
+    })
+    .await;
+    let url = p.db.url();
+    let (jona_group, sink_group) = (TestEnv::unique("jona"), TestEnv::unique("sink"));
+    let jona_args = ["jona"];
+    let sink_args = ["sink"];
+    let vars = [("DATABASE_URL", url.as_str())];
+    // Small batches: many transactions and commits for the kills to land among.
+    let mut jona = StageProcess::spawn(&p.env, &p.topics, &jona_group, "j", 5, &jona_args);
+    let mut sink =
+        StageProcess::spawn_with_env(&p.env, &p.topics, &sink_group, "s", 20, &sink_args, &vars);
+
+    let recording = load(&recording_path(), 125).unwrap();
+    let session = SessionId::random();
+    let report = play(
+        &recording,
+        &PlayOptions {
+            url: p.ingest.clone(),
+            key: p.tenant.ingest_key.clone(),
+            transport: Transport::WebSocket,
+            format: Format::Binary,
+            speed: 0.0,
+            audio_presets: Some(PRESETS.join(",")),
+            session_ids: vec![session],
+            ..PlayOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.acked, 1904);
+
+    let audio_rows = "SELECT count(*) FROM audio_chunks WHERE session_id = $1";
+    wait_until(&p, audio_rows, session, 20, &[&jona, &sink]).await;
+    let (_, metrics) = stages::http_get(&jona.http_addr(), "/metrics");
+    let taken: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("clisonix_stage_records_in_total{stage=\"jona\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        taken < 1904.0,
+        "Jona is mid-stream when killed ({taken} frames in)"
+    );
+    jona.kill9();
+    let jona = StageProcess::spawn(&p.env, &p.topics, &jona_group, "j", 5, &jona_args);
+    wait_until(&p, audio_rows, session, 200, &[&jona, &sink]).await;
+    sink.kill9();
+    let sink =
+        StageProcess::spawn_with_env(&p.env, &p.topics, &sink_group, "s", 20, &sink_args, &vars);
+
+    // Everything arrives: 238 one-second chunks and the closing one, per preset; 119
+    // windows of 32 channels.
+    wait_until(&p, audio_rows, session, 2 * 239, &[&jona, &sink]).await;
+    wait_until(
+        &p,
+        "SELECT count(*) FROM features WHERE session_id = $1",
+        session,
+        3808,
+        &[&jona, &sink],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        count(&p, audio_rows, session).await,
+        2 * 239,
+        "no chunk twice"
+    );
+
+    // What an uninterrupted Jona renders from the same frames.
+    let mut frames = recording.for_device(&DeviceId::parse("player-0").unwrap(), session, None);
+    mark_session(&mut frames, Some(&PRESETS.join(",")), true);
+    let mut clean = Jona::new(JonaConfig::default());
+    let mut out = Vec::new();
+    for (i, f) in frames.into_iter().enumerate() {
+        let meta = RecordMeta {
+            partition: 0,
+            offset: i as i64,
+            timestamp_ms: None,
+            replay: false,
+        };
+        clean.process(f, meta, &mut out).unwrap();
+    }
+    let mut reader = p.reader(&p.tenant.read_key);
+    for preset in PRESETS {
+        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT chunk_index, start_frame, frames FROM audio_chunks \
+             WHERE session_id = $1 AND preset = $2 ORDER BY chunk_index",
+        )
+        .bind(session.as_uuid())
+        .bind(preset)
+        .fetch_all(&p.db.pool)
+        .await
+        .unwrap();
+        let mut next = 0;
+        for (i, (index, start, frames)) in rows.iter().enumerate() {
+            assert_eq!((*index, *start), (i as i64, next), "{preset}: contiguous");
+            next += frames;
+        }
+        let want: Vec<u8> = out
+            .iter()
+            .map(|o| decode::<AudioChunk>(&o.value).unwrap())
+            .filter(|c| c.preset == preset)
+            .flat_map(|c| clisonix_sink::pcm_bytes(&c.pcm))
+            .collect();
+        let wav = reader
+            .get(&format!("/v1/sessions/{session}/audio?preset={preset}"))
+            .await
+            .unwrap();
+        assert_eq!(wav.status, 200);
+        assert!(
+            wav.body[44..] == want[..],
+            "{preset}: the audio equals an uninterrupted run's"
+        );
+    }
+    drop((jona, sink));
+    p.stop().await;
+}
