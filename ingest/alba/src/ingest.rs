@@ -25,7 +25,7 @@ use std::time::Duration;
 use clisonix_ingest_protocol::answer::{FrameResult, FrameStatus};
 use clisonix_ingest_protocol::validate::validate;
 use clisonix_ingest_protocol::{Limits, Reason, Rejection};
-use clisonix_schemas::{encode, Frame, SessionId, TenantId, Timestamp};
+use clisonix_schemas::{encode, Frame, SessionId, TenantId, Timestamp, SESSION_END_MARKER};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -143,9 +143,11 @@ pub struct SessionRow {
     pub channel_labels: Vec<String>,
     /// -1 before the first frame.
     pub last_seq: i64,
+    /// A frame with the end marker was published: no more frames.
+    pub ended: bool,
 }
 
-type RowTuple = (Uuid, String, f64, String, Vec<String>, i64);
+type RowTuple = (Uuid, String, f64, String, Vec<String>, i64, bool);
 
 fn row(t: RowTuple) -> SessionRow {
     SessionRow {
@@ -155,11 +157,12 @@ fn row(t: RowTuple) -> SessionRow {
         unit: t.3,
         channel_labels: t.4,
         last_seq: t.5,
+        ended: t.6,
     }
 }
 
-const SELECT_SESSION: &str = "SELECT tenant_id, device_id, sample_rate_hz, unit, channel_labels, last_seq FROM ingest_sessions WHERE session_id = $1";
-const LOCK_SESSION: &str = "SELECT tenant_id, device_id, sample_rate_hz, unit, channel_labels, last_seq FROM ingest_sessions WHERE session_id = $1 FOR UPDATE";
+const SELECT_SESSION: &str = "SELECT tenant_id, device_id, sample_rate_hz, unit, channel_labels, last_seq, ended_at IS NOT NULL FROM ingest_sessions WHERE session_id = $1";
+const LOCK_SESSION: &str = "SELECT tenant_id, device_id, sample_rate_hz, unit, channel_labels, last_seq, ended_at IS NOT NULL FROM ingest_sessions WHERE session_id = $1 FOR UPDATE";
 
 /// Everything a transport needs to get frames to the broker.
 #[derive(Debug)]
@@ -279,6 +282,7 @@ impl Ingest {
         let mut results = Vec::with_capacity(frames.len());
         let mut to_publish = Vec::with_capacity(frames.len());
         let mut high = locked.last_seq;
+        let mut ended = locked.ended;
         for mut p in frames.drain(..) {
             if let Some(mismatch) = mismatch(&locked, &p.frame) {
                 results.push(rejected(
@@ -301,6 +305,18 @@ impl Ingest {
                         results.push(done(&p, FrameStatus::Duplicate));
                         continue;
                     }
+                    if ended {
+                        results.push(rejected(
+                            p.index,
+                            Some(session),
+                            Some(p.frame.seq),
+                            Rejection::new(
+                                Reason::SessionEnded,
+                                "the session has ended (a frame carried its end marker): open a new one",
+                            ),
+                        ));
+                        continue;
+                    }
                     if seq <= high {
                         results.push(rejected(
                             p.index,
@@ -317,6 +333,11 @@ impl Ingest {
                 }
             }
             high = p.frame.seq as i64;
+            ended |= p
+                .frame
+                .markers
+                .iter()
+                .any(|m| m.label == SESSION_END_MARKER);
             to_publish.push(p);
         }
         let key = encode(&clisonix_schemas::SessionKey {
@@ -336,10 +357,17 @@ impl Ingest {
         let mut confirmed = 0usize;
         let mut bytes = 0usize;
         let mut last = None;
+        // The session ends once a frame with the end marker is confirmed.
+        let mut ended_now = false;
         for (p, (r, rec)) in to_publish.iter().zip(outcome.iter().zip(&records)) {
             match r {
                 Ok(()) => {
                     confirmed += 1;
+                    ended_now |= p
+                        .frame
+                        .markers
+                        .iter()
+                        .any(|m| m.label == SESSION_END_MARKER);
                     bytes += rec.value.len();
                     last = Some(p.frame.seq);
                     results.push(done(p, FrameStatus::Accepted));
@@ -362,11 +390,13 @@ impl Ingest {
         if let Some(last) = last {
             let recorded = async {
                 sqlx::query(
-                    "UPDATE ingest_sessions SET last_seq = $2, frames = frames + $3, last_frame_at = now() WHERE session_id = $1",
+                    "UPDATE ingest_sessions SET last_seq = $2, frames = frames + $3, last_frame_at = now(), \
+                     ended_at = CASE WHEN $4 THEN coalesce(ended_at, now()) ELSE ended_at END WHERE session_id = $1",
                 )
                 .bind(session.as_uuid())
                 .bind(last as i64)
                 .bind(confirmed as i64)
+                .bind(ended_now)
                 .execute(&mut *tx)
                 .await?;
                 tx.commit().await

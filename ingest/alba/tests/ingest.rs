@@ -13,7 +13,8 @@ use clisonix_ingest_protocol::{binary, BatchAnswer, FrameStatus};
 use clisonix_player::http::{Client, Format};
 use clisonix_player::stream::{stream_frames, Connection, StreamOptions};
 use clisonix_schemas::{
-    decode, encode, DeviceId, Frame, SessionId, Timestamp, UsageEvent, UsageKind,
+    decode, encode, DeviceId, Frame, Marker, SessionId, Timestamp, UsageEvent, UsageKind,
+    SESSION_END_MARKER,
 };
 use common::{as_published, frames, TestIngest};
 
@@ -114,6 +115,30 @@ async fn a_batch_answer_says_which_frames_were_accepted_and_why_others_were_not(
             .collect();
         assert_eq!(seqs, [0, 1, 2]);
     }
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_with_the_end_marker_ends_its_session() {
+    let t = TestIngest::spawn().await;
+    let session = SessionId::random();
+    let mut all = frames(session, 6, 2, 8);
+    all[3].markers.push(Marker {
+        sample_offset: 7,
+        duration_us: None,
+        label: SESSION_END_MARKER.into(),
+    });
+    // The end and a frame after it in one request: the later one is refused.
+    let b = t.post(&all[..5], Format::Json).await.batch().unwrap();
+    assert_eq!((b.accepted, b.rejected), (4, 1), "{b:?}");
+    let e = b.results[4].error.as_ref().unwrap();
+    assert_eq!(e.code, "session_ended");
+    assert!(!e.retryable());
+    // Later requests too, whatever their seq; a resent frame is still a duplicate.
+    let a = t.post(&all[5..], Format::Binary).await;
+    assert_eq!(a.status, 409, "{}", String::from_utf8_lossy(&a.body));
+    let b = t.post(&all[3..4], Format::Binary).await.batch().unwrap();
+    assert_eq!(b.results[0].status, FrameStatus::Duplicate);
     t.stop().await;
 }
 

@@ -42,10 +42,12 @@ pub enum Reason {
     Overloaded,
     /// Ingest cannot reach its database (sessions, keys): retry after a pause.
     Unavailable,
+    /// The session has ended (a frame carried the end marker): open a new one.
+    SessionEnded,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::MalformedFrame,
         Reason::InvalidField,
         Reason::NonFiniteSample,
@@ -62,6 +64,7 @@ impl Reason {
         Reason::BrokerUnavailable,
         Reason::Overloaded,
         Reason::Unavailable,
+        Reason::SessionEnded,
     ];
 
     pub fn code(self) -> &'static str {
@@ -82,6 +85,7 @@ impl Reason {
             Reason::BrokerUnavailable => "broker_unavailable",
             Reason::Overloaded => "overloaded",
             Reason::Unavailable => "unavailable",
+            Reason::SessionEnded => "session_ended",
         }
     }
 
@@ -95,7 +99,10 @@ impl Reason {
             Reason::MalformedFrame => 400,
             Reason::FrameTooLarge => 413,
             Reason::SessionForbidden => 403,
-            Reason::SessionMismatch | Reason::OutOfOrder | Reason::WrongSession => 409,
+            Reason::SessionMismatch
+            | Reason::OutOfOrder
+            | Reason::WrongSession
+            | Reason::SessionEnded => 409,
             Reason::BrokerUnavailable | Reason::Unavailable => 503,
             Reason::Overloaded => 429,
             _ => 422,
