@@ -61,7 +61,10 @@ async fn kill_9_of_jona_and_the_sink_leaves_no_gap_and_no_duplicate() {
     let jona_args = ["jona"];
     let sink_args = ["sink"];
     // The gateway migrated the database already.
-    let vars = [("DATABASE_URL", url.as_str()), ("CLISONIX_MIGRATE", "false")];
+    let vars = [
+        ("DATABASE_URL", url.as_str()),
+        ("CLISONIX_MIGRATE", "false"),
+    ];
     // Small batches: many transactions and commits for the kills to land among.
     let mut jona = StageProcess::spawn(&p.env, &p.topics, &jona_group, "j", 5, &jona_args);
     let mut sink =
