@@ -26,8 +26,8 @@ use clisonix_schemas::{
 };
 use clisonix_signal::{FeatureEngine, SignalError, WindowFeatures, ALGORITHM_VERSION};
 use clisonix_stage::{
-    check_same_stream, check_samples, Arrival, Output, OutputTopic, RecordMeta, Rejection,
-    SeqTracker, SessionRef, SessionTable, Stage, Tracked,
+    check_same_stream, check_samples, Arrival, Output, OutputTopic, Placement, RecordMeta,
+    Rejection, SeqTracker, SessionRef, SessionTable, Stage, Tracked,
 };
 
 /// The stage's name (its consumer group) and version.
@@ -65,10 +65,9 @@ struct BufferedFrame {
 
 #[derive(Debug)]
 struct Session {
-    partition: i32,
-    /// Offset of the session's first frame: its window numbering and sequence state
-    /// are built from there, so a restart must re-read from there.
-    first_offset: i64,
+    /// Its first frame's offset: window numbering and sequence state are built from
+    /// there, so a restart re-reads from there.
+    placed: Placement,
     device: DeviceId,
     fs: f64,
     unit: SampleUnit,
@@ -84,18 +83,11 @@ struct Session {
     gaps: u32,
     duplicates: u32,
     out_of_order: u32,
-    last_timestamp_ms: i64,
 }
 
 impl Tracked for Session {
-    fn partition(&self) -> i32 {
-        self.partition
-    }
-    fn first_offset(&self) -> i64 {
-        self.first_offset
-    }
-    fn last_seen_ms(&self) -> i64 {
-        self.last_timestamp_ms
+    fn placement(&self) -> &Placement {
+        &self.placed
     }
 }
 
@@ -282,7 +274,7 @@ impl Stage for Albi {
         match self.sessions.get_mut(&key) {
             Some(session) => {
                 check_same_stream(session.fs, &session.labels, &frame)?;
-                session.last_timestamp_ms = now_ms;
+                session.placed.last_seen_ms = now_ms;
                 match session.seqs.observe(frame.seq) {
                     Arrival::Duplicate => {
                         session.duplicates += 1;
@@ -318,8 +310,7 @@ impl Stage for Albi {
                 self.sessions.insert(
                     key,
                     Session {
-                        partition: meta.partition,
-                        first_offset: meta.offset,
+                        placed: Placement::first(&meta, now_ms),
                         device: frame.device_id.clone(),
                         fs,
                         unit: frame.unit,
@@ -338,7 +329,6 @@ impl Stage for Albi {
                         gaps: 0,
                         duplicates: 0,
                         out_of_order: 0,
-                        last_timestamp_ms: now_ms,
                     },
                 );
             }

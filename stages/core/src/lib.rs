@@ -18,8 +18,8 @@ use clisonix_schemas::{AvroRecord, Family};
 mod session;
 
 pub use session::{
-    check_same_stream, check_samples, Arrival, SeqTracker, SessionRef, SessionTable, Tracked,
-    SEEN_HORIZON,
+    check_same_stream, check_samples, Arrival, Placement, SeqTracker, SessionRef, SessionTable,
+    Tracked, SEEN_HORIZON,
 };
 
 /// Where an input record came from.

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use clisonix_schemas::{Frame, SessionId, TenantId};
 
-use crate::Rejection;
+use crate::{RecordMeta, Rejection};
 
 /// How many sequence numbers behind the newest a duplicate is still recognised.
 pub const SEEN_HORIZON: u64 = 4096;
@@ -107,14 +107,32 @@ impl SessionRef {
     }
 }
 
-/// What a stage's per-session state tells the [`SessionTable`].
-pub trait Tracked {
+/// Where a session's frames arrive and when it last had one: what the
+/// [`SessionTable`] needs of a stage's per-session state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
     /// The partition the session's frames arrive on.
-    fn partition(&self) -> i32;
+    pub partition: i32,
     /// The offset of its first frame: a restart must re-read from there.
-    fn first_offset(&self) -> i64;
+    pub first_offset: i64,
     /// The record time of its latest frame.
-    fn last_seen_ms(&self) -> i64;
+    pub last_seen_ms: i64,
+}
+
+impl Placement {
+    /// A session whose first frame is the record `meta`, at record time `now_ms`.
+    pub fn first(meta: &RecordMeta, now_ms: i64) -> Placement {
+        Placement {
+            partition: meta.partition,
+            first_offset: meta.offset,
+            last_seen_ms: now_ms,
+        }
+    }
+}
+
+/// A stage's per-session state, placed.
+pub trait Tracked {
+    fn placement(&self) -> &Placement;
 }
 
 /// A frame stage's open sessions, with what the runtime's contract asks of every such
@@ -164,14 +182,15 @@ impl<S: Tracked> SessionTable<S> {
     pub fn needed_from(&self, partition: i32) -> Option<i64> {
         self.sessions
             .values()
-            .filter(|s| s.partition() == partition)
-            .map(|s| s.first_offset())
+            .filter(|s| s.placement().partition == partition)
+            .map(|s| s.placement().first_offset)
             .min()
     }
 
     /// Drops every session of `partition`.
     pub fn forget(&mut self, partition: i32) {
-        self.sessions.retain(|_, s| s.partition() != partition);
+        self.sessions
+            .retain(|_, s| s.placement().partition != partition);
         self.sweep.forget(partition);
     }
 
@@ -185,7 +204,10 @@ impl<S: Tracked> SessionTable<S> {
         let expired: Vec<SessionRef> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.partition() == partition && now_ms - s.last_seen_ms() > idle_ms)
+            .filter(|(_, s)| {
+                let p = s.placement();
+                p.partition == partition && now_ms - p.last_seen_ms > idle_ms
+            })
             .map(|(k, _)| *k)
             .collect();
         expired
@@ -256,18 +278,20 @@ mod tests {
     }
 
     #[derive(Debug)]
-    struct S(i32, i64, i64);
+    struct S(Placement);
 
     impl Tracked for S {
-        fn partition(&self) -> i32 {
-            self.0
+        fn placement(&self) -> &Placement {
+            &self.0
         }
-        fn first_offset(&self) -> i64 {
-            self.1
-        }
-        fn last_seen_ms(&self) -> i64 {
-            self.2
-        }
+    }
+
+    fn placed(partition: i32, first_offset: i64, last_seen_ms: i64) -> S {
+        S(Placement {
+            partition,
+            first_offset,
+            last_seen_ms,
+        })
     }
 
     #[test]
@@ -277,9 +301,9 @@ mod tests {
             session: SessionId::new(uuid_of(n)),
         };
         let mut t = SessionTable::default();
-        t.insert(key(1), S(0, 10, 1_000));
-        t.insert(key(2), S(0, 5, 50_000));
-        t.insert(key(3), S(1, 2, 1_000));
+        t.insert(key(1), placed(0, 10, 1_000));
+        t.insert(key(2), placed(0, 5, 50_000));
+        t.insert(key(3), placed(1, 2, 1_000));
         assert_eq!(t.needed_from(0), Some(5));
         assert_eq!(t.needed_from(2), None);
         let idle: Vec<SessionRef> = t

@@ -25,8 +25,8 @@ use clisonix_schemas::{
     AudioChunk, Frame, SampleUnit, Timestamp, AUDIO_PRESETS_MARKER, SESSION_END_MARKER,
 };
 use clisonix_stage::{
-    check_same_stream, check_samples, Arrival, Output, OutputTopic, RecordMeta, Rejection,
-    SeqTracker, SessionRef, SessionTable, Stage, Tracked,
+    check_same_stream, check_samples, Arrival, Output, OutputTopic, Placement, RecordMeta,
+    Rejection, SeqTracker, SessionRef, SessionTable, Stage, Tracked,
 };
 
 pub use presets::{Mix, Preset, Side, Synth, MIN_SAMPLE_RATE_HZ};
@@ -81,9 +81,7 @@ struct ChunkStart {
 
 #[derive(Debug)]
 struct Session {
-    partition: i32,
-    first_offset: i64,
-    last_timestamp_ms: i64,
+    placed: Placement,
     rate: u32,
     fs: f64,
     labels: Vec<String>,
@@ -103,14 +101,8 @@ struct Session {
 }
 
 impl Tracked for Session {
-    fn partition(&self) -> i32 {
-        self.partition
-    }
-    fn first_offset(&self) -> i64 {
-        self.first_offset
-    }
-    fn last_seen_ms(&self) -> i64 {
-        self.last_timestamp_ms
+    fn placement(&self) -> &Placement {
+        &self.placed
     }
 }
 
@@ -267,7 +259,7 @@ impl Stage for Jona {
                     ));
                 }
                 check_same_stream(session.fs, &session.labels, &frame)?;
-                session.last_timestamp_ms = now_ms;
+                session.placed.last_seen_ms = now_ms;
                 match session.seqs.observe(frame.seq) {
                     Arrival::Duplicate | Arrival::OutOfOrder => return Ok(()),
                     Arrival::InOrder { .. } => {}
@@ -300,9 +292,7 @@ impl Stage for Jona {
                 self.sessions.insert(
                     key,
                     Session {
-                        partition: meta.partition,
-                        first_offset: meta.offset,
-                        last_timestamp_ms: now_ms,
+                        placed: Placement::first(&meta, now_ms),
                         rate,
                         fs,
                         labels: frame.channel_labels.clone(),

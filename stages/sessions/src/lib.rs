@@ -21,8 +21,8 @@ use clisonix_schemas::{
     EndReason, Frame, SessionState, SessionStatus, Timestamp, SESSION_END_MARKER,
 };
 use clisonix_stage::{
-    check_same_stream, check_samples, Arrival, Output, OutputTopic, RecordMeta, Rejection,
-    SeqTracker, SessionRef, SessionTable, Stage, Tracked,
+    check_same_stream, check_samples, Arrival, Output, OutputTopic, Placement, RecordMeta,
+    Rejection, SeqTracker, SessionRef, SessionTable, Stage, Tracked,
 };
 
 /// The stage's name (its consumer group) and version.
@@ -48,9 +48,7 @@ impl Default for SessionsConfig {
 
 #[derive(Debug)]
 struct Open {
-    partition: i32,
-    first_offset: i64,
-    last_timestamp_ms: i64,
+    placed: Placement,
     last_written_ms: i64,
     seqs: SeqTracker,
     lowest_seq: u64,
@@ -59,14 +57,8 @@ struct Open {
 }
 
 impl Tracked for Open {
-    fn partition(&self) -> i32 {
-        self.partition
-    }
-    fn first_offset(&self) -> i64 {
-        self.first_offset
-    }
-    fn last_seen_ms(&self) -> i64 {
-        self.last_timestamp_ms
+    fn placement(&self) -> &Placement {
+        &self.placed
     }
 }
 
@@ -165,9 +157,7 @@ impl Stage for Sessions {
             let mut seqs = SeqTracker::new();
             seqs.observe(frame.seq);
             let mut open = Open {
-                partition: meta.partition,
-                first_offset: meta.offset,
-                last_timestamp_ms: now_ms,
+                placed: Placement::first(&meta, now_ms),
                 last_written_ms: now_ms,
                 seqs,
                 lowest_seq: frame.seq,
@@ -210,7 +200,7 @@ impl Stage for Sessions {
             &open.state.channel_labels,
             &frame,
         )?;
-        open.last_timestamp_ms = now_ms;
+        open.placed.last_seen_ms = now_ms;
         let state = &mut open.state;
         state.last_frame_at = state.last_frame_at.max(frame.received_at);
         match open.seqs.observe(frame.seq) {
