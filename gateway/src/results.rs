@@ -437,19 +437,17 @@ const FEATURES: [(&str, Column); 29] = [
 
 /// The feature names whose values are single numbers (everything but the PSD and
 /// the text columns): the default selection.
-fn default_features() -> Vec<(&'static str, Column)> {
+fn default_features() -> impl Iterator<Item = (&'static str, Column)> {
     FEATURES
         .iter()
         .filter(|(_, k)| *k != Column::Psd)
         .map(|(n, k)| (*n, *k))
-        .collect()
 }
 
 /// The default feature columns, comma-separated, for a SELECT.
 pub(crate) fn scalar_feature_columns() -> String {
     default_features()
-        .iter()
-        .map(|(n, _)| *n)
+        .map(|(n, _)| n)
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -459,7 +457,6 @@ pub(crate) fn scalar_features(
     row: &PgRow,
 ) -> Result<Vec<(&'static str, serde_json::Value)>, sqlx::Error> {
     default_features()
-        .into_iter()
         .map(|(name, kind)| {
             let value = match kind {
                 Column::Float => serde_json::json!(row
@@ -538,7 +535,7 @@ struct Selection {
 fn selection(param: Option<&str>) -> Result<Selection, ApiError> {
     let Some(list) = param else {
         return Ok(Selection {
-            names: default_features(),
+            names: default_features().collect(),
         });
     };
     let mut names = Vec::new();

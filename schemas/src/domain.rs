@@ -209,6 +209,11 @@ impl Frame {
         self.channel_labels.len()
     }
 
+    /// Whether the frame carries the [`SESSION_END_MARKER`].
+    pub fn ends_session(&self) -> bool {
+        self.markers.iter().any(|m| m.label == SESSION_END_MARKER)
+    }
+
     /// The samples of channel `c`. Panics if `c` is out of range.
     pub fn channel(&self, c: usize) -> &[f32] {
         let n = self.samples_per_channel as usize;

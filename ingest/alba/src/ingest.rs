@@ -25,7 +25,7 @@ use std::time::Duration;
 use clisonix_ingest_protocol::answer::{FrameResult, FrameStatus};
 use clisonix_ingest_protocol::validate::validate;
 use clisonix_ingest_protocol::{Limits, Reason, Rejection};
-use clisonix_schemas::{encode, Frame, SessionId, TenantId, Timestamp, SESSION_END_MARKER};
+use clisonix_schemas::{encode, Frame, SessionId, TenantId, Timestamp};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -333,11 +333,7 @@ impl Ingest {
                 }
             }
             high = p.frame.seq as i64;
-            ended |= p
-                .frame
-                .markers
-                .iter()
-                .any(|m| m.label == SESSION_END_MARKER);
+            ended |= p.frame.ends_session();
             to_publish.push(p);
         }
         let key = encode(&clisonix_schemas::SessionKey {
@@ -363,11 +359,7 @@ impl Ingest {
             match r {
                 Ok(()) => {
                     confirmed += 1;
-                    ended_now |= p
-                        .frame
-                        .markers
-                        .iter()
-                        .any(|m| m.label == SESSION_END_MARKER);
+                    ended_now |= p.frame.ends_session();
                     bytes += rec.value.len();
                     last = Some(p.frame.seq);
                     results.push(done(p, FrameStatus::Accepted));

@@ -266,7 +266,7 @@ impl Stage for Albi {
         meta: RecordMeta,
         out: &mut Vec<Output>,
     ) -> Result<(), Rejection> {
-        let now_ms = meta.timestamp_ms.unwrap_or(frame.received_at.as_millis());
+        let now_ms = meta.record_time_ms(frame.received_at);
         self.sweep_idle(meta.partition, now_ms);
         check_samples(&frame)?;
         let key = SessionRef::of(&frame);

@@ -35,6 +35,14 @@ pub struct RecordMeta {
     pub replay: bool,
 }
 
+impl RecordMeta {
+    /// The record's time in milliseconds: its Kafka timestamp, else `fallback` (the
+    /// frame's receive time). Stages judge idleness by it, never by the wall clock.
+    pub fn record_time_ms(&self, fallback: clisonix_schemas::Timestamp) -> i64 {
+        self.timestamp_ms.unwrap_or(fallback.as_millis())
+    }
+}
+
 /// Which catalog topic an output goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OutputTopic {

@@ -21,9 +21,7 @@
 pub mod dsp;
 pub mod presets;
 
-use clisonix_schemas::{
-    AudioChunk, Frame, SampleUnit, Timestamp, AUDIO_PRESETS_MARKER, SESSION_END_MARKER,
-};
+use clisonix_schemas::{AudioChunk, Frame, SampleUnit, Timestamp, AUDIO_PRESETS_MARKER};
 use clisonix_stage::{
     check_same_stream, check_samples, Arrival, Output, OutputTopic, Placement, RecordMeta,
     Rejection, SeqTracker, SessionRef, SessionTable, Stage, Tracked,
@@ -244,7 +242,7 @@ impl Stage for Jona {
         meta: RecordMeta,
         out: &mut Vec<Output>,
     ) -> Result<(), Rejection> {
-        let now_ms = meta.timestamp_ms.unwrap_or(frame.received_at.as_millis());
+        let now_ms = meta.record_time_ms(frame.received_at);
         let emit = !meta.replay;
         self.sweep_idle(meta.partition, now_ms, emit, out);
         check_samples(&frame)?;
@@ -335,7 +333,7 @@ impl Stage for Jona {
             }
         }
         session.last_seq = frame.seq;
-        if frame.markers.iter().any(|m| m.label == SESSION_END_MARKER) {
+        if frame.ends_session() {
             close(key, session, emit, out);
         }
         Ok(())

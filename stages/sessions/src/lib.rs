@@ -17,9 +17,7 @@
 //! Deterministic, with the committed offset held at an open session's first frame like
 //! the other frame stages: its counts are rebuilt by re-reading it.
 
-use clisonix_schemas::{
-    EndReason, Frame, SessionState, SessionStatus, Timestamp, SESSION_END_MARKER,
-};
+use clisonix_schemas::{EndReason, Frame, SessionState, SessionStatus, Timestamp};
 use clisonix_stage::{
     check_same_stream, check_samples, Arrival, Output, OutputTopic, Placement, RecordMeta,
     Rejection, SeqTracker, SessionRef, SessionTable, Stage, Tracked,
@@ -147,12 +145,12 @@ impl Stage for Sessions {
         meta: RecordMeta,
         out: &mut Vec<Output>,
     ) -> Result<(), Rejection> {
-        let now_ms = meta.timestamp_ms.unwrap_or(frame.received_at.as_millis());
+        let now_ms = meta.record_time_ms(frame.received_at);
         let emit = !meta.replay;
         self.sweep_idle(meta.partition, now_ms, emit, out);
         check_samples(&frame)?;
         let key = SessionRef::of(&frame);
-        let ends = frame.markers.iter().any(|m| m.label == SESSION_END_MARKER);
+        let ends = frame.ends_session();
         let Some(open) = self.sessions.get_mut(&key) else {
             let mut seqs = SeqTracker::new();
             seqs.observe(frame.seq);
