@@ -53,7 +53,7 @@ fn main() {
                out_of_order_frames, psd_resolution_hz, psd) \
              SELECT md5(s::text)::uuid, w, c, md5('tenant')::uuid, 'ch' || c, \
                timestamptz '2026-01-01 00:00:00+00' + s * interval '1 hour' + w * interval '2 seconds', \
-               w * 256, 256, 128, 'uV', 'albi-features/1.0.0', \
+               w * 256, 256, 128, 'uV', 'albi-features/1.0.1', \
                random(), random(), random(), random(), random(), random(), random(), random(), \
                random(), random(), random(), 10, random(), random(), random(), random(), random(), \
                random(), false, 0, random(), random(), 0, 0, 0, 1, \

@@ -18,11 +18,19 @@
 
 use std::sync::Arc;
 
-use realfft::num_complex::Complex;
-use realfft::{RealFftPlanner, RealToComplex};
+use rustfft::num_complex::Complex;
+use rustfft::{Fft, FftPlanner};
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod kernels;
+
+use kernels::Simd;
 
 /// Version of the feature definitions; every feature record names it.
-pub const ALGORITHM_VERSION: &str = "albi-features/1.0.0";
+/// (1.0.1: the same definitions as 1.0.0, computed in a different summation order and
+/// with a vectorised logarithm, so values can differ from 1.0.0 in the last bits.)
+pub const ALGORITHM_VERSION: &str = "albi-features/1.0.1";
 
 /// The five bands, `[lo, hi]` Hz with both edges inclusive.
 pub const BANDS: [(&str, f64, f64); 5] = [
@@ -86,6 +94,82 @@ pub struct WindowFeatures {
     pub line_noise_60hz: Option<f64>,
 }
 
+/// How a segment's spectrum is taken.
+enum Transform {
+    /// Even lengths N: a complex FFT of N/2 over the sample pairs, then the split into
+    /// the real signal's spectrum; `cos` and `sin` hold cos(2πk/N) and -sin(2πk/N) for
+    /// k = 0..=N/4, each value twice.
+    Paired { cos: Vec<f64>, sin: Vec<f64> },
+    /// Odd lengths: a complex FFT of N over the samples.
+    Full,
+}
+
+/// Trapezoid weights of a band's bins: `Σ w_k P_k` is `numpy.trapezoid` over the band.
+#[derive(Debug, Clone)]
+struct Band {
+    first: usize,
+    weights: Vec<f64>,
+}
+
+impl Band {
+    /// The band over the inclusive bin range `(lo, hi)` (empty when `lo > hi`; a
+    /// single bin has no area).
+    fn new(freqs: &[f64], (lo, hi): (usize, usize)) -> Band {
+        let weights = (lo..=hi)
+            .map(|k| {
+                let below = if k > lo { freqs[k] - freqs[k - 1] } else { 0.0 };
+                let above = if k < hi { freqs[k + 1] - freqs[k] } else { 0.0 };
+                (below + above) / 2.0
+            })
+            .collect();
+        Band { first: lo, weights }
+    }
+
+    #[inline(always)]
+    fn power(&self, simd: Simd, psd: &[f64]) -> f64 {
+        simd.dot(
+            &self.weights,
+            &psd[self.first..self.first + self.weights.len()],
+        )
+    }
+}
+
+/// A line-noise frequency's bin, its neighbourhood's bins and the network that sorts
+/// the neighbourhood.
+#[derive(Debug, Clone)]
+struct Line {
+    bin: usize,
+    lo: usize,
+    hi: usize,
+    network: Vec<(u8, u8)>,
+}
+
+impl Line {
+    /// Bins in the neighbourhood, the line's own excluded.
+    fn len(&self) -> usize {
+        self.hi - self.lo
+    }
+
+    fn neighbours<'a>(&self, psd: &'a [f64]) -> impl Iterator<Item = f64> + 'a {
+        psd[self.lo..self.bin]
+            .iter()
+            .chain(&psd[self.bin + 1..=self.hi])
+            .copied()
+    }
+
+    /// PSD at the line frequency over the median of its neighbourhood.
+    fn ratio(&self, psd: &[f64], median: f64) -> Option<f64> {
+        (self.len() > 0 && median > 0.0).then(|| psd[self.bin] / median)
+    }
+
+    fn ratio_alone(&self, psd: &[f64]) -> Option<f64> {
+        let neighbours = || self.neighbours(psd);
+        let (median, _) =
+            kernels::median_pair(neighbours(), neighbours(), self.len(), &self.network);
+        self.ratio(psd, median)
+    }
+}
+
 /// Computes [`WindowFeatures`] for windows of a fixed length and sample rate.
 pub struct FeatureEngine {
     fs: f64,
@@ -95,25 +179,32 @@ pub struct FeatureEngine {
     segments: usize,
     /// Periodic Hann window, `h_j = 0.5 - 0.5 cos(2πj/N)`.
     hann: Vec<f64>,
-    /// `1 / (fs Σ h²)`: density scaling.
-    scale: f64,
+    /// Per PSD bin, what the summed |X|² are multiplied by: the density scaling
+    /// `1 / (fs Σ h²)`, over the segment count, doubled for a one-sided spectrum.
+    bin_scale: Vec<f64>,
     freqs: Vec<f64>,
     /// ln P per bin of the total band, for the window being computed.
     ln_psd: Vec<f64>,
     /// ln f per bin (0 for DC, which the fit skips).
     ln_freqs: Vec<f64>,
-    fft: Arc<dyn RealToComplex<f64>>,
-    segment: Vec<f64>,
-    spectrum: Vec<Complex<f64>>,
+    /// Σ ln f and Σ (ln f)² over the fit's bins, for windows whose PSD is positive there.
+    fit_sums: (f64, f64),
+    fft: Arc<dyn Fft<f64>>,
+    transform: Transform,
+    buffer: Vec<Complex<f64>>,
     scratch: Vec<Complex<f64>>,
+    /// Powers the AVX2 split keeps until the last segment (see `Simd`).
+    pairs: Vec<f64>,
+    bands: [Band; 5],
     /// Inclusive bin ranges (empty ranges have `lo > hi`).
-    bands: [(usize, usize); 5],
     total: (usize, usize),
+    total_band: Band,
     alpha: (usize, usize),
     aperiodic: (usize, usize),
-    line_50: Option<(usize, usize, usize)>,
-    line_60: Option<(usize, usize, usize)>,
-    median: Vec<f64>,
+    line_50: Option<Line>,
+    line_60: Option<Line>,
+    /// Which versions of the hot loops run (AVX2 where the CPU has it).
+    simd: Simd,
 }
 
 impl std::fmt::Debug for FeatureEngine {
@@ -123,6 +214,7 @@ impl std::fmt::Debug for FeatureEngine {
             .field("window", &self.window)
             .field("nperseg", &self.nperseg)
             .field("segments", &self.segments)
+            .field("avx2", &self.simd.avx2())
             .finish()
     }
 }
@@ -135,74 +227,6 @@ fn bin_range(freqs: &[f64], lo: f64, hi: f64) -> (usize, usize) {
         (Some(a), Some(b)) if a <= b => (a, b),
         _ => (1, 0),
     }
-}
-
-fn trapezoid(psd: &[f64], freqs: &[f64], (lo, hi): (usize, usize)) -> f64 {
-    if lo >= hi {
-        return 0.0;
-    }
-    (lo..hi)
-        .map(|m| (freqs[m + 1] - freqs[m]) * (psd[m] + psd[m + 1]) / 2.0)
-        .sum()
-}
-
-/// Sum with four independent accumulators: breaks the add-latency chain (the result
-/// differs from a sequential sum only by rounding, ~1e-16 relative).
-#[inline]
-fn sum4(x: &[f64]) -> f64 {
-    let mut acc = [0.0; 4];
-    let chunks = x.chunks_exact(4);
-    let tail: f64 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for l in 0..4 {
-            acc[l] += c[l];
-        }
-    }
-    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
-}
-
-/// Population variances (two-pass: means first, then squared deviations) of `x`, its
-/// first difference and its second difference, in two passes over `x` in all.
-fn hjorth_variances(x: &[f64]) -> (f64, f64, f64) {
-    let n = x.len();
-    let mean = sum4(x) / n as f64;
-    // The means of the differences telescope.
-    let mean_d1 = (x[n - 1] - x[0]) / (n - 1) as f64;
-    let mean_d2 = ((x[n - 1] - x[n - 2]) - (x[1] - x[0])) / (n - 2) as f64;
-    let (mut v0, mut v1, mut v2) = ([0.0; 4], [0.0; 4], [0.0; 4]);
-    // Four lanes at a time over fixed-size views, so the loop has no bounds checks and
-    // vectorises; the last (n - 2) % 4 positions go through the same code one by one.
-    let body = n - 2;
-    let mut i = 0;
-    while i + 4 <= body {
-        let w: &[f64; 6] = x[i..i + 6].try_into().expect("six samples");
-        for l in 0..4 {
-            let d1 = w[l + 1] - w[l];
-            let d2 = (w[l + 2] - w[l + 1]) - d1;
-            let (e0, e1, e2) = (w[l] - mean, d1 - mean_d1, d2 - mean_d2);
-            v0[l] += e0 * e0;
-            v1[l] += e1 * e1;
-            v2[l] += e2 * e2;
-        }
-        i += 4;
-    }
-    for j in i..body {
-        let d1 = x[j + 1] - x[j];
-        let d2 = (x[j + 2] - x[j + 1]) - d1;
-        let (e0, e1, e2) = (x[j] - mean, d1 - mean_d1, d2 - mean_d2);
-        v0[0] += e0 * e0;
-        v1[0] += e1 * e1;
-        v2[0] += e2 * e2;
-    }
-    let e0a = x[n - 2] - mean;
-    let e0b = x[n - 1] - mean;
-    let e1 = (x[n - 1] - x[n - 2]) - mean_d1;
-    let fold = |v: [f64; 4]| (v[0] + v[1]) + (v[2] + v[3]);
-    (
-        (fold(v0) + e0a * e0a + e0b * e0b) / n as f64,
-        (fold(v1) + e1 * e1) / (n - 1) as f64,
-        fold(v2) / (n - 2) as f64,
-    )
 }
 
 impl FeatureEngine {
@@ -220,23 +244,66 @@ impl FeatureEngine {
         }
         let hop = nperseg - nperseg / 2;
         let segments = (window_samples - nperseg) / hop + 1;
+        let tau = 2.0 * std::f64::consts::PI;
         let hann: Vec<f64> = (0..nperseg)
-            .map(|j| 0.5 - 0.5 * (2.0 * std::f64::consts::PI * j as f64 / nperseg as f64).cos())
+            .map(|j| 0.5 - 0.5 * (tau * j as f64 / nperseg as f64).cos())
             .collect();
         let scale = 1.0 / (fs * hann.iter().map(|h| h * h).sum::<f64>());
+        let even = nperseg % 2 == 0;
+        // The paired split leaves out two factors ½ of the spectrum, so 4 |X|² is summed.
+        let unscaled = if even { 4.0 } else { 1.0 };
+        let factor = scale / (segments as f64 * unscaled);
+        let last = nperseg / 2;
+        let bin_scale = (0..=last)
+            .map(|k| {
+                // One-sided: every bin but DC (and Nyquist for even lengths) counts twice.
+                let doubled = k > 0 && !(even && k == last);
+                if doubled {
+                    2.0 * factor
+                } else {
+                    factor
+                }
+            })
+            .collect();
         // As numpy.fft.rfftfreq(nperseg, 1/fs) computes them.
         let step = 1.0 / (nperseg as f64 * (1.0 / fs));
         let freqs: Vec<f64> = (0..=nperseg / 2).map(|k| k as f64 * step).collect();
-        let fft = RealFftPlanner::<f64>::new().plan_fft_forward(nperseg);
-        let bands = BANDS.map(|(_, lo, hi)| bin_range(&freqs, lo, hi));
+        let mut planner = FftPlanner::<f64>::new();
+        let (fft, transform) = if nperseg % 2 == 0 {
+            let angle = |k: usize| tau * k as f64 / nperseg as f64;
+            let quarter = nperseg / 4;
+            (
+                planner.plan_fft_forward(nperseg / 2),
+                Transform::Paired {
+                    // Each value twice: the AVX2 split loads two bins' twiddles at once.
+                    cos: (0..=quarter).flat_map(|k| [angle(k).cos(); 2]).collect(),
+                    sin: (0..=quarter).flat_map(|k| [-angle(k).sin(); 2]).collect(),
+                },
+            )
+        } else {
+            (planner.plan_fft_forward(nperseg), Transform::Full)
+        };
         let nyquist = freqs.len() - 1;
         let line = |f0: f64| {
-            let k = freqs.iter().position(|&f| f == f0)?;
-            (k < nyquist).then(|| {
+            let bin = freqs.iter().position(|&f| f == f0)?;
+            (bin < nyquist).then(|| {
                 let (lo, hi) = bin_range(&freqs, f0 - LINE_NOISE_SPAN_HZ, f0 + LINE_NOISE_SPAN_HZ);
-                (k, lo.max(1), hi)
+                let lo = lo.max(1);
+                Line {
+                    bin,
+                    lo,
+                    hi,
+                    network: kernels::median_network(hi - lo),
+                }
             })
         };
+        let total = bin_range(&freqs, TOTAL.0, TOTAL.1);
+        let aperiodic = bin_range(&freqs, APERIODIC_FIT.0, APERIODIC_FIT.1);
+        let ln_freqs: Vec<f64> = freqs
+            .iter()
+            .map(|&f| if f > 0.0 { f.ln() } else { 0.0 })
+            .collect();
+        let fit = &ln_freqs[aperiodic.0.max(1)..=aperiodic.1];
         Ok(FeatureEngine {
             fs,
             window: window_samples,
@@ -244,24 +311,24 @@ impl FeatureEngine {
             hop,
             segments,
             hann,
-            scale,
-            segment: fft.make_input_vec(),
-            spectrum: fft.make_output_vec(),
-            scratch: fft.make_scratch_vec(),
-            bands,
-            total: bin_range(&freqs, TOTAL.0, TOTAL.1),
+            bin_scale,
+            buffer: vec![Complex::default(); segments * fft.len()],
+            scratch: vec![Complex::default(); fft.get_inplace_scratch_len()],
+            pairs: vec![0.0; fft.len()],
+            bands: BANDS.map(|(_, lo, hi)| Band::new(&freqs, bin_range(&freqs, lo, hi))),
+            total,
+            total_band: Band::new(&freqs, total),
             alpha: bin_range(&freqs, ALPHA_PEAK.0, ALPHA_PEAK.1),
-            aperiodic: bin_range(&freqs, APERIODIC_FIT.0, APERIODIC_FIT.1),
+            aperiodic,
+            fit_sums: (fit.iter().sum(), fit.iter().map(|x| x * x).sum()),
             line_50: line(50.0),
             line_60: line(60.0),
-            median: Vec::with_capacity(freqs.len()),
-            ln_psd: Vec::with_capacity(freqs.len()),
-            ln_freqs: freqs
-                .iter()
-                .map(|&f| if f > 0.0 { f.ln() } else { 0.0 })
-                .collect(),
+            ln_psd: vec![0.0; freqs.len()],
+            ln_freqs,
             freqs,
             fft,
+            transform,
+            simd: Simd::detect(),
         })
     }
 
@@ -291,20 +358,34 @@ impl FeatureEngine {
                 got: x.len(),
             });
         }
-        if let Some(index) = x.iter().position(|v| !v.is_finite()) {
-            return Err(SignalError::NonFinite { index });
+        let simd = self.simd;
+        let n = x.len();
+        let (sum, min, max) = simd.sum_min_max(x);
+        // Any NaN or infinity makes the sum non-finite, so the exact search only runs
+        // then (finite samples can overflow the sum too: the search finds nothing).
+        if !sum.is_finite() {
+            if let Some(index) = x.iter().position(|v| !v.is_finite()) {
+                return Err(SignalError::NonFinite { index });
+            }
         }
+        let deviations = simd.deviations(x, sum / n as f64, min, max);
+        let activity = deviations.x / n as f64;
+        let d1 = deviations.d1 / (n - 1) as f64;
+        let d2 = deviations.d2 / (n - 2) as f64;
+        out.flat = activity == 0.0;
+        out.clipped_fraction = if min == max {
+            1.0
+        } else {
+            deviations.plateau as f64 / n as f64
+        };
+
         self.welch(x, &mut out.psd);
         let psd = &out.psd;
         let freqs = &self.freqs;
-
-        let (activity, d1, d2) = hjorth_variances(x);
-        out.flat = activity == 0.0;
-        out.clipped_fraction = clipped_fraction(x);
-        for (b, range) in self.bands.iter().enumerate() {
-            out.abs[b] = Some(trapezoid(psd, freqs, *range));
+        for (abs, band) in out.abs.iter_mut().zip(&self.bands) {
+            *abs = Some(band.power(simd, psd));
         }
-        let total = trapezoid(psd, freqs, self.total);
+        let total = self.total_band.power(simd, psd);
         out.total_abs = Some(total);
         let defined = !out.flat && total > 0.0;
         for b in 0..5 {
@@ -325,16 +406,12 @@ impl FeatureEngine {
 
         // ln P once per bin of the total band; entropy and the 1/f fit both use it.
         let (lo, hi) = self.total;
-        self.ln_psd.clear();
-        self.ln_psd.resize(psd.len(), 0.0);
         let band = lo..=hi.min(psd.len() - 1);
-        for (ln, &p) in self.ln_psd[band.clone()].iter_mut().zip(&psd[band]) {
-            *ln = if p > 0.0 { p.ln() } else { 0.0 };
-        }
-        out.spectral_entropy = defined.then(|| {
+        simd.ln_positive(&psd[band.clone()], &mut self.ln_psd[band.clone()]);
+        out.spectral_entropy = (defined && !band.is_empty()).then(|| {
             // With p = P/S: -sum p ln p = ln S - (sum P ln P) / S (0 ln 0 = 0).
-            let sum = sum4(&psd[lo..=hi]);
-            let plnp: f64 = (lo..=hi).map(|k| psd[k] * self.ln_psd[k]).sum();
+            let sum = simd.sum(&psd[band.clone()]);
+            let plnp = simd.dot(&psd[band.clone()], &self.ln_psd[band.clone()]);
             (sum.ln() - plnp / sum) / ((hi - lo + 1) as f64).ln()
         });
 
@@ -349,113 +426,103 @@ impl FeatureEngine {
         }
 
         out.aperiodic_exponent = if defined {
-            aperiodic_slope(psd, &self.ln_psd, &self.ln_freqs, self.aperiodic)
+            self.aperiodic_slope(psd)
         } else {
             None
         };
-        out.line_noise_50hz = self
-            .line_50
-            .and_then(|l| line_ratio(psd, l, &mut self.median));
-        out.line_noise_60hz = self
-            .line_60
-            .and_then(|l| line_ratio(psd, l, &mut self.median));
+        (out.line_noise_50hz, out.line_noise_60hz) = match (&self.line_50, &self.line_60) {
+            (Some(a), Some(b)) if a.network == b.network => {
+                let (ma, mb) =
+                    kernels::median_pair(a.neighbours(psd), b.neighbours(psd), a.len(), &a.network);
+                (a.ratio(psd, ma), b.ratio(psd, mb))
+            }
+            (a, b) => (
+                a.as_ref().and_then(|l| l.ratio_alone(psd)),
+                b.as_ref().and_then(|l| l.ratio_alone(psd)),
+            ),
+        };
         Ok(())
     }
 
     /// Welch PSD of `x` into `psd` (resized to the bin count; no allocation once sized).
     fn welch(&mut self, x: &[f64], psd: &mut Vec<f64>) {
-        let bins = self.spectrum.len();
+        let bins = self.freqs.len();
         psd.clear();
         psd.resize(bins, 0.0);
-        for s in 0..self.segments {
+        // Every segment windowed into its part of the buffer, then one FFT call for all.
+        let len = self.fft.len();
+        for (s, buffer) in self.buffer.chunks_exact_mut(len).enumerate() {
             let seg = &x[s * self.hop..s * self.hop + self.nperseg];
-            let mean = sum4(seg) / self.nperseg as f64;
-            for ((out, &v), &h) in self.segment.iter_mut().zip(seg).zip(&self.hann) {
-                *out = (v - mean) * h;
+            let mean = self.simd.sum(seg) / self.nperseg as f64;
+            match self.transform {
+                Transform::Paired { .. } => {
+                    self.simd.window_pairs(seg, mean, &self.hann, buffer);
+                }
+                Transform::Full => {
+                    for ((z, &v), &h) in buffer.iter_mut().zip(seg).zip(&self.hann) {
+                        *z = Complex::new((v - mean) * h, 0.0);
+                    }
+                }
             }
-            self.fft
-                .process_with_scratch(&mut self.segment, &mut self.spectrum, &mut self.scratch)
-                .expect("buffers are sized by the plan");
-            for (p, z) in psd.iter_mut().zip(&self.spectrum) {
-                *p += z.norm_sqr();
+        }
+        self.fft
+            .process_with_scratch(&mut self.buffer, &mut self.scratch);
+        match &self.transform {
+            Transform::Paired { cos, sin } => {
+                self.pairs.fill(0.0);
+                for spectrum in self.buffer.chunks_exact(len) {
+                    self.simd
+                        .accumulate_real_spectrum(spectrum, cos, sin, &mut self.pairs, psd);
+                }
+                self.simd.finish_real_spectrum(&self.pairs, psd);
+            }
+            Transform::Full => {
+                for spectrum in self.buffer.chunks_exact(len) {
+                    for (p, z) in psd.iter_mut().zip(spectrum) {
+                        *p += z.norm_sqr();
+                    }
+                }
             }
         }
-        let even = self.nperseg % 2 == 0;
-        let factor = self.scale / self.segments as f64;
-        let last = bins - 1;
-        for (k, p) in psd.iter_mut().enumerate() {
-            // One-sided: every bin but DC (and Nyquist for even lengths) counts twice.
-            let doubled = k > 0 && !(even && k == last);
-            *p *= if doubled { 2.0 * factor } else { factor };
+        for (p, scale) in psd.iter_mut().zip(&self.bin_scale) {
+            *p *= scale;
         }
     }
-}
 
-fn clipped_fraction(x: &[f64]) -> f64 {
-    // Inputs are finite (checked), so plain comparisons suffice and vectorise.
-    let (mut min, mut max) = (x[0], x[0]);
-    for &v in x {
-        min = if v < min { v } else { min };
-        max = if v > max { v } else { max };
-    }
-    if min == max {
-        return 1.0;
-    }
-    // A railed or clipping channel sits on a plateau at its extreme; a healthy one
-    // touches an extreme and leaves (even a periodic one, which touches it repeatedly).
-    let plateau: usize = x
-        .windows(2)
-        .map(|w| usize::from((w[1] == w[0]) & ((w[1] == min) | (w[1] == max))))
-        .sum();
-    plateau as f64 / x.len() as f64
-}
-
-/// Least-squares slope of log PSD over log f (the slope is the same in any base), over
-/// the positive bins of `range`; `ln_freqs` holds ln f per bin.
-fn aperiodic_slope(
-    psd: &[f64],
-    ln_psd: &[f64],
-    ln_freqs: &[f64],
-    (lo, hi): (usize, usize),
-) -> Option<f64> {
-    let (mut n, mut sx, mut sy, mut sxx, mut sxy) = (0.0, 0.0, 0.0, 0.0, 0.0);
-    for k in lo..=hi.min(psd.len() - 1) {
-        if psd[k] > 0.0 && k > 0 {
-            let (x, y) = (ln_freqs[k], ln_psd[k]);
-            n += 1.0;
-            sx += x;
-            sy += y;
-            sxx += x * x;
-            sxy += x * y;
+    /// Least-squares slope of log PSD over log f (the slope is the same in any base),
+    /// over the positive bins of the fit's range.
+    fn aperiodic_slope(&self, psd: &[f64]) -> Option<f64> {
+        let (lo, hi) = self.aperiodic;
+        let fit = lo.max(1)..=hi.min(psd.len() - 1);
+        if fit.is_empty() {
+            return None;
         }
+        let (n, sx, sy, sxx, sxy) = if psd[fit.clone()].iter().all(|&p| p > 0.0) {
+            // The usual case: every bin takes part, so the sums over ln f are fixed.
+            let (x, y) = (&self.ln_freqs[fit.clone()], &self.ln_psd[fit.clone()]);
+            let (sx, sxx) = self.fit_sums;
+            (
+                x.len() as f64,
+                sx,
+                self.simd.sum(y),
+                sxx,
+                self.simd.dot(x, y),
+            )
+        } else {
+            let (mut n, mut sx, mut sy, mut sxx, mut sxy) = (0.0, 0.0, 0.0, 0.0, 0.0);
+            for k in fit.filter(|&k| psd[k] > 0.0) {
+                let (x, y) = (self.ln_freqs[k], self.ln_psd[k]);
+                n += 1.0;
+                sx += x;
+                sy += y;
+                sxx += x * x;
+                sxy += x * y;
+            }
+            (n, sx, sy, sxx, sxy)
+        };
+        let denominator = n * sxx - sx * sx;
+        (n >= 3.0 && denominator > 0.0).then(|| (n * sxy - sx * sy) / denominator)
     }
-    let denominator = n * sxx - sx * sx;
-    (n >= 3.0 && denominator > 0.0).then(|| (n * sxy - sx * sy) / denominator)
-}
-
-/// PSD at the line frequency over the median of its neighbourhood (itself excluded).
-fn line_ratio(psd: &[f64], (k, lo, hi): (usize, usize, usize), buf: &mut Vec<f64>) -> Option<f64> {
-    buf.clear();
-    buf.extend(
-        (lo..=hi)
-            .filter(|&i| i != k && i < psd.len())
-            .map(|i| psd[i]),
-    );
-    if buf.is_empty() {
-        return None;
-    }
-    let len = buf.len();
-    let mid = len / 2;
-    let (below, upper, _) = buf.select_nth_unstable_by(mid, f64::total_cmp);
-    let upper = *upper;
-    let median = if len % 2 == 0 {
-        // The lower middle is the largest of the half below.
-        let lower = below.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        (lower + upper) / 2.0
-    } else {
-        upper
-    };
-    (median > 0.0).then(|| psd[k] / median)
 }
 
 #[cfg(test)]
@@ -473,13 +540,13 @@ mod tests {
         let e = FeatureEngine::new(128.0, 256).unwrap();
         assert_eq!((e.nperseg, e.hop, e.segments), (128, 64, 3));
         assert_eq!(e.freqs().len(), 65);
-        assert_eq!(e.bands[0], (1, 4));
+        assert_eq!((e.bands[0].first, e.bands[0].weights.len()), (1, 4));
         assert_eq!(e.total, (1, 45));
         let e = FeatureEngine::new(256.0, 512).unwrap();
         assert_eq!((e.nperseg, e.hop, e.segments), (256, 128, 3));
         assert_eq!(e.freqs().len(), 129);
         assert_eq!(e.resolution_hz(), 1.0);
-        assert_eq!(e.line_60.map(|l| l.0), Some(60));
+        assert_eq!(e.line_60.as_ref().map(|l| l.bin), Some(60));
         assert!(FeatureEngine::new(128.5, 256).is_err());
         assert!(FeatureEngine::new(128.0, 100).is_err());
     }
@@ -558,6 +625,50 @@ mod tests {
             out.line_noise_50hz
         );
         assert!(out.clipped_fraction < 0.01);
+    }
+
+    #[test]
+    fn the_avx2_loops_give_the_portable_loops_bits() {
+        // On a CPU without AVX2 both engines run the portable loops and this only
+        // checks determinism.
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        for (fs, seconds) in [
+            (128.0, 2.0),
+            (256.0, 2.0),
+            (250.0, 2.0),
+            (500.0, 4.0),
+            (17.0, 3.0),
+        ] {
+            let n = (fs * seconds) as usize;
+            let mut fast = FeatureEngine::new(fs, n).unwrap();
+            let mut portable = FeatureEngine::new(fs, n).unwrap();
+            portable.simd = Simd::portable();
+            let (mut a, mut b) = (WindowFeatures::default(), WindowFeatures::default());
+            for round in 0..20 {
+                let mut x: Vec<f64> = (0..n)
+                    .map(|i| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        let t = i as f64 / fs;
+                        40.0 * (2.0 * std::f64::consts::PI * 9.5 * t).sin()
+                            + (state % 10_000) as f64 / 100.0
+                            + 1e3 * f64::from(round)
+                    })
+                    .collect();
+                if round % 5 == 4 {
+                    // A railed stretch: plateaus at the extremes.
+                    for v in &mut x[n / 3..n / 2] {
+                        *v = 5e3;
+                    }
+                }
+                fast.compute(&x, &mut a).unwrap();
+                portable.compute(&x, &mut b).unwrap();
+                let bits = |v: &[f64]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a.psd), bits(&b.psd), "{fs} Hz, round {round}");
+                assert_eq!(a, b, "{fs} Hz, round {round}");
+            }
+        }
     }
 
     #[test]
