@@ -107,10 +107,8 @@ pub(crate) unsafe fn dot(w: &[f64], x: &[f64]) -> f64 {
 /// [`crate::kernels::deviations`].
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn deviations(x: &[f64], mean: f64, min: f64, max: f64) -> Deviations {
-    let n = x.len();
-    let mean_d1 = (x[n - 1] - x[0]) / (n - 1) as f64;
-    let mean_d2 = ((x[n - 1] - x[n - 2]) - (x[1] - x[0])) / (n - 2) as f64;
-    let body = n - 2;
+    let (mean_d1, mean_d2) = crate::kernels::difference_means(x);
+    let body = x.len() - 2;
     let (vm, vm1, vm2) = (
         _mm256_set1_pd(mean),
         _mm256_set1_pd(mean_d1),
@@ -140,23 +138,12 @@ pub(crate) unsafe fn deviations(x: &[f64], mean: f64, min: f64, max: f64) -> Dev
         repeats = _mm256_or_pd(repeats, _mm256_cmp_pd::<_CMP_EQ_OQ>(b, a));
         i += 4;
     }
-    let (mut t0, mut t1, mut t2) = (0.0, 0.0, 0.0);
-    for j in i..body {
-        let d1 = x[j + 1] - x[j];
-        let d2 = (x[j + 2] - x[j + 1]) - d1;
-        let (e0, e1, e2) = (x[j] - mean, d1 - mean_d1, d2 - mean_d2);
-        t0 += e0 * e0;
-        t1 += e1 * e1;
-        t2 += e2 * e2;
-    }
     crate::kernels::finish_deviations(
         x,
         mean,
-        mean_d1,
         min,
         max,
         [fold4(lanes(v0)), fold4(lanes(v1)), fold4(lanes(v2))],
-        [t0, t1, t2],
         _mm256_movemask_pd(repeats) != 0,
     )
 }

@@ -197,11 +197,8 @@ pub(crate) struct Deviations {
 /// Positions i = 0..n-2 go into lane i mod 4 while whole groups of four remain, the
 /// rest in order.
 pub(crate) fn deviations(x: &[f64], mean: f64, min: f64, max: f64) -> Deviations {
-    let n = x.len();
-    // The means of the differences telescope.
-    let mean_d1 = (x[n - 1] - x[0]) / (n - 1) as f64;
-    let mean_d2 = ((x[n - 1] - x[n - 2]) - (x[1] - x[0])) / (n - 2) as f64;
-    let body = n - 2;
+    let (mean_d1, mean_d2) = difference_means(x);
+    let body = x.len() - 2;
     let (mut v0, mut v1, mut v2) = ([0.0; 4], [0.0; 4], [0.0; 4]);
     let mut repeats = false;
     let mut i = 0;
@@ -218,8 +215,44 @@ pub(crate) fn deviations(x: &[f64], mean: f64, min: f64, max: f64) -> Deviations
         }
         i += 4;
     }
+    finish_deviations(
+        x,
+        mean,
+        min,
+        max,
+        [fold4(v0), fold4(v1), fold4(v2)],
+        repeats,
+    )
+}
+
+/// The means of the first and second differences of `x` (they telescope).
+#[inline(always)]
+pub(crate) fn difference_means(x: &[f64]) -> (f64, f64) {
+    let n = x.len();
+    (
+        (x[n - 1] - x[0]) / (n - 1) as f64,
+        ((x[n - 1] - x[n - 2]) - (x[1] - x[0])) / (n - 2) as f64,
+    )
+}
+
+/// Completes [`Deviations`] from the folded lanes of the body's whole groups of four:
+/// adds the positions past them in order and the terms past the body (the last two
+/// samples, the last first difference); counts the plateau samples if the body saw a
+/// sample repeat its predecessor (the pairs past the groups are checked here).
+#[inline(always)]
+pub(crate) fn finish_deviations(
+    x: &[f64],
+    mean: f64,
+    min: f64,
+    max: f64,
+    folded: [f64; 3],
+    repeats_in_body: bool,
+) -> Deviations {
+    let n = x.len();
+    let (mean_d1, mean_d2) = difference_means(x);
+    let grouped = (n - 2) / 4 * 4;
     let (mut t0, mut t1, mut t2) = (0.0, 0.0, 0.0);
-    for j in i..body {
+    for j in grouped..n - 2 {
         let d1 = x[j + 1] - x[j];
         let d2 = (x[j + 2] - x[j + 1]) - d1;
         let (e0, e1, e2) = (x[j] - mean, d1 - mean_d1, d2 - mean_d2);
@@ -227,40 +260,11 @@ pub(crate) fn deviations(x: &[f64], mean: f64, min: f64, max: f64) -> Deviations
         t1 += e1 * e1;
         t2 += e2 * e2;
     }
-    finish_deviations(
-        x,
-        mean,
-        mean_d1,
-        min,
-        max,
-        [fold4(v0), fold4(v1), fold4(v2)],
-        [t0, t1, t2],
-        repeats,
-    )
-}
-
-/// Adds the folded lanes, the in-order rest and the terms past the body (the last two
-/// samples, the last first difference) into [`Deviations`]; counts the plateau
-/// samples if the body saw a sample repeat its predecessor (the rest is checked here).
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-pub(crate) fn finish_deviations(
-    x: &[f64],
-    mean: f64,
-    mean_d1: f64,
-    min: f64,
-    max: f64,
-    folded: [f64; 3],
-    rest: [f64; 3],
-    repeats_in_body: bool,
-) -> Deviations {
-    let n = x.len();
+    let rest = [t0, t1, t2];
     let e0a = x[n - 2] - mean;
     let e0b = x[n - 1] - mean;
     let e1 = (x[n - 1] - x[n - 2]) - mean_d1;
-    // The body's groups of four cover pairs up to (4g - 1, 4g); the rest are checked
-    // here. Most windows never repeat a sample; those that do are counted exactly.
-    let grouped = (n - 2) / 4 * 4;
+    // Most windows never repeat a sample; those that do are counted exactly.
     let repeats = repeats_in_body || x[grouped..].windows(2).any(|w| w[1] == w[0]);
     let plateau = if repeats {
         x.windows(2)
