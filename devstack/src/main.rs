@@ -10,6 +10,10 @@ use clap::{Parser, Subcommand};
 use clisonix_dev::stack::Stack;
 use clisonix_dev::{procs, run};
 
+// `./dev run` hosts ingest in this process: it runs on ingest's allocator.
+#[global_allocator]
+static ALLOCATOR: clisonix_alba::Allocator = clisonix_alba::ALLOCATOR;
+
 const ABOUT: &str = "The Clisonix development stack: Apache Kafka (KRaft, one node) and Postgres \
 on loopback, the catalog's topics and the database migrations.";
 

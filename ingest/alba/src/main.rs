@@ -5,6 +5,9 @@ use std::process::ExitCode;
 use clisonix_alba::{Application, Config};
 use tracing::{error, info};
 
+#[global_allocator]
+static ALLOCATOR: clisonix_alba::Allocator = clisonix_alba::ALLOCATOR;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
