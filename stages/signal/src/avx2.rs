@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 
 use rustfft::num_complex::Complex;
 
-use crate::kernels::{fold16, fold4, Deviations};
+use crate::kernels::{fold16, fold4, fold8, Deviations};
 
 #[inline(always)]
 unsafe fn lanes(v: __m256d) -> [f64; 4] {
@@ -53,34 +53,63 @@ pub(crate) unsafe fn sum(x: &[f64]) -> f64 {
     fold16(lanes) + tail
 }
 
-/// [`crate::kernels::sum_min_max`]: the sum as [`sum`], minimum and maximum in a
-/// second pass over the same (cached) values.
+/// [`crate::kernels::mul_assign`], four at a time.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn mul_assign(x: &mut [f64], by: &[f64]) {
+    let n = x.len().min(by.len());
+    let (px, pb) = (x.as_mut_ptr(), by.as_ptr());
+    let mut i = 0;
+    while i + 4 <= n {
+        _mm256_storeu_pd(
+            px.add(i),
+            _mm256_mul_pd(_mm256_loadu_pd(px.add(i)), _mm256_loadu_pd(pb.add(i))),
+        );
+        i += 4;
+    }
+    crate::kernels::mul_assign(&mut x[i..n], &by[i..n]);
+}
+
+/// [`crate::kernels::sum_min_max`] in one pass: the sum's four registers (lanes as
+/// [`sum`]) and four registers each of minima and maxima over every group of 16.
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn sum_min_max(x: &[f64]) -> (f64, f64, f64) {
     let first = _mm256_set1_pd(x[0]);
-    let (mut lo_a, mut lo_b, mut hi_a, mut hi_b) = (first, first, first, first);
+    let mut acc = [_mm256_setzero_pd(); 4];
+    let (mut lo, mut hi) = ([first; 4], [first; 4]);
     let p = x.as_ptr();
     let mut i = 0;
-    while i + 8 <= x.len() {
-        let (u, v) = (_mm256_loadu_pd(p.add(i)), _mm256_loadu_pd(p.add(i + 4)));
-        lo_a = _mm256_min_pd(lo_a, u);
-        lo_b = _mm256_min_pd(lo_b, v);
-        hi_a = _mm256_max_pd(hi_a, u);
-        hi_b = _mm256_max_pd(hi_b, v);
-        i += 8;
+    while i + 16 <= x.len() {
+        for r in 0..4 {
+            let v = _mm256_loadu_pd(p.add(i + 4 * r));
+            acc[r] = _mm256_add_pd(acc[r], v);
+            lo[r] = _mm256_min_pd(lo[r], v);
+            hi[r] = _mm256_max_pd(hi[r], v);
+        }
+        i += 16;
     }
-    let (mut min, mut max) = (x[0], x[0]);
+    let mut sums = [0.0; 16];
+    for (r, a) in acc.iter().enumerate() {
+        _mm256_storeu_pd(sums.as_mut_ptr().add(4 * r), *a);
+    }
+    let (mut tail, mut min, mut max) = (0.0, x[0], x[0]);
     for &v in &x[i..] {
+        tail += v;
         min = if v < min { v } else { min };
         max = if v > max { v } else { max };
     }
-    let lo = lanes(_mm256_min_pd(lo_a, lo_b));
-    let hi = lanes(_mm256_max_pd(hi_a, hi_b));
+    let lo = lanes(_mm256_min_pd(
+        _mm256_min_pd(lo[0], lo[1]),
+        _mm256_min_pd(lo[2], lo[3]),
+    ));
+    let hi = lanes(_mm256_max_pd(
+        _mm256_max_pd(hi[0], hi[1]),
+        _mm256_max_pd(hi[2], hi[3]),
+    ));
     for l in 0..4 {
         min = if lo[l] < min { lo[l] } else { min };
         max = if hi[l] > max { hi[l] } else { max };
     }
-    (sum(x), min, max)
+    (fold16(sums) + tail, min, max)
 }
 
 /// [`crate::kernels::dot`].
@@ -104,7 +133,8 @@ pub(crate) unsafe fn dot(w: &[f64], x: &[f64]) -> f64 {
     fold4(lanes(acc)) + tail
 }
 
-/// [`crate::kernels::deviations`].
+/// [`crate::kernels::deviations`]: two registers per sum (lanes 0..4 and 4..8), so
+/// the additions of consecutive groups do not wait for each other.
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn deviations(x: &[f64], mean: f64, min: f64, max: f64) -> Deviations {
     let (mean_d1, mean_d2) = crate::kernels::difference_means(x);
@@ -114,36 +144,39 @@ pub(crate) unsafe fn deviations(x: &[f64], mean: f64, min: f64, max: f64) -> Dev
         _mm256_set1_pd(mean_d1),
         _mm256_set1_pd(mean_d2),
     );
-    let (mut v0, mut v1, mut v2, mut repeats) = (
-        _mm256_setzero_pd(),
-        _mm256_setzero_pd(),
-        _mm256_setzero_pd(),
-        _mm256_setzero_pd(),
-    );
+    let zero = _mm256_setzero_pd();
+    let (mut v0, mut v1, mut v2, mut repeats) = ([zero; 2], [zero; 2], [zero; 2], zero);
     let p = x.as_ptr();
     let mut i = 0;
-    // i + 4 <= body, so the loads of i + 2 .. i + 6 stay inside x (n = body + 2).
-    while i + 4 <= body {
-        let a = _mm256_loadu_pd(p.add(i));
-        let b = _mm256_loadu_pd(p.add(i + 1));
-        let c = _mm256_loadu_pd(p.add(i + 2));
-        let d1 = _mm256_sub_pd(b, a);
-        let d2 = _mm256_sub_pd(_mm256_sub_pd(c, b), d1);
-        let e0 = _mm256_sub_pd(a, vm);
-        let e1 = _mm256_sub_pd(d1, vm1);
-        let e2 = _mm256_sub_pd(d2, vm2);
-        v0 = _mm256_add_pd(v0, _mm256_mul_pd(e0, e0));
-        v1 = _mm256_add_pd(v1, _mm256_mul_pd(e1, e1));
-        v2 = _mm256_add_pd(v2, _mm256_mul_pd(e2, e2));
-        repeats = _mm256_or_pd(repeats, _mm256_cmp_pd::<_CMP_EQ_OQ>(b, a));
-        i += 4;
+    // i + 8 <= body, so the loads of i + 2 .. i + 10 stay inside x (n = body + 2).
+    while i + 8 <= body {
+        for r in 0..2 {
+            let j = i + 4 * r;
+            let a = _mm256_loadu_pd(p.add(j));
+            let b = _mm256_loadu_pd(p.add(j + 1));
+            let c = _mm256_loadu_pd(p.add(j + 2));
+            let d1 = _mm256_sub_pd(b, a);
+            let d2 = _mm256_sub_pd(_mm256_sub_pd(c, b), d1);
+            let e0 = _mm256_sub_pd(a, vm);
+            let e1 = _mm256_sub_pd(d1, vm1);
+            let e2 = _mm256_sub_pd(d2, vm2);
+            v0[r] = _mm256_add_pd(v0[r], _mm256_mul_pd(e0, e0));
+            v1[r] = _mm256_add_pd(v1[r], _mm256_mul_pd(e1, e1));
+            v2[r] = _mm256_add_pd(v2[r], _mm256_mul_pd(e2, e2));
+            repeats = _mm256_or_pd(repeats, _mm256_cmp_pd::<_CMP_EQ_OQ>(b, a));
+        }
+        i += 8;
     }
+    let fold = |v: [__m256d; 2]| {
+        let (a, b) = (lanes(v[0]), lanes(v[1]));
+        fold8(std::array::from_fn(|l| if l < 4 { a[l] } else { b[l - 4] }))
+    };
     crate::kernels::finish_deviations(
         x,
         mean,
         min,
         max,
-        [fold4(lanes(v0)), fold4(lanes(v1)), fold4(lanes(v2))],
+        [fold(v0), fold(v1), fold(v2)],
         _mm256_movemask_pd(repeats) != 0,
     )
 }
@@ -170,58 +203,71 @@ pub(crate) unsafe fn window_pairs(x: &[f64], mean: f64, hann: &[f64], out: &mut 
     }
 }
 
-/// [`crate::kernels::accumulate_real_spectrum_from`]: two bins k, k+1 and their
-/// mirrors M-k, M-k-1 per step, complex values interleaved in the registers. Those
-/// four powers are added to `pairs[2(k-1)..2(k-1)+4]` (one vector add: each bin still
-/// gets its segments' powers added in order, from zero), which
-/// [`finish_real_spectrum`] moves into the PSD; the last bins go to `psd` directly.
+/// Every segment's [`crate::kernels::accumulate_real_spectrum_from`], added up: `z`
+/// holds the segments' spectra, `m` values each. Two bins k, k+1 and their mirrors
+/// M-k, M-k-1 per step, complex values interleaved in the registers; the step goes
+/// through every segment and adds their four powers in one register, in segment order
+/// from zero (so each bin gets the same sum, bit for bit, as the portable loop adds
+/// into the PSD), then writes them to the PSD. The last bins, DC and Nyquist go
+/// through the portable loop.
 #[target_feature(enable = "avx2")]
-pub(crate) unsafe fn accumulate_real_spectrum(
+pub(crate) unsafe fn real_spectra(
     z: &[Complex<f64>],
+    m: usize,
     cos: &[f64],
     sin: &[f64],
-    pairs: &mut [f64],
     psd: &mut [f64],
 ) {
-    let m = z.len();
     let half = m / 2;
+    assert!(m > 0 && z.len() % m == 0);
     assert!(psd.len() > m && cos.len() > 2 * half + 1 && sin.len() > 2 * half + 1);
-    assert!(pairs.len() >= m);
-    let pp = pairs.as_mut_ptr();
+    let segments = z.len() / m;
     let zp = z.as_ptr().cast::<f64>();
     // Flips the sign of the imaginary parts (conjugates two complex values).
     let conj = _mm256_set_pd(-0.0, 0.0, -0.0, 0.0);
     let mut k = 1;
     // Both k and k + 1 below half: their mirrors are distinct bins above half.
     while k + 1 < half {
-        let zk = _mm256_loadu_pd(zp.add(2 * k));
-        // Z_{M-k-1}, Z_{M-k}, swapped into Z_{M-k}, Z_{M-k-1}.
-        let mirror = _mm256_permute2f128_pd::<0x01>(
-            _mm256_loadu_pd(zp.add(2 * (m - k - 1))),
-            _mm256_loadu_pd(zp.add(2 * (m - k - 1))),
-        );
-        let mconj = _mm256_xor_pd(mirror, conj);
-        // A = (zr + mr, zi - mi); B = (zi + mi, mr - zr) = swap(Z - conj M) with the
-        // new imaginary part negated.
-        let a = _mm256_add_pd(zk, mconj);
-        let diff = _mm256_sub_pd(zk, mconj);
-        let b = _mm256_xor_pd(_mm256_permute_pd::<0b0101>(diff), conj);
         // (c_k, c_k, c_k+1, c_k+1) and the same of -sin: 2k + 4 <= 2 half.
         let c = _mm256_loadu_pd(cos.as_ptr().add(2 * k));
         let s = _mm256_loadu_pd(sin.as_ptr().add(2 * k));
-        // T = (c br - s bi, c bi + s br).
-        let t = _mm256_addsub_pd(
-            _mm256_mul_pd(c, b),
-            _mm256_mul_pd(s, _mm256_permute_pd::<0b0101>(b)),
-        );
-        let (pk, qk) = (_mm256_add_pd(a, t), _mm256_sub_pd(a, t));
-        // (|P_k|², |Q_k|², |P_k+1|², |Q_k+1|²); 2(k-1) + 4 <= 2 half <= m.
-        let power = _mm256_hadd_pd(_mm256_mul_pd(pk, pk), _mm256_mul_pd(qk, qk));
-        let slot = pp.add(2 * (k - 1));
-        _mm256_storeu_pd(slot, _mm256_add_pd(_mm256_loadu_pd(slot), power));
+        let mut sum = _mm256_setzero_pd();
+        for seg in 0..segments {
+            // Segment seg's Z_k, Z_k+1 and Z_{M-k-1}, Z_{M-k}: inside z, as
+            // seg * m + m - k - 1 + 2 <= (seg + 1) m.
+            let zs = zp.add(2 * seg * m);
+            let zk = _mm256_loadu_pd(zs.add(2 * k));
+            // Z_{M-k-1}, Z_{M-k}, swapped into Z_{M-k}, Z_{M-k-1}.
+            let high = _mm256_loadu_pd(zs.add(2 * (m - k - 1)));
+            let mirror = _mm256_permute2f128_pd::<0x01>(high, high);
+            let mconj = _mm256_xor_pd(mirror, conj);
+            // A = (zr + mr, zi - mi); B = (zi + mi, mr - zr) = swap(Z - conj M) with
+            // the new imaginary part negated.
+            let a = _mm256_add_pd(zk, mconj);
+            let diff = _mm256_sub_pd(zk, mconj);
+            let b = _mm256_xor_pd(_mm256_permute_pd::<0b0101>(diff), conj);
+            // T = (c br - s bi, c bi + s br).
+            let t = _mm256_addsub_pd(
+                _mm256_mul_pd(c, b),
+                _mm256_mul_pd(s, _mm256_permute_pd::<0b0101>(b)),
+            );
+            let (pk, qk) = (_mm256_add_pd(a, t), _mm256_sub_pd(a, t));
+            // (|P_k|², |Q_k|², |P_k+1|², |Q_k+1|²).
+            sum = _mm256_add_pd(
+                sum,
+                _mm256_hadd_pd(_mm256_mul_pd(pk, pk), _mm256_mul_pd(qk, qk)),
+            );
+        }
+        let [p0, q0, p1, q1] = lanes(sum);
+        psd[k] = p0;
+        psd[m - k] = q0;
+        psd[k + 1] = p1;
+        psd[m - k - 1] = q1;
         k += 2;
     }
-    crate::kernels::accumulate_real_spectrum_from(k, z, cos, sin, psd);
+    for spectrum in z.chunks_exact(m) {
+        crate::kernels::accumulate_real_spectrum_from(k, spectrum, cos, sin, psd);
+    }
 }
 
 /// [`crate::kernels::ln_positive`], four at a time; the arithmetic of
@@ -287,19 +333,4 @@ pub(crate) unsafe fn ln_positive(x: &[f64], out: &mut [f64]) {
         i += 4;
     }
     crate::kernels::ln_positive(&x[i..n], &mut out[i..n]);
-}
-
-/// Moves the powers [`accumulate_real_spectrum`] gathered in `pairs` into `psd` (bins
-/// 1..M/2 - 1 of M = `pairs.len()`, and their mirrors).
-pub(crate) fn finish_real_spectrum(pairs: &[f64], psd: &mut [f64]) {
-    let m = pairs.len();
-    let mut k = 1;
-    while k + 1 < m / 2 {
-        let slot = &pairs[2 * (k - 1)..2 * (k - 1) + 4];
-        psd[k] = slot[0];
-        psd[m - k] = slot[1];
-        psd[k + 1] = slot[2];
-        psd[m - k - 1] = slot[3];
-        k += 2;
-    }
 }

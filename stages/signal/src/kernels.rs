@@ -57,6 +57,15 @@ impl Simd {
     }
 
     #[inline]
+    pub(crate) fn mul_assign(self, x: &mut [f64], by: &[f64]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            return unsafe { crate::avx2::mul_assign(x, by) };
+        }
+        mul_assign(x, by)
+    }
+
+    #[inline]
     pub(crate) fn sum_min_max(self, x: &[f64]) -> (f64, f64, f64) {
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
@@ -92,34 +101,25 @@ impl Simd {
         ln_positive(x, out)
     }
 
-    /// Adds a segment's power spectrum (see [`accumulate_real_spectrum_from`]); the
-    /// AVX2 loop keeps part of it in `pairs` (M values, zero before the first segment)
-    /// until [`Simd::finish_real_spectrum`].
+    /// The summed power spectra of the real segments whose sample pairs were
+    /// transformed into `z` (M = `m` complex values each, one segment after another):
+    /// [`accumulate_real_spectrum_from`] for each, added to `psd` (zero before).
     #[inline]
-    pub(crate) fn accumulate_real_spectrum(
+    pub(crate) fn real_spectra(
         self,
         z: &[Complex<f64>],
+        m: usize,
         cos: &[f64],
         sin: &[f64],
-        pairs: &mut [f64],
         psd: &mut [f64],
     ) {
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
-            return unsafe { crate::avx2::accumulate_real_spectrum(z, cos, sin, pairs, psd) };
+            return unsafe { crate::avx2::real_spectra(z, m, cos, sin, psd) };
         }
-        let _ = pairs;
-        accumulate_real_spectrum_from(1, z, cos, sin, psd)
-    }
-
-    /// Completes the PSD after the last [`Simd::accumulate_real_spectrum`].
-    #[inline]
-    pub(crate) fn finish_real_spectrum(self, pairs: &[f64], psd: &mut [f64]) {
-        #[cfg(target_arch = "x86_64")]
-        if self.avx2 {
-            crate::avx2::finish_real_spectrum(pairs, psd);
+        for spectrum in z.chunks_exact(m) {
+            accumulate_real_spectrum_from(1, spectrum, cos, sin, psd);
         }
-        let _ = (pairs, psd);
     }
 }
 
@@ -129,6 +129,13 @@ impl Simd {
 pub(crate) fn fold16(v: [f64; 16]) -> f64 {
     let r: [f64; 8] = std::array::from_fn(|l| v[l] + v[l + 8]);
     fold4(std::array::from_fn(|l| r[l] + r[l + 4]))
+}
+
+/// Folds eight accumulator lanes as two 4-lane registers would be: their sum, then
+/// pairwise.
+#[inline(always)]
+pub(crate) fn fold8(v: [f64; 8]) -> f64 {
+    fold4(std::array::from_fn(|l| v[l] + v[l + 4]))
 }
 
 /// Folds four accumulator lanes pairwise.
@@ -171,7 +178,14 @@ pub(crate) fn dot(w: &[f64], x: &[f64]) -> f64 {
     fold4(acc) + tail
 }
 
-/// Sum (as [`sum`]), minimum and maximum of `x` (not empty) in one pass.
+/// `x_i *= by_i` (over the shorter of the two).
+pub(crate) fn mul_assign(x: &mut [f64], by: &[f64]) {
+    for (v, b) in x.iter_mut().zip(by) {
+        *v *= b;
+    }
+}
+
+/// Sum (as [`sum`]), minimum and maximum of `x` (not empty).
 pub(crate) fn sum_min_max(x: &[f64]) -> (f64, f64, f64) {
     let (mut min, mut max) = (x[0], x[0]);
     for &v in x {
@@ -194,16 +208,16 @@ pub(crate) struct Deviations {
 }
 
 /// [`Deviations`] of `x` (at least 3 samples) with the given mean, minimum and maximum.
-/// Positions i = 0..n-2 go into lane i mod 4 while whole groups of four remain, the
-/// rest in order.
+/// Positions i = 0..n-2 go into lane i mod 8 while whole groups of eight remain (two
+/// AVX2 registers), the rest in order.
 pub(crate) fn deviations(x: &[f64], mean: f64, min: f64, max: f64) -> Deviations {
     let (mean_d1, mean_d2) = difference_means(x);
     let body = x.len() - 2;
-    let (mut v0, mut v1, mut v2) = ([0.0; 4], [0.0; 4], [0.0; 4]);
+    let (mut v0, mut v1, mut v2) = ([0.0; 8], [0.0; 8], [0.0; 8]);
     let mut repeats = false;
     let mut i = 0;
-    while i + 4 <= body {
-        for l in 0..4 {
+    while i + 8 <= body {
+        for l in 0..8 {
             let j = i + l;
             let d1 = x[j + 1] - x[j];
             let d2 = (x[j + 2] - x[j + 1]) - d1;
@@ -213,14 +227,14 @@ pub(crate) fn deviations(x: &[f64], mean: f64, min: f64, max: f64) -> Deviations
             v2[l] += e2 * e2;
             repeats |= x[j + 1] == x[j];
         }
-        i += 4;
+        i += 8;
     }
     finish_deviations(
         x,
         mean,
         min,
         max,
-        [fold4(v0), fold4(v1), fold4(v2)],
+        [fold8(v0), fold8(v1), fold8(v2)],
         repeats,
     )
 }
@@ -235,7 +249,7 @@ pub(crate) fn difference_means(x: &[f64]) -> (f64, f64) {
     )
 }
 
-/// Completes [`Deviations`] from the folded lanes of the body's whole groups of four:
+/// Completes [`Deviations`] from the folded lanes of the body's whole groups of eight:
 /// adds the positions past them in order and the terms past the body (the last two
 /// samples, the last first difference); counts the plateau samples if the body saw a
 /// sample repeat its predecessor (the pairs past the groups are checked here).
@@ -250,7 +264,7 @@ pub(crate) fn finish_deviations(
 ) -> Deviations {
     let n = x.len();
     let (mean_d1, mean_d2) = difference_means(x);
-    let grouped = (n - 2) / 4 * 4;
+    let grouped = (n - 2) / 8 * 8;
     let (mut t0, mut t1, mut t2) = (0.0, 0.0, 0.0);
     for j in grouped..n - 2 {
         let d1 = x[j + 1] - x[j];
@@ -296,8 +310,8 @@ pub(crate) fn window_pairs(x: &[f64], mean: f64, hann: &[f64], out: &mut [Comple
 /// Adds `|X_k|²` to `psd[k]` for the bins k = 0, `first`..=M/2 and their mirrors M-k,
 /// where X is the spectrum of the real signal of length N = 2M whose sample pairs were
 /// transformed into `z` (M complex values) by a complex FFT; `cos` and `sin` hold
-/// `cos(2πk/N)` and `-sin(2πk/N)` at 2k and 2k + 1, for k = 0..=M/2. (The AVX2 twin does bins 1..first
-/// itself and hands the rest here.)
+/// `cos(2πk/N)` and `-sin(2πk/N)` at 2k and 2k + 1, for k = 0..=M/2. (The AVX2
+/// `real_spectra` does bins 1..first itself and hands the rest here.)
 ///
 /// With `A_k = (Z_k + conj Z_{M-k}) / 2`, `B_k = (Z_k - conj Z_{M-k}) / 2i` and
 /// `T_k = W^k B_k` (W = e^{-2πi/N}): `X_k = A_k + T_k` and `X_{M-k} = conj(A_k - T_k)`.
@@ -467,6 +481,115 @@ pub(crate) fn median_pair(
     (middle(0), middle(1))
 }
 
+/// [`median_network`] of 20 values, as a constant: the neighbourhood of a line
+/// frequency at every sample rate from 142 Hz up (1 Hz bins, ±10 Hz, the line's own
+/// bin left out). A test checks it equals `median_network(20)`.
+pub(crate) const MEDIAN_NETWORK_20: [(u8, u8); 84] = [
+    (0, 1),
+    (2, 3),
+    (4, 5),
+    (6, 7),
+    (8, 9),
+    (10, 11),
+    (12, 13),
+    (14, 15),
+    (16, 17),
+    (18, 19),
+    (0, 2),
+    (1, 3),
+    (4, 6),
+    (5, 7),
+    (8, 10),
+    (9, 11),
+    (12, 14),
+    (13, 15),
+    (16, 18),
+    (17, 19),
+    (1, 2),
+    (5, 6),
+    (9, 10),
+    (13, 14),
+    (17, 18),
+    (0, 4),
+    (1, 5),
+    (2, 6),
+    (3, 7),
+    (8, 12),
+    (9, 13),
+    (10, 14),
+    (11, 15),
+    (2, 4),
+    (3, 5),
+    (10, 12),
+    (11, 13),
+    (1, 2),
+    (3, 4),
+    (5, 6),
+    (9, 10),
+    (11, 12),
+    (13, 14),
+    (17, 18),
+    (0, 8),
+    (1, 9),
+    (2, 10),
+    (3, 11),
+    (4, 12),
+    (5, 13),
+    (6, 14),
+    (7, 15),
+    (4, 8),
+    (5, 9),
+    (6, 10),
+    (7, 11),
+    (2, 4),
+    (3, 5),
+    (6, 8),
+    (7, 9),
+    (10, 12),
+    (11, 13),
+    (1, 2),
+    (3, 4),
+    (5, 6),
+    (7, 8),
+    (9, 10),
+    (11, 12),
+    (17, 18),
+    (0, 16),
+    (1, 17),
+    (2, 18),
+    (3, 19),
+    (8, 16),
+    (9, 17),
+    (10, 18),
+    (11, 19),
+    (5, 9),
+    (6, 10),
+    (7, 11),
+    (12, 16),
+    (7, 9),
+    (10, 12),
+    (9, 10),
+];
+
+/// [`median_pair`] for 20 values each: the network is a constant, so the compiler
+/// unrolls it and keeps the values in registers instead of reading and writing them
+/// through memory at run-time positions. Same comparisons in the same order, so the
+/// same medians.
+#[inline]
+pub(crate) fn median_pair_20(a: &[f64; 20], b: &[f64; 20]) -> (f64, f64) {
+    let mut buf: [[f64; 2]; 20] = std::array::from_fn(|i| [a[i], b[i]]);
+    for &(p, q) in &MEDIAN_NETWORK_20 {
+        let (p, q) = (usize::from(p), usize::from(q));
+        let (x, y) = (buf[p], buf[q]);
+        for l in 0..2 {
+            buf[p][l] = if y[l] < x[l] { y[l] } else { x[l] };
+            buf[q][l] = if y[l] < x[l] { x[l] } else { y[l] };
+        }
+    }
+    let middle = |l: usize| (buf[9][l] + buf[10][l]) / 2.0;
+    (middle(0), middle(1))
+}
+
 /// Compare-exchange pairs that sort `n` values: Batcher's odd-even merge sort for the
 /// next power of two, keeping only the pairs inside `0..n` (values past the end act as
 /// +∞, which no comparator moves).
@@ -562,6 +685,41 @@ mod tests {
                 }
                 assert_eq!(v, want, "n = {n}");
             }
+        }
+    }
+
+    #[test]
+    fn the_constant_network_of_20_is_the_pruned_one_and_finds_medians() {
+        assert_eq!(median_network(20), MEDIAN_NETWORK_20.to_vec());
+        let mut state = 11u64;
+        for _ in 0..200 {
+            let mut next = || {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1);
+                ((state >> 33) % 23) as f64
+            };
+            let a: [f64; 20] = std::array::from_fn(|_| next());
+            let b: [f64; 20] = std::array::from_fn(|_| next());
+            let want = median_pair(
+                a.iter().copied(),
+                b.iter().copied(),
+                20,
+                &median_network(20),
+            );
+            assert_eq!(median_pair_20(&a, &b), want);
+            // Fewer values padded evenly with -inf and +inf keep their median.
+            let n = 14;
+            let mut padded = [f64::INFINITY; 20];
+            padded[..3].fill(f64::NEG_INFINITY);
+            padded[3..17].copy_from_slice(&a[..n]);
+            let want = median_pair(
+                a[..n].iter().copied(),
+                a[..n].iter().copied(),
+                n,
+                &median_network(n),
+            );
+            assert_eq!(median_pair_20(&padded, &padded), want);
         }
     }
 

@@ -162,10 +162,36 @@ impl Line {
         (self.len() > 0 && median > 0.0).then(|| psd[self.bin] / median)
     }
 
+    /// The neighbourhood as 20 values with the same median, for
+    /// [`kernels::median_pair_20`]: itself when it has 20 bins (1 Hz bins from 142 Hz
+    /// up), or padded with as many -∞ below as +∞ above when it has fewer by an even
+    /// count (the 60 Hz line at 128 Hz has 14); `None` otherwise.
+    #[inline(always)]
+    fn twenty(&self, psd: &[f64]) -> Option<[f64; 20]> {
+        let n = self.len();
+        if n == 0 || n > 20 || (20 - n) % 2 != 0 {
+            return None;
+        }
+        let (below, above) = (&psd[self.lo..self.bin], &psd[self.bin + 1..=self.hi]);
+        let pad = (20 - n) / 2;
+        let mut v = [f64::INFINITY; 20];
+        v[..pad].fill(f64::NEG_INFINITY);
+        // Element by element: a copy of a run-time length would be a call to memmove.
+        for (slot, &x) in v[pad..].iter_mut().zip(below) {
+            *slot = x;
+        }
+        for (slot, &x) in v[pad + below.len()..].iter_mut().zip(above) {
+            *slot = x;
+        }
+        Some(v)
+    }
+
     fn ratio_alone(&self, psd: &[f64]) -> Option<f64> {
         let neighbours = || self.neighbours(psd);
-        let (median, _) =
-            kernels::median_pair(neighbours(), neighbours(), self.len(), &self.network);
+        let (median, _) = match self.twenty(psd) {
+            Some(v) => kernels::median_pair_20(&v, &v),
+            None => kernels::median_pair(neighbours(), neighbours(), self.len(), &self.network),
+        };
         self.ratio(psd, median)
     }
 }
@@ -193,16 +219,19 @@ pub struct FeatureEngine {
     transform: Transform,
     buffer: Vec<Complex<f64>>,
     scratch: Vec<Complex<f64>>,
-    /// Powers the AVX2 split keeps until the last segment (see `Simd`).
-    pairs: Vec<f64>,
     bands: [Band; 5],
     /// Inclusive bin ranges (empty ranges have `lo > hi`).
     total: (usize, usize),
     total_band: Band,
+    /// ln of the total band's bin count, which normalises the spectral entropy.
+    ln_total_bins: f64,
     alpha: (usize, usize),
     aperiodic: (usize, usize),
     line_50: Option<Line>,
     line_60: Option<Line>,
+    /// Both lines exist and their neighbourhoods are sorted by the same network (one
+    /// pass sorts both).
+    lines_share_network: bool,
     /// Which versions of the hot loops run (AVX2 where the CPU has it).
     simd: Simd,
 }
@@ -304,6 +333,11 @@ impl FeatureEngine {
             .map(|&f| if f > 0.0 { f.ln() } else { 0.0 })
             .collect();
         let fit = &ln_freqs[aperiodic.0.max(1)..=aperiodic.1];
+        let (line_50, line_60) = (line(50.0), line(60.0));
+        let lines_share_network = matches!(
+            (&line_50, &line_60),
+            (Some(a), Some(b)) if a.network == b.network
+        );
         Ok(FeatureEngine {
             fs,
             window: window_samples,
@@ -314,15 +348,16 @@ impl FeatureEngine {
             bin_scale,
             buffer: vec![Complex::default(); segments * fft.len()],
             scratch: vec![Complex::default(); fft.get_inplace_scratch_len()],
-            pairs: vec![0.0; fft.len()],
             bands: BANDS.map(|(_, lo, hi)| Band::new(&freqs, bin_range(&freqs, lo, hi))),
             total,
             total_band: Band::new(&freqs, total),
+            ln_total_bins: ((total.1 + 1).saturating_sub(total.0) as f64).ln(),
             alpha: bin_range(&freqs, ALPHA_PEAK.0, ALPHA_PEAK.1),
             aperiodic,
             fit_sums: (fit.iter().sum(), fit.iter().map(|x| x * x).sum()),
-            line_50: line(50.0),
-            line_60: line(60.0),
+            line_50,
+            line_60,
+            lines_share_network,
             ln_psd: vec![0.0; freqs.len()],
             ln_freqs,
             freqs,
@@ -412,7 +447,7 @@ impl FeatureEngine {
             // With p = P/S: -sum p ln p = ln S - (sum P ln P) / S (0 ln 0 = 0).
             let sum = simd.sum(&psd[band.clone()]);
             let plnp = simd.dot(&psd[band.clone()], &self.ln_psd[band.clone()]);
-            (sum.ln() - plnp / sum) / ((hi - lo + 1) as f64).ln()
+            (sum.ln() - plnp / sum) / self.ln_total_bins
         });
 
         out.hjorth_activity = Some(activity);
@@ -430,12 +465,24 @@ impl FeatureEngine {
         } else {
             None
         };
+        // Both lines' medians in one pass through a sorting network where possible.
         (out.line_noise_50hz, out.line_noise_60hz) = match (&self.line_50, &self.line_60) {
-            (Some(a), Some(b)) if a.network == b.network => {
-                let (ma, mb) =
-                    kernels::median_pair(a.neighbours(psd), b.neighbours(psd), a.len(), &a.network);
-                (a.ratio(psd, ma), b.ratio(psd, mb))
-            }
+            (Some(a), Some(b)) => match (a.twenty(psd), b.twenty(psd)) {
+                (Some(va), Some(vb)) => {
+                    let (ma, mb) = kernels::median_pair_20(&va, &vb);
+                    (a.ratio(psd, ma), b.ratio(psd, mb))
+                }
+                _ if self.lines_share_network => {
+                    let (ma, mb) = kernels::median_pair(
+                        a.neighbours(psd),
+                        b.neighbours(psd),
+                        a.len(),
+                        &a.network,
+                    );
+                    (a.ratio(psd, ma), b.ratio(psd, mb))
+                }
+                _ => (a.ratio_alone(psd), b.ratio_alone(psd)),
+            },
             (a, b) => (
                 a.as_ref().and_then(|l| l.ratio_alone(psd)),
                 b.as_ref().and_then(|l| l.ratio_alone(psd)),
@@ -469,12 +516,7 @@ impl FeatureEngine {
             .process_with_scratch(&mut self.buffer, &mut self.scratch);
         match &self.transform {
             Transform::Paired { cos, sin } => {
-                self.pairs.fill(0.0);
-                for spectrum in self.buffer.chunks_exact(len) {
-                    self.simd
-                        .accumulate_real_spectrum(spectrum, cos, sin, &mut self.pairs, psd);
-                }
-                self.simd.finish_real_spectrum(&self.pairs, psd);
+                self.simd.real_spectra(&self.buffer, len, cos, sin, psd);
             }
             Transform::Full => {
                 for spectrum in self.buffer.chunks_exact(len) {
@@ -484,9 +526,7 @@ impl FeatureEngine {
                 }
             }
         }
-        for (p, scale) in psd.iter_mut().zip(&self.bin_scale) {
-            *p *= scale;
-        }
+        self.simd.mul_assign(psd, &self.bin_scale);
     }
 
     /// Least-squares slope of log PSD over log f (the slope is the same in any base),
