@@ -482,7 +482,7 @@ pub(crate) fn median_pair(
 }
 
 /// [`median_network`] of 20 values, as a constant: the neighbourhood of a line
-/// frequency at every sample rate from 142 Hz up (1 Hz bins, ±10 Hz, the line's own
+/// frequency at every sample rate from 140 Hz up (1 Hz bins, ±10 Hz, the line's own
 /// bin left out). A test checks it equals `median_network(20)`.
 pub(crate) const MEDIAN_NETWORK_20: [(u8, u8); 84] = [
     (0, 1),

@@ -163,7 +163,7 @@ impl Line {
     }
 
     /// The neighbourhood as 20 values with the same median, for
-    /// [`kernels::median_pair_20`]: itself when it has 20 bins (1 Hz bins from 142 Hz
+    /// [`kernels::median_pair_20`]: itself when it has 20 bins (1 Hz bins from 140 Hz
     /// up), or padded with as many -∞ below as +∞ above when it has fewer by an even
     /// count (the 60 Hz line at 128 Hz has 14); `None` otherwise.
     #[inline(always)]
