@@ -252,7 +252,9 @@ pub async fn run_pipeline(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let recording = load(&options.file, options.frame_ms)?;
-    let mut services = Services::start(stack, options, stop.clone()).await?;
+    // A child token: shutting the services down after `--exit-when-done` must not look
+    // like the Ctrl-C that `stop` stands for (which exits with 130).
+    let mut services = Services::start(stack, options, stop.child_token()).await?;
     let outcome = tokio::select! {
         r = job(&mut services, options, &recording, &stop) => r,
         _ = stop.cancelled() => {
