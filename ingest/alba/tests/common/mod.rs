@@ -147,10 +147,13 @@ impl TestIngest {
         self.client().post_frames(frames, format).await.unwrap()
     }
 
+    /// Stops ingest and drops its database and topics (the benchmark alone writes
+    /// gigabytes a run; left behind, they fill a developer's disk).
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(30), self.server).await;
         self.db.drop_now().await;
+        self.env.delete_topics(self.topics.prefix()).await;
     }
 }
 
