@@ -27,7 +27,8 @@ pub use startup::{router, Application};
 /// hundreds of kilobytes across threads (bodies, records, answers). Under the
 /// throughput benchmark glibc's allocator took about a quarter of the request threads'
 /// CPU time; with mimalloc binary ingest went from 24,000–37,000 to 39,000–59,000
-/// frames/s on the same broker (README, "Benchmarks"). A binary that hosts ingest declares it:
+/// frames/s on the same broker (README, "Benchmarks"). A binary that hosts ingest
+/// declares it:
 /// `#[global_allocator] static ALLOCATOR: clisonix_alba::Allocator = clisonix_alba::ALLOCATOR;`
 pub type Allocator = mimalloc::MiMalloc;
 

@@ -447,6 +447,17 @@ pub(crate) fn median_network(n: usize) -> Vec<(u8, u8)> {
 /// Most values [`median_network`] takes.
 pub(crate) const MEDIAN_MAX: usize = 32;
 
+/// One comparator of a network over two lanes: the smaller value to `p`, the larger
+/// to `q`, in each lane.
+#[inline(always)]
+fn compare_exchange<const N: usize>(buf: &mut [[f64; 2]; N], p: usize, q: usize) {
+    let (x, y) = (buf[p], buf[q]);
+    for l in 0..2 {
+        buf[p][l] = if y[l] < x[l] { y[l] } else { x[l] };
+        buf[q][l] = if y[l] < x[l] { x[l] } else { y[l] };
+    }
+}
+
 /// Medians of two sets of `n` values (at most [`MEDIAN_MAX`]), sorted side by side
 /// by `network` from [`median_network`] for `n`: the middle value, or the mean of the
 /// two middle ones. (Two lanes: one pass through the network for both line
@@ -464,12 +475,7 @@ pub(crate) fn median_pair(
     }
     for &(p, q) in network {
         // Indices below MEDIAN_MAX (32): the mask lets the compiler drop bounds checks.
-        let (p, q) = (usize::from(p) & 31, usize::from(q) & 31);
-        let (x, y) = (buf[p], buf[q]);
-        for l in 0..2 {
-            buf[p][l] = if y[l] < x[l] { y[l] } else { x[l] };
-            buf[q][l] = if y[l] < x[l] { x[l] } else { y[l] };
-        }
+        compare_exchange(&mut buf, usize::from(p) & 31, usize::from(q) & 31);
     }
     let middle = |l: usize| {
         if n % 2 == 0 {
@@ -484,91 +490,18 @@ pub(crate) fn median_pair(
 /// [`median_network`] of 20 values, as a constant: the neighbourhood of a line
 /// frequency at every sample rate from 140 Hz up (1 Hz bins, ±10 Hz, the line's own
 /// bin left out). A test checks it equals `median_network(20)`.
+#[rustfmt::skip]
 pub(crate) const MEDIAN_NETWORK_20: [(u8, u8); 84] = [
-    (0, 1),
-    (2, 3),
-    (4, 5),
-    (6, 7),
-    (8, 9),
-    (10, 11),
-    (12, 13),
-    (14, 15),
-    (16, 17),
-    (18, 19),
-    (0, 2),
-    (1, 3),
-    (4, 6),
-    (5, 7),
-    (8, 10),
-    (9, 11),
-    (12, 14),
-    (13, 15),
-    (16, 18),
-    (17, 19),
-    (1, 2),
-    (5, 6),
-    (9, 10),
-    (13, 14),
-    (17, 18),
-    (0, 4),
-    (1, 5),
-    (2, 6),
-    (3, 7),
-    (8, 12),
-    (9, 13),
-    (10, 14),
-    (11, 15),
-    (2, 4),
-    (3, 5),
-    (10, 12),
-    (11, 13),
-    (1, 2),
-    (3, 4),
-    (5, 6),
-    (9, 10),
-    (11, 12),
-    (13, 14),
-    (17, 18),
-    (0, 8),
-    (1, 9),
-    (2, 10),
-    (3, 11),
-    (4, 12),
-    (5, 13),
-    (6, 14),
-    (7, 15),
-    (4, 8),
-    (5, 9),
-    (6, 10),
-    (7, 11),
-    (2, 4),
-    (3, 5),
-    (6, 8),
-    (7, 9),
-    (10, 12),
-    (11, 13),
-    (1, 2),
-    (3, 4),
-    (5, 6),
-    (7, 8),
-    (9, 10),
-    (11, 12),
-    (17, 18),
-    (0, 16),
-    (1, 17),
-    (2, 18),
-    (3, 19),
-    (8, 16),
-    (9, 17),
-    (10, 18),
-    (11, 19),
-    (5, 9),
-    (6, 10),
-    (7, 11),
-    (12, 16),
-    (7, 9),
-    (10, 12),
-    (9, 10),
+    (0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11), (12, 13), (14, 15), (16, 17),
+    (18, 19), (0, 2), (1, 3), (4, 6), (5, 7), (8, 10), (9, 11), (12, 14), (13, 15),
+    (16, 18), (17, 19), (1, 2), (5, 6), (9, 10), (13, 14), (17, 18), (0, 4), (1, 5),
+    (2, 6), (3, 7), (8, 12), (9, 13), (10, 14), (11, 15), (2, 4), (3, 5), (10, 12),
+    (11, 13), (1, 2), (3, 4), (5, 6), (9, 10), (11, 12), (13, 14), (17, 18), (0, 8),
+    (1, 9), (2, 10), (3, 11), (4, 12), (5, 13), (6, 14), (7, 15), (4, 8), (5, 9),
+    (6, 10), (7, 11), (2, 4), (3, 5), (6, 8), (7, 9), (10, 12), (11, 13), (1, 2),
+    (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (17, 18), (0, 16), (1, 17), (2, 18),
+    (3, 19), (8, 16), (9, 17), (10, 18), (11, 19), (5, 9), (6, 10), (7, 11), (12, 16),
+    (7, 9), (10, 12), (9, 10),
 ];
 
 /// [`median_pair`] for 20 values each: the network is a constant, so the compiler
@@ -579,12 +512,7 @@ pub(crate) const MEDIAN_NETWORK_20: [(u8, u8); 84] = [
 pub(crate) fn median_pair_20(a: &[f64; 20], b: &[f64; 20]) -> (f64, f64) {
     let mut buf: [[f64; 2]; 20] = std::array::from_fn(|i| [a[i], b[i]]);
     for &(p, q) in &MEDIAN_NETWORK_20 {
-        let (p, q) = (usize::from(p), usize::from(q));
-        let (x, y) = (buf[p], buf[q]);
-        for l in 0..2 {
-            buf[p][l] = if y[l] < x[l] { y[l] } else { x[l] };
-            buf[q][l] = if y[l] < x[l] { x[l] } else { y[l] };
-        }
+        compare_exchange(&mut buf, usize::from(p), usize::from(q));
     }
     let middle = |l: usize| (buf[9][l] + buf[10][l]) / 2.0;
     (middle(0), middle(1))
