@@ -5,9 +5,15 @@
 //! broker. Prints frames/s and MB/s of frame records.
 //!
 //! The broker's speed drifts (its JIT warming up, log rolls, the page cache), so the
-//! figures come after an untimed warm-up of every kind of run, the raw producer runs
-//! before and after each round's ingest runs, and the verdict is the median of five
-//! rounds' ratios. Ingest runs in this process on the allocator its binary uses.
+//! figures come after an untimed warm-up of every kind of run, every input of a round
+//! is made before the round's first run, the raw producer runs before and after each
+//! round's ingest runs, and the verdict is the median of five rounds' ratios. Ingest
+//! runs in this process on the allocator its binary uses.
+//!
+//! Each run also prints the CPU it took per frame, from `/proc`: the whole machine,
+//! the broker (`java`), Postgres, librdkafka's threads, and the runtime's threads
+//! (ingest and its clients share them). On a machine whose cores are all busy, that
+//! is what bounds the figure.
 //!
 //!     ./dev up && eval "$(./dev env)" && cargo bench -p clisonix-alba --bench ingest
 
@@ -17,6 +23,9 @@ mod common;
 #[global_allocator]
 static ALLOCATOR: clisonix_alba::Allocator = clisonix_alba::ALLOCATOR;
 
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use clisonix_player::http::{Client, Format};
@@ -66,10 +75,9 @@ fn record_bytes(devices: &[Vec<Frame>]) -> usize {
         .sum()
 }
 
-async fn raw(t: &TestIngest, devices: &[Vec<Frame>]) -> Figure {
-    let producer: FutureProducer = t.env.kafka.producer().create().unwrap();
-    let topic = t.frames_topic();
-    let records: Vec<(Vec<u8>, Vec<u8>)> = devices
+/// The raw producer's records: the same bytes ingest publishes, keyed the same way.
+fn raw_records(t: &TestIngest, devices: &[Vec<Frame>]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    devices
         .iter()
         .flatten()
         .map(|f| {
@@ -77,7 +85,15 @@ async fn raw(t: &TestIngest, devices: &[Vec<Frame>]) -> Figure {
             f.tenant_id = t.tenant.id;
             (encode(&f.key()).unwrap(), encode(&f).unwrap())
         })
-        .collect();
+        .collect()
+}
+
+async fn raw(
+    t: &TestIngest,
+    producer: &FutureProducer,
+    records: Vec<(Vec<u8>, Vec<u8>)>,
+) -> Figure {
+    let topic = t.frames_topic();
     let bytes = records.iter().map(|(_, v)| v.len()).sum();
     let started = Instant::now();
     let mut pending = Vec::with_capacity(records.len());
@@ -102,20 +118,48 @@ async fn raw(t: &TestIngest, devices: &[Vec<Frame>]) -> Figure {
     }
 }
 
-async fn http(t: &TestIngest, devices: Vec<Vec<Frame>>, format: Format, batch: usize) -> Figure {
-    let bytes = record_bytes(&devices);
-    let count = devices.iter().map(Vec::len).sum();
-    // The devices' bodies are encoded before the clock starts, as the raw producer's
-    // records are: the figure is ingest's, not the client's encoder's.
-    let bodies: Vec<Vec<(&'static str, Vec<u8>)>> = devices
-        .iter()
-        .map(|frames| frames.chunks(batch).map(|c| format.body(c)).collect())
-        .collect();
+/// A run's HTTP bodies, per device, with the frame count and record bytes they carry.
+struct Bodies {
+    devices: Vec<Vec<(&'static str, Vec<u8>)>>,
+    frames: usize,
+    bytes: usize,
+}
+
+fn bodies(devices: &[Vec<Frame>], format: Format, batch: usize) -> Bodies {
+    Bodies {
+        devices: devices
+            .iter()
+            .map(|frames| frames.chunks(batch).map(|c| format.body(c)).collect())
+            .collect(),
+        frames: devices.iter().map(Vec::len).sum(),
+        bytes: record_bytes(devices),
+    }
+}
+
+async fn http(t: &TestIngest, bodies: Bodies) -> Figure {
+    post_all(&t.url, &t.tenant.key, bodies).await
+}
+
+/// A server that reads each body and answers 200 with its length: what moving the
+/// bodies over HTTP costs on this machine, without ingest's work.
+async fn sink() -> String {
+    let app = axum::Router::new().route(
+        "/v1/frames",
+        axum::routing::post(|body: axum::body::Bytes| async move { body.len().to_string() }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+async fn post_all(url: &str, key: &str, bodies: Bodies) -> Figure {
     let started = Instant::now();
     let tasks: Vec<_> = bodies
+        .devices
         .into_iter()
         .map(|bodies| {
-            let (url, key) = (t.url.clone(), t.tenant.key.clone());
+            let (url, key) = (url.to_owned(), key.to_owned());
             tokio::spawn(async move {
                 let mut c = Client::new(&url, &key).unwrap();
                 for (ct, body) in bodies {
@@ -129,8 +173,8 @@ async fn http(t: &TestIngest, devices: Vec<Vec<Frame>>, format: Format, batch: u
         task.await.unwrap();
     }
     Figure {
-        frames: count,
-        bytes,
+        frames: bodies.frames,
+        bytes: bodies.bytes,
         elapsed: started.elapsed(),
     }
 }
@@ -167,6 +211,108 @@ async fn websocket(t: &TestIngest, devices: Vec<Vec<Frame>>) -> Figure {
     }
 }
 
+/// CPU time, in clock ticks, by where it went: this process's threads by kind, the
+/// broker's and Postgres's processes, and the machine as a whole (Linux `/proc`).
+#[derive(Debug, Default, Clone)]
+struct Cpu {
+    parts: BTreeMap<&'static str, u64>,
+    busy: u64,
+    idle: u64,
+}
+
+/// A thread's or process's name and user+system ticks from its `stat` file.
+fn ticks(dir: &Path) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(") ")?;
+    let name = head.split_once(" (")?.1.to_owned();
+    let fields: Vec<&str> = rest.split(' ').collect();
+    Some((
+        name,
+        fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?,
+    ))
+}
+
+impl Cpu {
+    fn now() -> Cpu {
+        let mut cpu = Cpu::default();
+        let tasks = std::fs::read_dir("/proc/self/task").into_iter().flatten();
+        for (name, t) in tasks.flatten().filter_map(|e| ticks(&e.path())) {
+            let part = if name.starts_with("tokio") {
+                "ingest and clients"
+            } else if name.starts_with("rdk:") || name == "producer pollin" {
+                "librdkafka"
+            } else {
+                "bench main"
+            };
+            *cpu.parts.entry(part).or_default() += t;
+        }
+        let processes = std::fs::read_dir("/proc").into_iter().flatten();
+        for (name, t) in processes.flatten().filter_map(|e| ticks(&e.path())) {
+            let part = match name.as_str() {
+                "java" => "broker",
+                "postgres" => "postgres",
+                _ => continue,
+            };
+            *cpu.parts.entry(part).or_default() += t;
+        }
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let all: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        if all.len() >= 5 {
+            cpu.idle = all[3] + all[4];
+            cpu.busy = all.iter().sum::<u64>() - cpu.idle;
+        }
+        cpu
+    }
+
+    fn since(&self, before: &Cpu) -> Cpu {
+        let mut parts = self.parts.clone();
+        for (k, v) in parts.iter_mut() {
+            *v -= before.parts.get(k).copied().unwrap_or(0).min(*v);
+        }
+        Cpu {
+            parts,
+            busy: self.busy - before.busy,
+            idle: self.idle - before.idle,
+        }
+    }
+
+    /// Microseconds of CPU per frame (clock ticks are 10 ms).
+    fn per_frame(ticks: u64, frames: usize) -> f64 {
+        ticks as f64 * 10_000.0 / frames as f64
+    }
+
+    fn line(&self, frames: usize) -> String {
+        let named: u64 = self.parts.values().sum();
+        let mut line = format!(
+            "CPU {:5.1} us/frame, machine {:2.0}% idle:",
+            Cpu::per_frame(self.busy, frames),
+            100.0 * self.idle as f64 / (self.busy + self.idle).max(1) as f64
+        );
+        for (part, t) in self.parts.iter().filter(|(_, t)| **t > 0) {
+            line += &format!(" {part} {:.1},", Cpu::per_frame(*t, frames));
+        }
+        line += &format!(
+            " kernel and rest {:.1}",
+            Cpu::per_frame(self.busy.saturating_sub(named), frames)
+        );
+        line
+    }
+}
+
+/// Runs one timed run and measures the CPU it took.
+async fn measured(run: impl Future<Output = Figure>) -> (Figure, Cpu) {
+    let before = Cpu::now();
+    let figure = run.await;
+    (figure, Cpu::now().since(&before))
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -175,6 +321,8 @@ fn main() {
         .unwrap();
     runtime.block_on(async {
         let t = TestIngest::spawn().await;
+        let producer: FutureProducer = t.env.kafka.producer().create().unwrap();
+        let sink = sink().await;
         let per_device = 4_000u64;
         println!(
             "ingest: {DEVICES} devices x {per_device} frames of {CHANNELS} channels x {SAMPLES} samples (1/8 s at 256 Hz), {} bytes per record; started {:?}",
@@ -183,46 +331,73 @@ fn main() {
         );
         // Warm-up, untimed: connections, the producer, the database pool, and the
         // broker's JIT on every path.
-        let _ = raw(&t, &workload(per_device / 2)).await;
-        http(&t, workload(per_device / 2), Format::Binary, 128).await;
+        raw(&t, &producer, raw_records(&t, &workload(per_device / 2))).await;
+        http(&t, bodies(&workload(per_device / 2), Format::Binary, 128)).await;
+        post_all(&sink, "", bodies(&workload(per_device / 2), Format::Binary, 128)).await;
         websocket(&t, workload(per_device / 2)).await;
-        http(&t, workload(per_device / 10), Format::Json, 128).await;
+        http(&t, bodies(&workload(per_device / 10), Format::Json, 128)).await;
         let mut ratios = Vec::new();
+        let mut cpus: [Vec<f64>; 4] = Default::default();
         for round in 1..=ROUNDS {
-            // Each ratio is against the mean of the raw runs before and after it.
-            let raw_before = raw(&t, &workload(per_device)).await;
-            let binary = http(&t, workload(per_device), Format::Binary, 128).await;
-            let ws = websocket(&t, workload(per_device)).await;
-            let json = http(&t, workload(per_device / 5), Format::Json, 128).await;
-            let raw_after = raw(&t, &workload(per_device)).await;
-            let raw = Figure {
-                frames: raw_before.frames + raw_after.frames,
-                bytes: raw_before.bytes + raw_after.bytes,
-                elapsed: raw_before.elapsed + raw_after.elapsed,
-            };
+            // Every input of the round is made before its first run: no run shares
+            // the machine with the making of another's input.
+            let raw_before = raw_records(&t, &workload(per_device));
+            let binary = bodies(&workload(per_device), Format::Binary, 128);
+            let to_sink = bodies(&workload(per_device), Format::Binary, 128);
+            let ws = workload(per_device);
+            let json = bodies(&workload(per_device / 5), Format::Json, 128);
+            let raw_after = raw_records(&t, &workload(per_device));
+            // Each ratio is against the raw runs before and after it.
+            let raw_before = measured(raw(&t, &producer, raw_before)).await;
+            let binary = measured(http(&t, binary)).await;
+            let to_sink = measured(post_all(&sink, "", to_sink)).await;
+            let ws = measured(websocket(&t, ws)).await;
+            let json = measured(http(&t, json)).await;
+            let raw_after = measured(raw(&t, &producer, raw_after)).await;
             println!("round {round}");
-            println!("  {}", raw_before.line("raw rdkafka producer (before)"));
-            println!("  {}", raw_after.line("raw rdkafka producer (after)"));
-            println!("  {}", binary.line("ingest HTTP binary (128/request)"));
-            println!("  {}", ws.line("ingest WebSocket binary"));
-            println!("  {}", json.line("ingest HTTP JSON (128/request)"));
-            let ratio = [binary.rate(), ws.rate(), json.rate()].map(|r| r / raw.rate());
+            let runs = [
+                ("raw rdkafka producer (before)", &raw_before),
+                ("raw rdkafka producer (after)", &raw_after),
+                ("ingest HTTP binary (128/request)", &binary),
+                ("ingest WebSocket binary", &ws),
+                ("ingest HTTP JSON (128/request)", &json),
+                ("HTTP alone: binary to a sink", &to_sink),
+            ];
+            for (what, (figure, cpu)) in runs {
+                println!("  {}", figure.line(what));
+                println!("      {}", cpu.line(figure.frames));
+            }
+            let raw = Figure {
+                frames: raw_before.0.frames + raw_after.0.frames,
+                bytes: raw_before.0.bytes + raw_after.0.bytes,
+                elapsed: raw_before.0.elapsed + raw_after.0.elapsed,
+            };
+            let ratio = [&binary, &ws, &json].map(|(f, _)| f.rate() / raw.rate());
             println!(
                 "  binary/raw {:.2}, websocket/raw {:.2}, json/raw {:.2}",
                 ratio[0], ratio[1], ratio[2]
             );
             ratios.push(ratio);
+            let raw_busy = raw_before.1.busy + raw_after.1.busy;
+            cpus[0].push(Cpu::per_frame(raw_busy, raw.frames));
+            for (i, (f, c)) in [&binary, &ws, &json].into_iter().enumerate() {
+                cpus[i + 1].push(Cpu::per_frame(c.busy, f.frames));
+            }
         }
-        let median = |i: usize| {
-            let mut v: Vec<f64> = ratios.iter().map(|r| r[i]).collect();
+        let median = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
+        let ratio = |i: usize| median(ratios.iter().map(|r| r[i]).collect());
         println!(
             "median over {ROUNDS} rounds: binary/raw {:.2} (goal >= 0.80), websocket/raw {:.2}, json/raw {:.2}",
-            median(0),
-            median(1),
-            median(2)
+            ratio(0),
+            ratio(1),
+            ratio(2)
+        );
+        let [raw, binary, ws, json] = cpus.map(median);
+        println!(
+            "median CPU per frame, whole machine: raw {raw:.1} us, binary {binary:.1} us, websocket {ws:.1} us, json {json:.1} us"
         );
         t.stop().await;
     });

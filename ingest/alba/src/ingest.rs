@@ -26,7 +26,8 @@ use clisonix_ingest_protocol::answer::{FrameResult, FrameStatus};
 use clisonix_ingest_protocol::validate::validate;
 use clisonix_ingest_protocol::{Limits, Reason, Rejection};
 use clisonix_schemas::{encode, Frame, SessionId, TenantId, Timestamp};
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row};
 use uuid::Uuid;
 
 use crate::metrics::{Metrics, Transport};
@@ -255,19 +256,8 @@ impl Ingest {
                 .map(|p| rejected(p.index, Some(session), Some(p.frame.seq), error.clone()))
                 .collect()
         };
-        let mut tx = match self.pool.begin().await {
-            Ok(tx) => tx,
-            Err(e) => {
-                let out = fail_all(&frames, self.unavailable(e));
-                self.count_rejections(&out);
-                return out;
-            }
-        };
-        let locked = match self
-            .lock_session(&mut tx, tenant, transport, &first.frame)
-            .await
-        {
-            Ok(row) => row,
+        let (tx, locked) = match SessionTx::begin(self, tenant, transport, &first.frame).await {
+            Ok(begun) => begun,
             Err(e) => {
                 let out = fail_all(&frames, self.unavailable(e));
                 self.count_rejections(&out);
@@ -277,6 +267,9 @@ impl Ingest {
         if locked.tenant_id != tenant.as_uuid() {
             let out = fail_all(&frames, forbidden(session));
             self.count_rejections(&out);
+            if let Err(error) = tx.commit(None).await {
+                tracing::warn!(%error, %session, "closing a session's transaction failed");
+            }
             return out;
         }
         let mut results = Vec::with_capacity(frames.len());
@@ -380,20 +373,7 @@ impl Ingest {
             }
         }
         if let Some(last) = last {
-            let recorded = async {
-                sqlx::query(
-                    "UPDATE ingest_sessions SET last_seq = $2, frames = frames + $3, last_frame_at = now(), \
-                     ended_at = CASE WHEN $4 THEN coalesce(ended_at, now()) ELSE ended_at END WHERE session_id = $1",
-                )
-                .bind(session.as_uuid())
-                .bind(last as i64)
-                .bind(confirmed as i64)
-                .bind(ended_now)
-                .execute(&mut *tx)
-                .await?;
-                tx.commit().await
-            };
-            if let Err(error) = recorded.await {
+            if let Err(error) = tx.commit(Some((last, confirmed, ended_now))).await {
                 // The frames are in the topic (the answer says so); only the record of
                 // them is missing, so a resend would be published again.
                 tracing::error!(%error, %session, last, "recording a session's last sequence number failed");
@@ -404,6 +384,8 @@ impl Ingest {
                 .inc_by(confirmed as u64);
             let device = &to_publish[0].frame.device_id;
             self.usage.record(tenant, session, device, confirmed, bytes);
+        } else if let Err(error) = tx.commit(None).await {
+            tracing::warn!(%error, %session, "closing a session's transaction failed");
         }
         self.count_rejections(&results);
         results
@@ -450,6 +432,96 @@ impl Ingest {
             .fetch_one(&mut *tx)
             .await?;
         Ok(row(found))
+    }
+}
+
+/// A session group's transaction, holding the session's row lock while its frames are
+/// published. It opens with the lock and closes with the update in one round trip
+/// each (simple-query statements, whose values are numbers and a UUID), and its commit
+/// does not wait for the WAL flush: a database crash may then forget the last
+/// fraction of a second of updates, whose frames a resend publishes again (at least
+/// once, as after a crash between publishing and committing). A transaction not
+/// closed (an error, or a request dropped midway) closes its connection, which rolls
+/// it back.
+#[derive(Debug)]
+pub struct SessionTx {
+    conn: Option<PoolConnection<Postgres>>,
+    session: Uuid,
+}
+
+impl SessionTx {
+    /// Begins, and locks the session's row (creating it, and its device, from `first`).
+    pub async fn begin(
+        ingest: &Ingest,
+        tenant: TenantId,
+        transport: Transport,
+        first: &Frame,
+    ) -> Result<(SessionTx, SessionRow), sqlx::Error> {
+        let session = first.session_id.as_uuid();
+        let mut tx = SessionTx {
+            conn: Some(ingest.pool.acquire().await?),
+            session,
+        };
+        let rows = sqlx::raw_sql(AssertSqlSafe(format!(
+            "BEGIN; SET LOCAL synchronous_commit = off; \
+             SELECT tenant_id, device_id, sample_rate_hz, unit, to_json(channel_labels)::text, last_seq, ended_at IS NOT NULL \
+             FROM ingest_sessions WHERE session_id = '{session}' FOR UPDATE"
+        )))
+        .fetch_all(tx.conn())
+        .await?;
+        let row = match rows.first() {
+            Some(r) => SessionRow {
+                tenant_id: r.try_get(0)?,
+                device_id: r.try_get(1)?,
+                sample_rate_hz: r.try_get(2)?,
+                unit: r.try_get(3)?,
+                channel_labels: serde_json::from_str(r.try_get(4)?)
+                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                last_seq: r.try_get(5)?,
+                ended: r.try_get(6)?,
+            },
+            None => {
+                ingest
+                    .lock_session(tx.conn(), tenant, transport, first)
+                    .await?
+            }
+        };
+        Ok((tx, row))
+    }
+
+    fn conn(&mut self) -> &mut PgConnection {
+        self.conn.as_mut().expect("open until committed")
+    }
+
+    /// Records the confirmed frames (the last sequence number, how many, and whether
+    /// the session ended), if any, and commits.
+    pub async fn commit(
+        mut self,
+        confirmed: Option<(u64, usize, bool)>,
+    ) -> Result<(), sqlx::Error> {
+        let session = self.session;
+        let sql = match confirmed {
+            Some((last, count, ended)) => format!(
+                "UPDATE ingest_sessions SET last_seq = {last}, frames = frames + {count}, last_frame_at = now(), \
+                 ended_at = CASE WHEN {ended} THEN coalesce(ended_at, now()) ELSE ended_at END \
+                 WHERE session_id = '{session}'; COMMIT"
+            ),
+            None => "COMMIT".to_owned(),
+        };
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(self.conn())
+            .await?;
+        // Closed: the connection goes back to the pool.
+        drop(self.conn.take());
+        Ok(())
+    }
+}
+
+impl Drop for SessionTx {
+    fn drop(&mut self) {
+        if let Some(conn) = &mut self.conn {
+            conn.close_on_drop();
+        }
     }
 }
 
