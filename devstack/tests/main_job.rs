@@ -3,11 +3,10 @@
 //! presets' audio, and exits with status 0 (Ctrl-C, not a finished job, is what exits
 //! with 130). Under `./dev test` it reuses the running stack and leaves it running.
 
-use std::io::Read;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A port nothing listens on right now.
 fn free_port() -> u16 {
@@ -21,7 +20,8 @@ fn free_port() -> u16 {
 #[test]
 fn the_main_job_streams_the_recording_through_the_pipeline_and_exits_cleanly() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_clisonix-dev"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_clisonix-dev"));
+    command
         .args(["run", "--fast", "--exit-when-done"])
         .arg("--gateway-listen")
         .arg(format!("127.0.0.1:{}", free_port()))
@@ -30,34 +30,23 @@ fn the_main_job_streams_the_recording_through_the_pipeline_and_exits_cleanly() {
         .current_dir(&root)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("clisonix-dev starts");
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("./dev run --fast --exit-when-done did not finish within 10 minutes");
-        }
-        std::thread::sleep(Duration::from_millis(200));
+        .stderr(Stdio::piped());
+    let child = command.spawn().expect("clisonix-dev starts");
+    let pid = child.id().to_string();
+    // `wait_with_output` reads both pipes while it waits (a child blocked on a full
+    // pipe would never exit); the channel bounds the wait.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done_tx.send(child.wait_with_output()));
+    let Ok(output) = done_rx.recv_timeout(Duration::from_secs(600)) else {
+        let _ = Command::new("kill").args(["-9", &pid]).status();
+        panic!("./dev run --fast --exit-when-done did not finish within 10 minutes");
     };
-    let mut out = String::new();
-    let mut err = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let output = output.unwrap();
+    let (status, out, err) = (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    );
     assert!(status.success(), "exit {status}\n{out}\n{err}");
 
     let done = out

@@ -406,6 +406,18 @@ impl Ingest {
         {
             return Ok(row(found));
         }
+        self.create_session(tx, tenant, transport, first).await
+    }
+
+    /// Creates the session (and its device) from `first`, unless another request just
+    /// did, and locks whichever row won.
+    async fn create_session(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        tenant: TenantId,
+        transport: Transport,
+        first: &Frame,
+    ) -> Result<SessionRow, sqlx::Error> {
         sqlx::query(
             "INSERT INTO devices (tenant_id, device_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
         )
@@ -482,7 +494,7 @@ impl SessionTx {
             },
             None => {
                 ingest
-                    .lock_session(tx.conn(), tenant, transport, first)
+                    .create_session(tx.conn(), tenant, transport, first)
                     .await?
             }
         };
