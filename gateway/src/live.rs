@@ -33,8 +33,12 @@ use crate::results;
 use crate::startup::AppState;
 
 const POLL: Duration = Duration::from_secs(2);
-/// After the session ended, how long without new rows before the stream says so.
-const SETTLE: Duration = Duration::from_secs(2);
+/// After the session ended, how long without new rows before the stream says so. The
+/// sessions stage can mark a session ended while Albi's last windows are still on the
+/// way; on a loaded machine 2 s was not always enough (the stream ended windows early).
+/// A quiet period is still a guess: ending on "every window of the session's samples
+/// is stored" would not be.
+const SETTLE: Duration = Duration::from_secs(6);
 /// Feature rows and audio chunks read per round.
 const ROWS_PER_READ: i64 = 8_192;
 const CHUNKS_PER_READ: i64 = 16;
