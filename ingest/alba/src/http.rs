@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::ingest::{prepare, prepare_binary, Ingest, Numbering, Prepared};
+use crate::ingest::{prepare, prepare_binary, Ingest, LastLabels, Numbering, Prepared};
 use crate::metrics::Transport;
 
 #[derive(Debug, Clone)]
@@ -135,11 +135,14 @@ pub fn prepare_body(
                 prepare(i, frame, limits, now)
             })
             .collect(),
-        BodyKind::Binary => binary::split_items(body)?
-            .into_iter()
-            .enumerate()
-            .map(|(i, item)| prepare_binary(i, item, tenant, limits, now))
-            .collect(),
+        BodyKind::Binary => {
+            let mut last = LastLabels::default();
+            binary::split_items(body)?
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| prepare_binary(i, item, &mut last, tenant, limits, now))
+                .collect()
+        }
     };
     if prepared.is_empty() {
         return Err(Rejection::new(
@@ -230,11 +233,20 @@ pub async fn post_frames(
 /// The batch answer with its status, `Retry-After`, and the error object when the
 /// status is an error.
 pub fn answer(answer: BatchAnswer) -> Response {
+    /// The answer as sent: the results, and beside them the usual error object.
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        #[serde(flatten)]
+        answer: &'a BatchAnswer,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<serde_json::Value>,
+    }
     let status = StatusCode::from_u16(answer.status()).unwrap_or(StatusCode::OK);
     let retry = answer.retry_after_ms().filter(|_| status.as_u16() >= 429);
-    let mut body = serde_json::to_value(&answer).expect("answers serialise");
-    if status.is_client_error() || status.is_server_error() {
-        if let Some(e) = answer.first_error() {
+    let error = (status.is_client_error() || status.is_server_error())
+        .then(|| answer.first_error())
+        .flatten()
+        .map(|e| {
             let mut error = json!({
                 "code": e.code,
                 "message": e.message,
@@ -243,9 +255,12 @@ pub fn answer(answer: BatchAnswer) -> Response {
             if let Some(f) = &e.field {
                 error["field"] = json!(f);
             }
-            body["error"] = error;
-        }
-    }
+            error
+        });
+    let body = Body {
+        answer: &answer,
+        error,
+    };
     let mut response = (status, Json(body)).into_response();
     if let Some(ms) = retry {
         response

@@ -23,9 +23,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clisonix_ingest_protocol::answer::{FrameResult, FrameStatus};
-use clisonix_ingest_protocol::validate::validate;
+use clisonix_ingest_protocol::validate::{validate, validate_view};
 use clisonix_ingest_protocol::{Limits, Reason, Rejection};
-use clisonix_schemas::{encode, Frame, SessionId, TenantId, Timestamp};
+use clisonix_schemas::{encode, DeviceId, Frame, SampleUnit, SessionId, TenantId, Timestamp};
 use sqlx::pool::PoolConnection;
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row};
 use uuid::Uuid;
@@ -39,8 +39,42 @@ use crate::usage::Usage;
 pub struct Prepared {
     /// Position in the request or stream.
     pub index: usize,
-    pub frame: Frame,
+    pub head: Head,
+    /// The record to publish.
     pub value: Vec<u8>,
+}
+
+/// What ingest needs of a checked frame besides its record: where it goes, how it is
+/// numbered, and what its session must agree with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Head {
+    pub session_id: SessionId,
+    pub seq: u64,
+    pub device_id: DeviceId,
+    pub sample_rate_hz: f64,
+    pub unit: SampleUnit,
+    /// Shared by the frames of a body that carry the same labels.
+    pub channel_labels: Arc<[String]>,
+    pub received_at: Timestamp,
+    pub markers: usize,
+    /// The frame carries the session's end marker.
+    pub ends_session: bool,
+}
+
+impl Head {
+    pub fn of(frame: &Frame) -> Head {
+        Head {
+            session_id: frame.session_id,
+            seq: frame.seq,
+            device_id: frame.device_id.clone(),
+            sample_rate_hz: frame.sample_rate_hz,
+            unit: frame.unit,
+            channel_labels: frame.channel_labels.clone().into(),
+            received_at: frame.received_at,
+            markers: frame.markers.len(),
+            ends_session: frame.ends_session(),
+        }
+    }
 }
 
 /// Checks and encodes a frame, or says why not.
@@ -56,7 +90,7 @@ pub fn prepare(
     match encode(&frame) {
         Ok(value) => Ok(Prepared {
             index,
-            frame,
+            head: Head::of(&frame),
             value,
         }),
         Err(e) => Err(refuse(Rejection::new(
@@ -66,38 +100,72 @@ pub fn prepare(
     }
 }
 
-/// A binary body item: read straight from its bytes when it is a record of the
-/// current version (the published record is then the client's own bytes with tenant
-/// and receive time replaced), otherwise through the full decoder, which names what
-/// is wrong.
-pub fn prepare_binary(
+/// The labels of the last frame of a body that passed: a later frame with the same
+/// label bytes shares them, already checked.
+#[derive(Debug, Default)]
+pub struct LastLabels<'a> {
+    raw: &'a [u8],
+    labels: Option<Arc<[String]>>,
+}
+
+/// A binary body item: read in place when it is a record of the current version (the
+/// published record is then the client's own bytes with tenant and receive time
+/// replaced), otherwise through the full decoder, which names what is wrong.
+pub fn prepare_binary<'a>(
     index: usize,
-    item: &[u8],
+    item: &'a [u8],
+    last: &mut LastLabels<'a>,
     tenant: TenantId,
     limits: &Limits,
     now: Timestamp,
 ) -> Result<Prepared, Box<FrameResult>> {
-    match clisonix_ingest_protocol::binary::restamp(item, tenant, now) {
-        Some((frame, value)) => match validate(&frame, limits, now) {
-            Ok(()) => Ok(Prepared {
-                index,
-                frame,
-                value,
-            }),
-            Err(r) => Err(Box::new(rejected(
-                index,
-                Some(frame.session_id),
-                Some(frame.seq),
-                r,
-            ))),
-        },
-        None => prepare(
+    let Some(view) = clisonix_ingest_protocol::binary::view(item) else {
+        return prepare(
             index,
             clisonix_ingest_protocol::binary::decode_frame(item, tenant, now),
             limits,
             now,
-        ),
+        );
+    };
+    let known = last.labels.as_ref().filter(|_| last.raw == view.labels_raw);
+    if let Err(r) = validate_view(&view, known.is_some(), limits, now) {
+        return Err(Box::new(rejected(
+            index,
+            Some(view.session_id),
+            Some(view.seq),
+            r,
+        )));
     }
+    let channel_labels = match known {
+        Some(labels) => labels.clone(),
+        None => {
+            let labels: Arc<[String]> = view
+                .channel_labels
+                .iter()
+                .map(|l| (*l).to_owned())
+                .collect();
+            *last = LastLabels {
+                raw: view.labels_raw,
+                labels: Some(labels.clone()),
+            };
+            labels
+        }
+    };
+    Ok(Prepared {
+        index,
+        value: view.record(item, tenant, now),
+        head: Head {
+            session_id: view.session_id,
+            seq: view.seq,
+            ends_session: view.ends_session(),
+            markers: view.markers.len(),
+            device_id: view.device_id,
+            sample_rate_hz: view.sample_rate_hz,
+            unit: view.unit,
+            channel_labels,
+            received_at: now,
+        },
+    })
 }
 
 pub fn rejected(
@@ -118,8 +186,8 @@ pub fn rejected(
 fn done(p: &Prepared, status: FrameStatus) -> FrameResult {
     FrameResult {
         index: p.index,
-        session_id: Some(p.frame.session_id.to_string()),
-        seq: Some(p.frame.seq),
+        session_id: Some(p.head.session_id.to_string()),
+        seq: Some(p.head.seq),
         status,
         error: None,
     }
@@ -220,9 +288,9 @@ impl Ingest {
     ) -> Vec<FrameResult> {
         let mut groups: Vec<(SessionId, Vec<Prepared>)> = Vec::new();
         for p in frames {
-            match groups.iter_mut().find(|(s, _)| *s == p.frame.session_id) {
+            match groups.iter_mut().find(|(s, _)| *s == p.head.session_id) {
                 Some((_, g)) => g.push(p),
-                None => groups.push((p.frame.session_id, vec![p])),
+                None => groups.push((p.head.session_id, vec![p])),
             }
         }
         use futures::StreamExt;
@@ -249,14 +317,14 @@ impl Ingest {
         let Some(first) = frames.first() else {
             return Vec::new();
         };
-        let session = first.frame.session_id;
+        let session = first.head.session_id;
         let fail_all = |frames: &[Prepared], error: Rejection| -> Vec<FrameResult> {
             frames
                 .iter()
-                .map(|p| rejected(p.index, Some(session), Some(p.frame.seq), error.clone()))
+                .map(|p| rejected(p.index, Some(session), Some(p.head.seq), error.clone()))
                 .collect()
         };
-        let (tx, locked) = match SessionTx::begin(self, tenant, transport, &first.frame).await {
+        let (tx, locked) = match SessionTx::begin(self, tenant, transport, &first.head).await {
             Ok(begun) => begun,
             Err(e) => {
                 let out = fail_all(&frames, self.unavailable(e));
@@ -276,23 +344,20 @@ impl Ingest {
         let mut to_publish = Vec::with_capacity(frames.len());
         let mut high = locked.last_seq;
         let mut ended = locked.ended;
+        let mut matched = None;
         for mut p in frames.drain(..) {
-            if let Some(mismatch) = mismatch(&locked, &p.frame) {
-                results.push(rejected(
-                    p.index,
-                    Some(session),
-                    Some(p.frame.seq),
-                    mismatch,
-                ));
+            if let Some(mismatch) = mismatch(&locked, &p.head, &mut matched) {
+                results.push(rejected(p.index, Some(session), Some(p.head.seq), mismatch));
                 continue;
             }
             match numbering {
                 Numbering::Assigned => {
-                    p.frame.seq = (high + 1) as u64;
-                    p.value = encode(&p.frame).expect("a checked frame encodes");
+                    p.head.seq = (high + 1) as u64;
+                    p.value = clisonix_ingest_protocol::binary::renumber(&p.value, p.head.seq)
+                        .expect("ingest's own records are of the current version");
                 }
                 Numbering::Device => {
-                    let seq = p.frame.seq as i64;
+                    let seq = p.head.seq as i64;
                     if seq <= locked.last_seq {
                         self.metrics.duplicates.inc();
                         results.push(done(&p, FrameStatus::Duplicate));
@@ -302,7 +367,7 @@ impl Ingest {
                         results.push(rejected(
                             p.index,
                             Some(session),
-                            Some(p.frame.seq),
+                            Some(p.head.seq),
                             Rejection::new(
                                 Reason::SessionEnded,
                                 "the session has ended (a frame carried its end marker): open a new one",
@@ -314,7 +379,7 @@ impl Ingest {
                         results.push(rejected(
                             p.index,
                             Some(session),
-                            Some(p.frame.seq),
+                            Some(p.head.seq),
                             Rejection::new(
                                 Reason::OutOfOrder,
                                 format!("seq {seq} is not above the previous frame's {high}"),
@@ -325,8 +390,8 @@ impl Ingest {
                     }
                 }
             }
-            high = p.frame.seq as i64;
-            ended |= p.frame.ends_session();
+            high = p.head.seq as i64;
+            ended |= p.head.ends_session;
             to_publish.push(p);
         }
         let key = encode(&clisonix_schemas::SessionKey {
@@ -339,7 +404,7 @@ impl Ingest {
             .map(|p| Record {
                 key: key.clone(),
                 value: std::mem::take(&mut p.value),
-                timestamp_ms: p.frame.received_at.as_millis(),
+                timestamp_ms: p.head.received_at.as_millis(),
             })
             .collect();
         let outcome = self.publisher.publish(&self.frames_topic, &records).await;
@@ -352,9 +417,9 @@ impl Ingest {
             match r {
                 Ok(()) => {
                     confirmed += 1;
-                    ended_now |= p.frame.ends_session();
+                    ended_now |= p.head.ends_session;
                     bytes += rec.value.len();
-                    last = Some(p.frame.seq);
+                    last = Some(p.head.seq);
                     results.push(done(p, FrameStatus::Accepted));
                 }
                 Err(e) => {
@@ -365,7 +430,7 @@ impl Ingest {
                     results.push(rejected(
                         p.index,
                         Some(session),
-                        Some(p.frame.seq),
+                        Some(p.head.seq),
                         Rejection::new(reason, e.to_string())
                             .retry_after_ms(self.retry_after.as_millis() as u64),
                     ));
@@ -382,7 +447,7 @@ impl Ingest {
                 .frames
                 .with_label_values(&[transport.as_str()])
                 .inc_by(confirmed as u64);
-            let device = &to_publish[0].frame.device_id;
+            let device = &to_publish[0].head.device_id;
             self.usage.record(tenant, session, device, confirmed, bytes);
         } else if let Err(error) = tx.commit(None).await {
             tracing::warn!(%error, %session, "closing a session's transaction failed");
@@ -397,7 +462,7 @@ impl Ingest {
         tx: &mut sqlx::PgConnection,
         tenant: TenantId,
         transport: Transport,
-        first: &Frame,
+        first: &Head,
     ) -> Result<SessionRow, sqlx::Error> {
         if let Some(found) = sqlx::query_as::<_, RowTuple>(LOCK_SESSION)
             .bind(first.session_id.as_uuid())
@@ -416,7 +481,7 @@ impl Ingest {
         tx: &mut sqlx::PgConnection,
         tenant: TenantId,
         transport: Transport,
-        first: &Frame,
+        first: &Head,
     ) -> Result<SessionRow, sqlx::Error> {
         sqlx::query(
             "INSERT INTO devices (tenant_id, device_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -434,7 +499,7 @@ impl Ingest {
         .bind(first.device_id.as_str())
         .bind(first.sample_rate_hz)
         .bind(first.unit.symbol())
-        .bind(&first.channel_labels)
+        .bind(&first.channel_labels[..])
         .bind(transport.as_str())
         .execute(&mut *tx)
         .await?;
@@ -450,7 +515,7 @@ impl Ingest {
 /// A session group's transaction, holding the session's row lock while its frames are
 /// published. It opens with the lock and closes with the update in one round trip
 /// each (simple-query statements, whose values are numbers and a UUID), and its commit
-/// does not wait for the WAL flush: a database crash may then forget the last
+/// does not wait for the WAL flush (ingest's connections set `synchronous_commit` off): a database crash may then forget the last
 /// fraction of a second of updates, whose frames a resend publishes again (at least
 /// once, as after a crash between publishing and committing). A transaction not
 /// closed (an error, or a request dropped midway) closes its connection, which rolls
@@ -467,7 +532,7 @@ impl SessionTx {
         ingest: &Ingest,
         tenant: TenantId,
         transport: Transport,
-        first: &Frame,
+        first: &Head,
     ) -> Result<(SessionTx, SessionRow), sqlx::Error> {
         let session = first.session_id.as_uuid();
         let mut tx = SessionTx {
@@ -475,7 +540,7 @@ impl SessionTx {
             session,
         };
         let rows = sqlx::raw_sql(AssertSqlSafe(format!(
-            "BEGIN; SET LOCAL synchronous_commit = off; \
+            "BEGIN; \
              SELECT tenant_id, device_id, sample_rate_hz, unit, to_json(channel_labels)::text, last_seq, ended_at IS NOT NULL \
              FROM ingest_sessions WHERE session_id = '{session}' FOR UPDATE"
         )))
@@ -546,15 +611,33 @@ pub fn forbidden(session: SessionId) -> Rejection {
     .field("session_id")
 }
 
-/// How a frame differs from its session, if it does.
-fn mismatch(session: &SessionRow, frame: &Frame) -> Option<Rejection> {
+/// How a frame differs from its session, if it does. `matched`: labels already found
+/// equal to the session's (the frames of a body share theirs).
+fn mismatch(
+    session: &SessionRow,
+    frame: &Head,
+    matched: &mut Option<Arc<[String]>>,
+) -> Option<Rejection> {
+    let mut labels_differ = || {
+        if matched
+            .as_ref()
+            .is_some_and(|m| Arc::ptr_eq(m, &frame.channel_labels))
+        {
+            return false;
+        }
+        let differ = *frame.channel_labels != *session.channel_labels;
+        if !differ {
+            *matched = Some(frame.channel_labels.clone());
+        }
+        differ
+    };
     let (field, what) = if frame.device_id.as_str() != session.device_id {
         ("device_id", format!("device {:?}", session.device_id))
     } else if frame.sample_rate_hz != session.sample_rate_hz {
         ("sample_rate_hz", format!("{} Hz", session.sample_rate_hz))
     } else if frame.unit.symbol() != session.unit {
         ("unit", session.unit.clone())
-    } else if frame.channel_labels != session.channel_labels {
+    } else if labels_differ() {
         ("channels", format!("channels {:?}", session.channel_labels))
     } else {
         return None;

@@ -258,13 +258,13 @@ pub async fn upload(
                 }
             };
             if producer.is_none() {
-                match begin(&state, &mut tx_db, tenant, &p.frame, session).await {
+                match begin(&state, &mut tx_db, tenant, &p.head, session).await {
                     Ok(pr) => producer = Some(pr),
                     Err(e) => break 'publish Some(e),
                 }
             }
             let pr = producer.as_ref().expect("begun");
-            markers += p.frame.markers.len() as u64;
+            markers += p.head.markers as u64;
             bytes += p.value.len();
             let mut record = FutureRecord::to(&topic)
                 .key(&key_bytes)
@@ -405,7 +405,7 @@ async fn begin(
     state: &AppState,
     tx_db: &mut sqlx::PgConnection,
     tenant: clisonix_schemas::TenantId,
-    first: &Frame,
+    first: &crate::ingest::Head,
     session: SessionId,
 ) -> Result<FutureProducer, ApiError> {
     let row = state

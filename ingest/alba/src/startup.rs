@@ -76,8 +76,12 @@ impl Application {
         // downstream drops by sequence number), never lose a frame. So commits do not
         // wait for the disk, which keeps a group's round trip short.
         let options = options.options([("synchronous_commit", "off")]);
+        // No ping before each use: it would add a round trip to every group. A
+        // connection the server dropped fails its group's first statement instead, which
+        // answers 503 (retryable) and closes it.
         let pool = PgPoolOptions::new()
             .max_connections(32)
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await

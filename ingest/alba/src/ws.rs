@@ -21,7 +21,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::{AppState, DeviceKey};
-use crate::ingest::{forbidden, prepare, prepare_binary, rejected, Numbering, Prepared};
+use crate::ingest::{
+    forbidden, prepare, prepare_binary, rejected, LastLabels, Numbering, Prepared,
+};
 use crate::metrics::Transport;
 
 /// Messages read ahead of the publishing loop.
@@ -237,10 +239,10 @@ fn hold_back(
     let mut held = Vec::new();
     for p in frames {
         match *hold {
-            Some(h) if p.frame.seq > h => held.push(rejected(
+            Some(h) if p.head.seq > h => held.push(rejected(
                 p.index,
-                Some(p.frame.session_id),
-                Some(p.frame.seq),
+                Some(p.head.session_id),
+                Some(p.head.seq),
                 Rejection::new(
                     Reason::BrokerUnavailable,
                     format!("frame {h} was not published; resend from it first"),
@@ -286,9 +288,10 @@ fn prepare_messages(
         match m {
             Message::Binary(bytes) => match binary::split_items(&bytes) {
                 Ok(items) => {
+                    let mut last = LastLabels::default();
                     for item in items {
                         let i = base + out.len();
-                        out.push(prepare_binary(i, item, tenant, limits, now));
+                        out.push(prepare_binary(i, item, &mut last, tenant, limits, now));
                     }
                 }
                 Err(r) => out.push(refuse(base + out.len(), r)),
@@ -317,10 +320,10 @@ fn prepare_messages(
     let mut refused = Vec::new();
     for p in out {
         match p {
-            Ok(p) if p.frame.session_id != session => refused.push(rejected(
+            Ok(p) if p.head.session_id != session => refused.push(rejected(
                 p.index,
-                Some(p.frame.session_id),
-                Some(p.frame.seq),
+                Some(p.head.session_id),
+                Some(p.head.seq),
                 Rejection::new(
                     Reason::WrongSession,
                     format!("this stream is open for session {session}"),

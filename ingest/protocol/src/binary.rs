@@ -74,12 +74,42 @@ pub fn split_items(body: &[u8]) -> Result<Vec<&[u8]>, Rejection> {
     Ok(items)
 }
 
+/// A record of the current `eeg_frame` version read in place, borrowing the client's
+/// bytes: what checking and routing a frame need, without building a [`Frame`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrameView<'a> {
+    pub device_id: DeviceId,
+    pub session_id: SessionId,
+    pub seq: u64,
+    pub device_time: Timestamp,
+    pub sample_rate_hz: f64,
+    pub unit: SampleUnit,
+    /// The channel labels as written: equal bytes are equal labels.
+    pub labels_raw: &'a [u8],
+    pub channel_labels: Vec<&'a str>,
+    pub samples_per_channel: u32,
+    /// The samples, little-endian `f32`, channel-major; exactly
+    /// `4 * channels * samples_per_channel` bytes.
+    pub samples: &'a [u8],
+    pub markers: Vec<MarkerView<'a>>,
+    /// Where the tenant ends and where the receive time lies, for [`FrameView::record`].
+    tenant_end: usize,
+    received: (usize, usize),
+}
+
+/// A marker of a [`FrameView`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MarkerView<'a> {
+    pub sample_offset: u32,
+    pub duration_us: Option<i64>,
+    pub label: &'a str,
+}
+
 /// The fast path for the current `eeg_frame` version: reads the record straight from
-/// its bytes (no generic Avro values) and returns the frame together with the record
-/// to publish — the client's own bytes with only `tenant_id` and `received_at_us`
-/// replaced. `None` when the item is not a well-formed record of that version; the
-/// caller then takes [`decode_frame`], which says what is wrong.
-pub fn restamp(item: &[u8], tenant: TenantId, received_at: Timestamp) -> Option<(Frame, Vec<u8>)> {
+/// its bytes (no generic Avro values, no copies of labels or samples). `None` when the
+/// item is not a well-formed record of that version; the caller then takes
+/// [`decode_frame`], which says what is wrong.
+pub fn view(item: &[u8]) -> Option<FrameView<'_>> {
     let version = writer_schema(item).ok()?;
     if version.family != Family::EegFrame || version.version != 1 {
         return None;
@@ -97,7 +127,7 @@ pub fn restamp(item: &[u8], tenant: TenantId, received_at: Timestamp) -> Option<
     let device_time = Timestamp::from_micros(c.long()?);
     let received_start = c.pos;
     c.long()?;
-    let received_end = c.pos;
+    let received = (received_start, c.pos);
     let sample_rate_hz = c.double()?;
     let unit = match c.long()? {
         0 => SampleUnit::Microvolt,
@@ -105,20 +135,18 @@ pub fn restamp(item: &[u8], tenant: TenantId, received_at: Timestamp) -> Option<
         2 => SampleUnit::Volt,
         _ => return None,
     };
+    let labels_start = c.pos;
     let mut channel_labels = Vec::new();
     c.array(|c| {
-        channel_labels.push(c.str()?.to_owned());
+        channel_labels.push(c.str()?);
         Some(())
     })?;
+    let labels_raw = &item[labels_start..c.pos];
     let samples_per_channel = u32::try_from(c.long()?).ok()?;
-    let raw = c.bytes()?;
-    if raw.len() != 4 * channel_labels.len() * samples_per_channel as usize {
+    let samples = c.bytes()?;
+    if samples.len() != 4 * channel_labels.len() * samples_per_channel as usize {
         return None;
     }
-    let samples = raw
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
     let mut markers = Vec::new();
     c.array(|c| {
         let sample_offset = u32::try_from(c.long()?).ok()?;
@@ -127,39 +155,121 @@ pub fn restamp(item: &[u8], tenant: TenantId, received_at: Timestamp) -> Option<
             1 => Some(c.long()?),
             _ => return None,
         };
-        markers.push(Marker {
+        markers.push(MarkerView {
             sample_offset,
             duration_us,
-            label: c.str()?.to_owned(),
+            label: c.str()?,
         });
         Some(())
     })?;
     if c.pos != item.len() {
         return None;
     }
-    let tenant_text = tenant.to_string();
-    let mut out = Vec::with_capacity(item.len() + 48);
-    out.extend_from_slice(&item[..HEADER_LEN]);
-    write_long(&mut out, tenant_text.len() as i64);
-    out.extend_from_slice(tenant_text.as_bytes());
-    out.extend_from_slice(&item[tenant_end..received_start]);
-    write_long(&mut out, received_at.as_micros());
-    out.extend_from_slice(&item[received_end..]);
-    let frame = Frame {
-        tenant_id: tenant,
+    Some(FrameView {
         device_id,
         session_id,
         seq,
         device_time,
-        received_at,
         sample_rate_hz,
         unit,
+        labels_raw,
         channel_labels,
         samples_per_channel,
         samples,
         markers,
+        tenant_end,
+        received,
+    })
+}
+
+impl FrameView<'_> {
+    /// The record to publish: `item` (the bytes this view was read from) with only
+    /// `tenant_id` and `received_at_us` replaced.
+    pub fn record(&self, item: &[u8], tenant: TenantId, received_at: Timestamp) -> Vec<u8> {
+        let tenant_text = tenant.to_string();
+        let mut out = Vec::with_capacity(item.len() + 48);
+        out.extend_from_slice(&item[..HEADER_LEN]);
+        write_long(&mut out, tenant_text.len() as i64);
+        out.extend_from_slice(tenant_text.as_bytes());
+        out.extend_from_slice(&item[self.tenant_end..self.received.0]);
+        write_long(&mut out, received_at.as_micros());
+        out.extend_from_slice(&item[self.received.1..]);
+        out
+    }
+
+    /// The samples as numbers, channel-major.
+    pub fn sample_values(&self) -> impl Iterator<Item = f32> + '_ {
+        self.samples
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// Whether the frame carries the session's end marker.
+    pub fn ends_session(&self) -> bool {
+        self.markers
+            .iter()
+            .any(|m| m.label == clisonix_schemas::SESSION_END_MARKER)
+    }
+
+    /// The whole frame, owned, as `tenant`'s received at `received_at`.
+    pub fn to_frame(&self, tenant: TenantId, received_at: Timestamp) -> Frame {
+        Frame {
+            tenant_id: tenant,
+            device_id: self.device_id.clone(),
+            session_id: self.session_id,
+            seq: self.seq,
+            device_time: self.device_time,
+            received_at,
+            sample_rate_hz: self.sample_rate_hz,
+            unit: self.unit,
+            channel_labels: self
+                .channel_labels
+                .iter()
+                .map(|l| (*l).to_owned())
+                .collect(),
+            samples_per_channel: self.samples_per_channel,
+            samples: self.sample_values().collect(),
+            markers: self
+                .markers
+                .iter()
+                .map(|m| Marker {
+                    sample_offset: m.sample_offset,
+                    duration_us: m.duration_us,
+                    label: m.label.to_owned(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// [`view`] and [`FrameView::record`] together, with the frame owned: the frame and
+/// the record to publish.
+pub fn restamp(item: &[u8], tenant: TenantId, received_at: Timestamp) -> Option<(Frame, Vec<u8>)> {
+    let v = view(item)?;
+    Some((
+        v.to_frame(tenant, received_at),
+        v.record(item, tenant, received_at),
+    ))
+}
+
+/// A record of the current version with its sequence number replaced (ingest numbers
+/// the frames of legacy clients). `None` when `record` is not one.
+pub fn renumber(record: &[u8], seq: u64) -> Option<Vec<u8>> {
+    let v = view(record)?;
+    let mut c = Cursor {
+        b: record,
+        pos: v.tenant_end,
     };
-    Some((frame, out))
+    c.str()?;
+    c.str()?;
+    let start = c.pos;
+    c.long()?;
+    let end = c.pos;
+    let mut out = Vec::with_capacity(record.len() + 8);
+    out.extend_from_slice(&record[..start]);
+    write_long(&mut out, i64::try_from(seq).ok()?);
+    out.extend_from_slice(&record[end..]);
+    Some(out)
 }
 
 /// Reads Avro binary primitives from a slice; `None` on anything malformed.
@@ -329,6 +439,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn renumbering_changes_the_sequence_number_only() {
+        let mut frame = examples::frame(5, 3, 8);
+        let record = encode(&frame).unwrap();
+        for seq in [0, 1, 63, 64, 1 << 20, u64::MAX >> 1] {
+            frame.seq = seq;
+            assert_eq!(renumber(&record, seq).unwrap(), encode(&frame).unwrap());
+        }
+        assert_eq!(renumber(&record, u64::MAX), None);
+        assert_eq!(renumber(&record[..record.len() - 1], 1), None);
+    }
+
+    #[test]
+    fn a_view_shares_label_bytes_only_when_the_labels_are_equal() {
+        let a = encode(&examples::frame(1, 4, 8)).unwrap();
+        let b = encode(&examples::frame(2, 4, 8)).unwrap();
+        let mut other = examples::frame(1, 4, 8);
+        other.channel_labels[3] = "Oz".into();
+        let c = encode(&other).unwrap();
+        let (va, vb, vc) = (view(&a).unwrap(), view(&b).unwrap(), view(&c).unwrap());
+        assert_eq!(va.labels_raw, vb.labels_raw);
+        assert_eq!(va.channel_labels, vb.channel_labels);
+        assert_ne!(va.labels_raw, vc.labels_raw);
     }
 
     #[test]

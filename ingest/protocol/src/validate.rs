@@ -3,6 +3,8 @@
 //! and (where one is at fault) the field.
 
 use clisonix_schemas::{Frame, Timestamp};
+
+use crate::binary::{FrameView, MarkerView};
 use serde::{Deserialize, Serialize};
 
 /// Why a frame (or a request) was refused. The code is the wire name and the metric
@@ -199,6 +201,79 @@ impl Default for Limits {
 
 /// Checks a frame against the limits; `now` is the ingest clock.
 pub fn validate(frame: &Frame, limits: &Limits, now: Timestamp) -> Result<(), Rejection> {
+    let labels: Vec<&str> = frame.channel_labels.iter().map(String::as_str).collect();
+    let markers: Vec<MarkerView<'_>> = frame
+        .markers
+        .iter()
+        .map(|m| MarkerView {
+            sample_offset: m.sample_offset,
+            duration_us: m.duration_us,
+            label: &m.label,
+        })
+        .collect();
+    check(
+        &Fields {
+            sample_rate_hz: frame.sample_rate_hz,
+            channel_labels: Some(&labels),
+            channels: labels.len(),
+            samples_per_channel: frame.samples_per_channel,
+            sample_count: frame.samples.len(),
+            first_non_finite: &|| {
+                let at = frame.samples.iter().position(|x| !x.is_finite())?;
+                Some((at, frame.samples[at]))
+            },
+            device_time: frame.device_time,
+            markers: &markers,
+        },
+        limits,
+        now,
+    )
+}
+
+/// Checks a frame read in place (the binary fast path). `labels_checked`: the same
+/// label bytes already passed (a body's frames usually share their labels), so their
+/// checks are skipped.
+pub fn validate_view(
+    view: &FrameView<'_>,
+    labels_checked: bool,
+    limits: &Limits,
+    now: Timestamp,
+) -> Result<(), Rejection> {
+    check(
+        &Fields {
+            sample_rate_hz: view.sample_rate_hz,
+            channel_labels: (!labels_checked).then_some(view.channel_labels.as_slice()),
+            channels: view.channel_labels.len(),
+            samples_per_channel: view.samples_per_channel,
+            sample_count: view.samples.len() / 4,
+            first_non_finite: &|| {
+                view.sample_values()
+                    .enumerate()
+                    .find(|(_, x)| !x.is_finite())
+            },
+            device_time: view.device_time,
+            markers: &view.markers,
+        },
+        limits,
+        now,
+    )
+}
+
+/// What the rules look at, however the frame is held.
+struct Fields<'a> {
+    sample_rate_hz: f64,
+    /// `None`: already checked.
+    channel_labels: Option<&'a [&'a str]>,
+    channels: usize,
+    samples_per_channel: u32,
+    sample_count: usize,
+    /// The first sample that is not finite: its index and value.
+    first_non_finite: &'a dyn Fn() -> Option<(usize, f32)>,
+    device_time: Timestamp,
+    markers: &'a [MarkerView<'a>],
+}
+
+fn check(frame: &Fields<'_>, limits: &Limits, now: Timestamp) -> Result<(), Rejection> {
     let fs = frame.sample_rate_hz;
     if !fs.is_finite() || fs < limits.min_sample_rate_hz || fs > limits.max_sample_rate_hz {
         return Err(Rejection::new(
@@ -210,7 +285,7 @@ pub fn validate(frame: &Frame, limits: &Limits, now: Timestamp) -> Result<(), Re
         )
         .field("sample_rate_hz"));
     }
-    let channels = frame.channel_labels.len();
+    let channels = frame.channels;
     if channels == 0 || channels > limits.max_channels {
         return Err(Rejection::new(
             Reason::BadChannels,
@@ -221,7 +296,8 @@ pub fn validate(frame: &Frame, limits: &Limits, now: Timestamp) -> Result<(), Re
         )
         .field("channels"));
     }
-    for (i, label) in frame.channel_labels.iter().enumerate() {
+    let labels = frame.channel_labels.unwrap_or_default();
+    for (i, label) in labels.iter().enumerate() {
         let chars = label.chars().count();
         if label.trim().is_empty() || chars > limits.max_label_chars {
             return Err(Rejection::new(
@@ -233,7 +309,7 @@ pub fn validate(frame: &Frame, limits: &Limits, now: Timestamp) -> Result<(), Re
             )
             .field(format!("channels[{i}]")));
         }
-        if frame.channel_labels[..i].contains(label) {
+        if labels[..i].contains(label) {
             return Err(Rejection::new(
                 Reason::BadChannels,
                 format!("channel label {label:?} appears twice"),
@@ -249,23 +325,22 @@ pub fn validate(frame: &Frame, limits: &Limits, now: Timestamp) -> Result<(), Re
         )
         .field("samples"));
     }
-    if frame.samples.len() != channels * n {
+    if frame.sample_count != channels * n {
         return Err(Rejection::new(
             Reason::WrongSampleCount,
             format!(
                 "{} samples for {channels} channels of {n}",
-                frame.samples.len()
+                frame.sample_count
             ),
         )
         .field("samples"));
     }
-    if frame.samples.len() > limits.max_frame_samples {
+    if frame.sample_count > limits.max_frame_samples {
         return Err(Rejection::new(
             Reason::FrameTooLarge,
             format!(
                 "{} samples in one frame; at most {} (split it)",
-                frame.samples.len(),
-                limits.max_frame_samples
+                frame.sample_count, limits.max_frame_samples
             ),
         )
         .field("samples"));
@@ -281,15 +356,10 @@ pub fn validate(frame: &Frame, limits: &Limits, now: Timestamp) -> Result<(), Re
         )
         .field("samples"));
     }
-    if let Some(at) = frame.samples.iter().position(|x| !x.is_finite()) {
+    if let Some((at, x)) = (frame.first_non_finite)() {
         return Err(Rejection::new(
             Reason::NonFiniteSample,
-            format!(
-                "sample {} of channel {} is {}",
-                at % n,
-                at / n,
-                frame.samples[at]
-            ),
+            format!("sample {} of channel {} is {}", at % n, at / n, x),
         )
         .field(format!("samples[{}][{}]", at / n, at % n)));
     }
@@ -350,16 +420,38 @@ mod tests {
     use super::*;
     use clisonix_schemas::examples;
 
+    /// Checks the rule on the frame, and on the frame read in place from its record
+    /// (the binary fast path) where the record can be read that way: both must give
+    /// the same refusal, and skipping label checks must not hide any other.
     fn check(edit: impl FnOnce(&mut Frame), reason: Reason, field: &str) {
         let mut frame = examples::frame(1, 4, 32);
         edit(&mut frame);
-        let err = validate(&frame, &Limits::default(), Timestamp::now()).unwrap_err();
+        let now = Timestamp::now();
+        let err = validate(&frame, &Limits::default(), now).unwrap_err();
         assert_eq!(err.code, reason.code(), "{err:?}");
         assert_eq!(err.field.as_deref(), Some(field), "{err:?}");
+        let Ok(item) = clisonix_schemas::encode(&frame) else {
+            return;
+        };
+        if let Some(view) = crate::binary::view(&item) {
+            assert_eq!(
+                validate_view(&view, false, &Limits::default(), now),
+                Err(err.clone())
+            );
+            if reason != Reason::BadChannels {
+                assert_eq!(
+                    validate_view(&view, true, &Limits::default(), now),
+                    Err(err)
+                );
+            }
+        }
     }
 
     #[test]
     fn a_good_frame_passes() {
+        let item = clisonix_schemas::encode(&examples::frame(1, 4, 32)).unwrap();
+        let view = crate::binary::view(&item).unwrap();
+        validate_view(&view, false, &Limits::default(), Timestamp::now()).unwrap();
         validate(
             &examples::frame(1, 4, 32),
             &Limits::default(),
