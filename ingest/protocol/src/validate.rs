@@ -3,9 +3,9 @@
 //! and (where one is at fault) the field.
 
 use clisonix_schemas::{Frame, Timestamp};
+use serde::{Deserialize, Serialize};
 
 use crate::binary::{FrameView, MarkerView};
-use serde::{Deserialize, Serialize};
 
 /// Why a frame (or a request) was refused. The code is the wire name and the metric
 /// label; the status is what HTTP answers when the whole request fails for it.
