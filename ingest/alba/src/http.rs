@@ -410,3 +410,62 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         state.ingest.metrics.render(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use clisonix_ingest_protocol::{binary, Limits, Reason};
+    use clisonix_schemas::{examples, Frame, TenantId, Timestamp};
+
+    use super::{prepare_body, BodyKind};
+
+    fn frames(n: u64) -> Vec<Frame> {
+        let now = Timestamp::now().as_micros();
+        (0..n)
+            .map(|seq| {
+                let mut f = examples::frame(seq, 4, 8);
+                f.seq = seq;
+                f.device_time = Timestamp::from_micros(now - 1_000_000 + seq as i64);
+                f
+            })
+            .collect()
+    }
+
+    #[test]
+    fn frames_of_a_body_share_checked_labels_and_new_labels_are_checked_again() {
+        let mut frames = frames(4);
+        // Frame 2 brings other labels, one of them twice; frame 3 has frame 1's again.
+        frames[2].channel_labels[3] = frames[2].channel_labels[0].clone();
+        let body = binary::encode_frames(&frames);
+        let tenant = TenantId::random();
+        let (ready, refused) = prepare_body(
+            BodyKind::Binary,
+            &body,
+            tenant,
+            Timestamp::now(),
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0].index, 2);
+        let error = refused[0].error.as_ref().unwrap();
+        assert_eq!(error.code, Reason::BadChannels.code(), "{error:?}");
+        let indices: Vec<usize> = ready.iter().map(|p| p.index).collect();
+        assert_eq!(indices, [0, 1, 3]);
+        assert!(Arc::ptr_eq(
+            &ready[0].head.channel_labels,
+            &ready[1].head.channel_labels
+        ));
+        assert_eq!(
+            ready[2].head.channel_labels, ready[0].head.channel_labels,
+            "the same labels after other ones"
+        );
+        for p in &ready {
+            let mut frame = frames[p.index].clone();
+            frame.tenant_id = tenant;
+            frame.received_at = p.head.received_at;
+            assert_eq!(p.value, clisonix_schemas::encode(&frame).unwrap());
+        }
+    }
+}
