@@ -298,9 +298,20 @@ fn check_java() -> anyhow::Result<()> {
 }
 
 /// A Kafka cluster id: 16 random bytes in URL-safe base64 without padding.
+/// A random cluster id in Kafka's form: a UUID in URL-safe base64, 22 characters. Like
+/// Kafka's own `Uuid.randomUuid`, never one that starts with `-`, which the storage
+/// tool would read as an option (one id in 64 did, and the broker failed to start).
 fn cluster_id() -> String {
+    loop {
+        let id = base64_id(uuid::Uuid::new_v4().into_bytes());
+        if !id.starts_with('-') {
+            return id;
+        }
+    }
+}
+
+fn base64_id(bytes: [u8; 16]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let bytes = uuid::Uuid::new_v4().into_bytes();
     let mut bits = 0u32;
     let mut nbits = 0;
     let mut out = String::new();
@@ -369,6 +380,11 @@ mod tests {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
         assert_ne!(id, cluster_id());
+        assert!((0..10_000).all(|_| !cluster_id().starts_with('-')));
+        // The encoding itself: 0xF8 is 111110 00, so `-` and then `A`s.
+        let mut bytes = [0u8; 16];
+        bytes[0] = 0xF8;
+        assert_eq!(base64_id(bytes), format!("-{}", "A".repeat(21)));
     }
 
     #[test]
