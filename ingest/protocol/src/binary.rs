@@ -242,16 +242,6 @@ impl FrameView<'_> {
     }
 }
 
-/// [`view`] and [`FrameView::record`] together, with the frame owned: the frame and
-/// the record to publish.
-pub fn restamp(item: &[u8], tenant: TenantId, received_at: Timestamp) -> Option<(Frame, Vec<u8>)> {
-    let v = view(item)?;
-    Some((
-        v.to_frame(tenant, received_at),
-        v.record(item, tenant, received_at),
-    ))
-}
-
 /// A record of the current version with its sequence number replaced (ingest numbers
 /// the frames of legacy clients). `None` when `record` is not one.
 pub fn renumber(record: &[u8], seq: u64) -> Option<Vec<u8>> {
@@ -384,6 +374,15 @@ pub fn decode_frame(
 mod tests {
     use super::*;
     use clisonix_schemas::{decode, encode, examples};
+
+    /// The fast path whole: the frame read in place, owned, and the record to publish.
+    fn restamp(item: &[u8], tenant: TenantId, received_at: Timestamp) -> Option<(Frame, Vec<u8>)> {
+        let v = view(item)?;
+        Some((
+            v.to_frame(tenant, received_at),
+            v.record(item, tenant, received_at),
+        ))
+    }
 
     #[test]
     fn frames_round_trip_and_take_the_callers_tenant() {
