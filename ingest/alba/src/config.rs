@@ -36,10 +36,31 @@ pub struct Config {
     pub usage_interval: Duration,
     /// Frame length of uploaded recordings, unless the upload asks otherwise.
     pub recording_frame_ms: u32,
+    /// How long a claim holds a session for this instance (see `sessions`); renewed
+    /// once a fifth of it is used. Another instance takes over a crashed one's
+    /// sessions after it.
+    pub session_lease: Duration,
+    /// How often the sessions' state is written and idle or wanted sessions let go.
+    pub session_tick: Duration,
+    /// A session without frames for this long is let go.
+    pub session_idle: Duration,
+    /// How long frames of a session another instance serves wait for it.
+    pub handoff_wait: Duration,
     pub limits: Limits,
 }
 
 impl Config {
+    /// How sessions are held (see `sessions`).
+    pub fn leases(&self) -> crate::sessions::Leases {
+        crate::sessions::Leases {
+            lease: self.session_lease,
+            tick: self.session_tick,
+            idle: self.session_idle,
+            handoff_wait: self.handoff_wait,
+            margin: self.publish_timeout,
+        }
+    }
+
     pub fn defaults() -> Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8100)),
@@ -55,6 +76,10 @@ impl Config {
             retry_after: Duration::from_secs(2),
             usage_interval: Duration::from_secs(5),
             recording_frame_ms: 125,
+            session_lease: Duration::from_secs(15),
+            session_tick: Duration::from_millis(100),
+            session_idle: Duration::from_secs(10),
+            handoff_wait: Duration::from_secs(2),
             limits: Limits::default(),
         }
     }
@@ -115,6 +140,17 @@ impl Config {
             c.usage_interval = Duration::from_millis(number(v)?);
             Ok(())
         });
+        for (name, field) in [
+            ("CLISONIX_INGEST_SESSION_LEASE_MS", &mut c.session_lease),
+            ("CLISONIX_INGEST_SESSION_TICK_MS", &mut c.session_tick),
+            ("CLISONIX_INGEST_SESSION_IDLE_MS", &mut c.session_idle),
+            ("CLISONIX_INGEST_HANDOFF_WAIT_MS", &mut c.handoff_wait),
+        ] {
+            parse(name, &mut |v| {
+                *field = Duration::from_millis(number(v)?);
+                Ok(())
+            });
+        }
         parse("CLISONIX_INGEST_MAX_SAMPLE_RATE_HZ", &mut |v| {
             c.limits.max_sample_rate_hz = v.parse().map_err(|e| format!("{e}"))?;
             Ok(())
@@ -124,6 +160,16 @@ impl Config {
         }
         if c.publish_timeout < Duration::from_millis(1000) {
             errors.push("CLISONIX_INGEST_PUBLISH_TIMEOUT_MS must be at least 1000".into());
+        }
+        if c.session_tick.is_zero() {
+            errors.push("CLISONIX_INGEST_SESSION_TICK_MS must be above 0".into());
+        }
+        // A group starts only with more than the publish timeout left on its lease,
+        // which is renewed once a fifth of it is used.
+        if c.session_lease.mul_f64(0.8) <= c.publish_timeout + c.session_tick * 2 {
+            errors.push(
+                "CLISONIX_INGEST_SESSION_LEASE_MS must be more than 5/4 of the publish timeout plus two ticks".into(),
+            );
         }
         if c.max_in_flight_bytes < c.max_body_bytes {
             errors.push(
@@ -160,6 +206,26 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} missing from {text}");
         }
+    }
+
+    #[test]
+    fn a_lease_must_outlast_the_publish_timeout() {
+        let with = |lease: &str| {
+            Config::from_vars(|name| match name {
+                "DATABASE_URL" => Some("postgres://x".into()),
+                "CLISONIX_INGEST_PUBLISH_TIMEOUT_MS" => Some("4000".into()),
+                "CLISONIX_INGEST_SESSION_LEASE_MS" => Some(lease.into()),
+                _ => None,
+            })
+        };
+        // A group starts only with more than the publish timeout left, and the lease
+        // is renewed once a fifth of it is used: 4/5 of it must exceed 4 s + 2 ticks.
+        let err = with("5200").unwrap_err().to_string();
+        assert!(err.contains("CLISONIX_INGEST_SESSION_LEASE_MS"), "{err}");
+        let c = with("5300").unwrap();
+        assert_eq!(c.leases().lease, Duration::from_millis(5300));
+        assert_eq!(c.leases().margin, Duration::from_millis(4000));
+        assert!(Config::defaults().session_lease.mul_f64(0.8) > Config::defaults().publish_timeout);
     }
 
     #[test]

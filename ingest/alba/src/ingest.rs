@@ -1,23 +1,24 @@
 //! The heart of ingest, shared by every transport: checked frames of one tenant are
-//! grouped by session; each session's group is published under that session's row
-//! lock in Postgres, and answered only from the broker's confirmations.
+//! grouped by session; each session's group is published while this instance holds the
+//! session (see [`crate::sessions`]), and answered only from the broker's confirmations.
 //!
 //! Per session group:
-//! 1. lock the session's `ingest_sessions` row (creating it, and the device, with the
-//!    first frame's device, rate, unit and channels); refuse the group if the session
-//!    belongs to another tenant;
+//! 1. hold the session: one group of it at a time, served by this instance alone
+//!    (claimed in the database, and created with the first frame's device, rate, unit
+//!    and channels, when this instance does not serve it yet); refuse the group if the
+//!    session belongs to another tenant;
 //! 2. a frame at or below the session's `last_seq` is a duplicate (not published);
 //!    one not above the previous frame of the group is out of order; one whose device,
 //!    rate, unit or channels differ from the session's is a mismatch;
 //! 3. publish the rest in order to `eeg.frames` (key: tenant+session, so one
 //!    partition, in order) and wait for the broker;
-//! 4. advance `last_seq` over the confirmed prefix and commit, releasing the lock.
+//! 4. advance `last_seq` over the confirmed prefix (in memory; written to the row
+//!    within a tick) and let the next group of the session go.
 //!
-//! The lock serialises concurrent groups of one session across connections and ingest
-//! instances, so a resend after a reconnect anywhere sees what was published. A crash
-//! between 3 and 4 leaves published frames unrecorded: their resend is published
-//! again (at least once; downstream stages count and drop duplicate sequence numbers),
-//! never lost.
+//! A session is served by one instance at a time, so a resend after a reconnect
+//! anywhere sees what was published. A crash loses at most the last tick of
+//! `last_seq` updates: those frames' resend is published again (at least once;
+//! downstream stages count and drop duplicate sequence numbers), never lost.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,12 +27,12 @@ use clisonix_ingest_protocol::answer::{FrameResult, FrameStatus};
 use clisonix_ingest_protocol::validate::{validate, validate_view};
 use clisonix_ingest_protocol::{Limits, Reason, Rejection};
 use clisonix_schemas::{encode, DeviceId, Frame, SampleUnit, SessionId, TenantId, Timestamp};
-use sqlx::pool::PoolConnection;
-use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::metrics::{Metrics, Transport};
 use crate::publisher::{PublishError, Publisher, Record};
+use crate::sessions::{ClaimError, Sessions};
 use crate::usage::Usage;
 
 /// A frame ready to publish: checked, owned by the caller's tenant, encoded.
@@ -214,29 +215,15 @@ pub struct SessionRow {
     pub last_seq: i64,
     /// A frame with the end marker was published: no more frames.
     pub ended: bool,
+    /// An ingest instance holds the session (its lease has not run out).
+    pub claimed: bool,
 }
-
-type RowTuple = (Uuid, String, f64, String, Vec<String>, i64, bool);
-
-fn row(t: RowTuple) -> SessionRow {
-    SessionRow {
-        tenant_id: t.0,
-        device_id: t.1,
-        sample_rate_hz: t.2,
-        unit: t.3,
-        channel_labels: t.4,
-        last_seq: t.5,
-        ended: t.6,
-    }
-}
-
-const SELECT_SESSION: &str = "SELECT tenant_id, device_id, sample_rate_hz, unit, channel_labels, last_seq, ended_at IS NOT NULL FROM ingest_sessions WHERE session_id = $1";
-const LOCK_SESSION: &str = "SELECT tenant_id, device_id, sample_rate_hz, unit, channel_labels, last_seq, ended_at IS NOT NULL FROM ingest_sessions WHERE session_id = $1 FOR UPDATE";
 
 /// Everything a transport needs to get frames to the broker.
 #[derive(Debug)]
 pub struct Ingest {
     pub pool: PgPool,
+    pub sessions: Arc<Sessions>,
     pub publisher: Arc<Publisher>,
     pub frames_topic: String,
     pub limits: Limits,
@@ -248,11 +235,7 @@ pub struct Ingest {
 impl Ingest {
     /// The session's row, if it exists (no lock).
     pub async fn session(&self, session: SessionId) -> Result<Option<SessionRow>, sqlx::Error> {
-        Ok(sqlx::query_as::<_, RowTuple>(SELECT_SESSION)
-            .bind(session.as_uuid())
-            .fetch_optional(&self.pool)
-            .await?
-            .map(row))
+        crate::sessions::read(&self.pool, session, false).await
     }
 
     /// The retryable refusal when the database does not answer.
@@ -324,29 +307,28 @@ impl Ingest {
                 .map(|p| rejected(p.index, Some(session), Some(p.head.seq), error.clone()))
                 .collect()
         };
-        let (tx, locked) = match SessionTx::begin(self, tenant, transport, &first.head).await {
-            Ok(begun) => begun,
+        let held = match self.sessions.hold(tenant, transport, &first.head).await {
+            Ok(held) => held,
             Err(e) => {
-                let out = fail_all(&frames, self.unavailable(e));
+                let error = match e {
+                    ClaimError::Forbidden(s) => forbidden(s),
+                    ClaimError::Busy(_) => Rejection::new(Reason::SessionBusy, e.to_string())
+                        .retry_after_ms(self.retry_after.as_millis() as u64),
+                    ClaimError::Database(e) => self.unavailable(e),
+                };
+                let out = fail_all(&frames, error);
                 self.count_rejections(&out);
                 return out;
             }
         };
-        if locked.tenant_id != tenant.as_uuid() {
-            let out = fail_all(&frames, forbidden(session));
-            self.count_rejections(&out);
-            if let Err(error) = tx.commit(None).await {
-                tracing::warn!(%error, %session, "closing a session's transaction failed");
-            }
-            return out;
-        }
+        let locked = &held.row;
         let mut results = Vec::with_capacity(frames.len());
         let mut to_publish = Vec::with_capacity(frames.len());
         let mut high = locked.last_seq;
         let mut ended = locked.ended;
         let mut matched = None;
         for mut p in frames.drain(..) {
-            if let Some(mismatch) = mismatch(&locked, &p.head, &mut matched) {
+            if let Some(mismatch) = mismatch(locked, &p.head, &mut matched) {
                 results.push(rejected(p.index, Some(session), Some(p.head.seq), mismatch));
                 continue;
             }
@@ -438,25 +420,21 @@ impl Ingest {
             }
         }
         if let Some(last) = last {
-            if let Err(error) = tx.commit(Some((last, confirmed, ended_now))).await {
-                // The frames are in the topic (the answer says so); only the record of
-                // them is missing, so a resend would be published again.
-                tracing::error!(%error, %session, last, "recording a session's last sequence number failed");
-            }
+            held.confirmed(last, confirmed, ended_now);
             self.metrics
                 .frames
                 .with_label_values(&[transport.as_str()])
                 .inc_by(confirmed as u64);
             let device = &to_publish[0].head.device_id;
             self.usage.record(tenant, session, device, confirmed, bytes);
-        } else if let Err(error) = tx.commit(None).await {
-            tracing::warn!(%error, %session, "closing a session's transaction failed");
         }
+        drop(held);
         self.count_rejections(&results);
         results
     }
 
-    /// Locks the session's row, creating it (and its device) from `first`.
+    /// Locks the session's row in `tx`, creating it (and its device) from `first`
+    /// (recordings, which publish a whole session under the lock).
     pub async fn lock_session(
         &self,
         tx: &mut sqlx::PgConnection,
@@ -464,141 +442,15 @@ impl Ingest {
         transport: Transport,
         first: &Head,
     ) -> Result<SessionRow, sqlx::Error> {
-        if let Some(found) = sqlx::query_as::<_, RowTuple>(LOCK_SESSION)
-            .bind(first.session_id.as_uuid())
-            .fetch_optional(&mut *tx)
-            .await?
-        {
-            return Ok(row(found));
+        let session = first.session_id;
+        if let Some(found) = crate::sessions::read(&mut *tx, session, true).await? {
+            return Ok(found);
         }
-        self.create_session(tx, tenant, transport, first).await
-    }
-
-    /// Creates the session (and its device) from `first`, unless another request just
-    /// did, and locks whichever row won.
-    async fn create_session(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        tenant: TenantId,
-        transport: Transport,
-        first: &Head,
-    ) -> Result<SessionRow, sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO devices (tenant_id, device_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(tenant.as_uuid())
-        .bind(first.device_id.as_str())
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO ingest_sessions (session_id, tenant_id, device_id, sample_rate_hz, unit, channel_labels, source) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (session_id) DO NOTHING",
-        )
-        .bind(first.session_id.as_uuid())
-        .bind(tenant.as_uuid())
-        .bind(first.device_id.as_str())
-        .bind(first.sample_rate_hz)
-        .bind(first.unit.symbol())
-        .bind(&first.channel_labels[..])
-        .bind(transport.as_str())
-        .execute(&mut *tx)
-        .await?;
+        crate::sessions::create(tx, tenant, transport, first).await?;
         // Another request may have created it meanwhile: read whatever won, locked.
-        let found = sqlx::query_as::<_, RowTuple>(LOCK_SESSION)
-            .bind(first.session_id.as_uuid())
-            .fetch_one(&mut *tx)
-            .await?;
-        Ok(row(found))
-    }
-}
-
-/// A session group's transaction, holding the session's row lock while its frames are
-/// published. It opens with the lock and closes with the update in one round trip
-/// each (simple-query statements, whose values are numbers and a UUID), and its commit
-/// does not wait for the WAL flush (ingest's connections set `synchronous_commit` off): a database crash may then forget the last
-/// fraction of a second of updates, whose frames a resend publishes again (at least
-/// once, as after a crash between publishing and committing). A transaction not
-/// closed (an error, or a request dropped midway) closes its connection, which rolls
-/// it back.
-#[derive(Debug)]
-pub struct SessionTx {
-    conn: Option<PoolConnection<Postgres>>,
-    session: Uuid,
-}
-
-impl SessionTx {
-    /// Begins, and locks the session's row (creating it, and its device, from `first`).
-    pub async fn begin(
-        ingest: &Ingest,
-        tenant: TenantId,
-        transport: Transport,
-        first: &Head,
-    ) -> Result<(SessionTx, SessionRow), sqlx::Error> {
-        let session = first.session_id.as_uuid();
-        let mut tx = SessionTx {
-            conn: Some(ingest.pool.acquire().await?),
-            session,
-        };
-        let rows = sqlx::raw_sql(AssertSqlSafe(format!(
-            "BEGIN; \
-             SELECT tenant_id, device_id, sample_rate_hz, unit, to_json(channel_labels)::text, last_seq, ended_at IS NOT NULL \
-             FROM ingest_sessions WHERE session_id = '{session}' FOR UPDATE"
-        )))
-        .fetch_all(tx.conn())
-        .await?;
-        let row = match rows.first() {
-            Some(r) => SessionRow {
-                tenant_id: r.try_get(0)?,
-                device_id: r.try_get(1)?,
-                sample_rate_hz: r.try_get(2)?,
-                unit: r.try_get(3)?,
-                channel_labels: serde_json::from_str(r.try_get(4)?)
-                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-                last_seq: r.try_get(5)?,
-                ended: r.try_get(6)?,
-            },
-            None => {
-                ingest
-                    .create_session(tx.conn(), tenant, transport, first)
-                    .await?
-            }
-        };
-        Ok((tx, row))
-    }
-
-    fn conn(&mut self) -> &mut PgConnection {
-        self.conn.as_mut().expect("open until committed")
-    }
-
-    /// Records the confirmed frames (the last sequence number, how many, and whether
-    /// the session ended), if any, and commits.
-    pub async fn commit(
-        mut self,
-        confirmed: Option<(u64, usize, bool)>,
-    ) -> Result<(), sqlx::Error> {
-        let session = self.session;
-        let sql = match confirmed {
-            Some((last, count, ended)) => format!(
-                "UPDATE ingest_sessions SET last_seq = {last}, frames = frames + {count}, last_frame_at = now(), \
-                 ended_at = CASE WHEN {ended} THEN coalesce(ended_at, now()) ELSE ended_at END \
-                 WHERE session_id = '{session}'; COMMIT"
-            ),
-            None => "COMMIT".to_owned(),
-        };
-        sqlx::raw_sql(AssertSqlSafe(sql))
-            .execute(self.conn())
-            .await?;
-        // Closed: the connection goes back to the pool.
-        drop(self.conn.take());
-        Ok(())
-    }
-}
-
-impl Drop for SessionTx {
-    fn drop(&mut self) {
-        if let Some(conn) = &mut self.conn {
-            conn.close_on_drop();
-        }
+        crate::sessions::read(&mut *tx, session, true)
+            .await?
+            .ok_or(sqlx::Error::RowNotFound)
     }
 }
 

@@ -7,8 +7,9 @@
 //! control), never silently dropped.
 //!
 //! The wire formats and rules are in `clisonix-ingest-protocol`; [`ingest`] is the
-//! transport-independent core; [`publisher`] writes to Kafka (and [`recording`]
-//! holds each upload's transactional producer).
+//! transport-independent core; [`sessions`] decides which instance serves a session
+//! and keeps its state; [`publisher`] writes to Kafka (and [`recording`] holds each
+//! upload's transactional producer).
 
 pub mod config;
 pub mod http;
@@ -16,6 +17,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod publisher;
 pub mod recording;
+pub mod sessions;
 pub mod startup;
 pub mod usage;
 pub mod ws;

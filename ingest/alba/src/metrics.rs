@@ -48,6 +48,11 @@ pub struct Metrics {
     /// Usage events emitted, and emission failures (retried at the next interval).
     pub usage_events: IntCounter,
     pub usage_failures: IntCounter,
+    /// Sessions this instance serves (see `sessions`), claims made, and failed writes
+    /// of their state (kept and retried).
+    pub owned_sessions: IntGauge,
+    pub session_claims: IntCounter,
+    pub session_write_failures: IntCounter,
 }
 
 impl Metrics {
@@ -115,6 +120,21 @@ impl Metrics {
             "Usage emissions that failed (kept and retried)",
         )
         .expect("valid metric");
+        let owned_sessions = IntGauge::new(
+            "alba_sessions_owned",
+            "Sessions this instance serves (claimed, lease running)",
+        )
+        .expect("valid metric");
+        let session_claims = IntCounter::new(
+            "alba_session_claims_total",
+            "Sessions claimed in the database (new, taken over, or after a lease ran out)",
+        )
+        .expect("valid metric");
+        let session_write_failures = IntCounter::new(
+            "alba_session_write_failures_total",
+            "Writes of the sessions' state that failed (kept, retried next tick)",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(frames.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(rejected.clone()),
@@ -128,6 +148,9 @@ impl Metrics {
             Box::new(request_latency.clone()),
             Box::new(usage_events.clone()),
             Box::new(usage_failures.clone()),
+            Box::new(owned_sessions.clone()),
+            Box::new(session_claims.clone()),
+            Box::new(session_write_failures.clone()),
         ] {
             registry.register(c).expect("registered once");
         }
@@ -145,6 +168,9 @@ impl Metrics {
             request_latency,
             usage_events,
             usage_failures,
+            owned_sessions,
+            session_claims,
+            session_write_failures,
         }
     }
 

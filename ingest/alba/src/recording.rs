@@ -220,7 +220,9 @@ pub async fn upload(
         Ok(Some(row)) if row.tenant_id != tenant.as_uuid() => {
             return Err(rejection_error(&forbidden(session)))
         }
-        Ok(Some(row)) if row.last_seq >= 0 => return Err(session_exists(session, row.last_seq)),
+        Ok(Some(row)) if row.last_seq >= 0 || row.claimed => {
+            return Err(session_exists(session, row.last_seq))
+        }
         Ok(_) => {}
     }
     let mut tx_db = ingest
@@ -391,10 +393,15 @@ fn broker(state: &AppState, e: rdkafka::error::KafkaError) -> ApiError {
 }
 
 fn session_exists(session: SessionId, last_seq: i64) -> ApiError {
+    let what = if last_seq >= 0 {
+        format!("already holds {} frames", last_seq + 1)
+    } else {
+        "is being streamed to ingest".to_owned()
+    };
     ApiError::new(
         StatusCode::CONFLICT,
         "session_exists",
-        format!("session {session} already holds {} frames", last_seq + 1),
+        format!("session {session} {what}"),
     )
     .field("session_id")
 }
@@ -416,7 +423,8 @@ async fn begin(
     if row.tenant_id != tenant.as_uuid() {
         return Err(rejection_error(&forbidden(session)));
     }
-    if row.last_seq >= 0 {
+    // A session an instance serves may have frames its row does not show yet.
+    if row.last_seq >= 0 || row.claimed {
         return Err(session_exists(session, row.last_seq));
     }
     let mut config = state.config.kafka.producer();

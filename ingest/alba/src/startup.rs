@@ -27,6 +27,7 @@ use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::publisher::Publisher;
 use crate::recording::{self, UploadSlots};
+use crate::sessions::Sessions;
 use crate::usage::Usage;
 use crate::ws;
 
@@ -109,8 +110,10 @@ impl Application {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
+        let sessions = Arc::new(Sessions::new(pool.clone(), config.leases(), &metrics));
         let ingest = Ingest {
             pool: pool.clone(),
+            sessions,
             publisher,
             frames_topic,
             limits: config.limits.clone(),
@@ -146,6 +149,10 @@ impl Application {
         let ingest = state.ingest.clone();
         let background = CancellationToken::new();
         let probe = tokio::spawn(ingest.publisher.clone().run_probe(background.clone()));
+        // Part of this future, not a task of its own: when the future is dropped the
+        // instance stops serving its sessions (their leases run out), as in a crash.
+        // Once the streams are done it lets go of every session, writing its state.
+        let sessions = ingest.sessions.clone().run(background.clone());
         let usage = tokio::spawn(ingest.usage.clone().run(
             ingest.publisher.clone(),
             self.usage_topic,
@@ -161,18 +168,22 @@ impl Application {
             streams.cancel();
         });
         let streams = state.streams.clone();
-        let served = axum::serve(self.listener, router(state))
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        // Streams finish their current group and send its answers before the close.
-        streams.close();
-        if tokio::time::timeout(Duration::from_secs(20), streams.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("WebSocket streams did not finish within 20 s");
-        }
-        background.cancel();
+        let serve = async {
+            let served = axum::serve(self.listener, router(state))
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await;
+            // Streams finish their current group and send its answers before the close.
+            streams.close();
+            if tokio::time::timeout(Duration::from_secs(20), streams.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("WebSocket streams did not finish within 20 s");
+            }
+            background.cancel();
+            served
+        };
+        let (served, ()) = tokio::join!(serve, sessions);
         let _ = probe.await;
         let _ = usage.await;
         let publisher = ingest.publisher.clone();

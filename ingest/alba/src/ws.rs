@@ -25,6 +25,7 @@ use crate::ingest::{
     forbidden, prepare, prepare_binary, rejected, LastLabels, Numbering, Prepared,
 };
 use crate::metrics::Transport;
+use crate::sessions::ClaimError;
 
 /// Messages read ahead of the publishing loop.
 const READ_AHEAD: usize = 16;
@@ -216,14 +217,17 @@ async fn open(
         Ok(_) => return Err(("open_expected", "the first message must be open".into())),
         Err(e) => return Err(("invalid_field", e.to_string())),
     };
-    match state.ingest.session(session).await {
-        Err(e) => Err((
+    // The stream's frames go to this instance: claim the session now, so the resume
+    // point is the one this instance serves from.
+    match state.ingest.sessions.open(tenant, session).await {
+        Err(ClaimError::Database(e)) => Err((
             Reason::Unavailable.code(),
             state.ingest.unavailable(e).message,
         )),
-        Ok(Some(row)) if row.tenant_id != tenant.as_uuid() => {
+        Err(ClaimError::Forbidden(_)) => {
             Err((Reason::SessionForbidden.code(), forbidden(session).message))
         }
+        Err(e @ ClaimError::Busy(_)) => Err((Reason::SessionBusy.code(), e.to_string())),
         Ok(row) => Ok((session, row.and_then(|r| u64::try_from(r.last_seq).ok()))),
     }
 }

@@ -16,14 +16,7 @@ use clisonix_schemas::{
     decode, encode, DeviceId, Frame, Marker, SessionId, Timestamp, UsageEvent, UsageKind,
     SESSION_END_MARKER,
 };
-use common::{as_published, frames, TestIngest};
-
-fn recording_path() -> std::path::PathBuf {
-    let dir = std::env::var("CLISONIX_DATA_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| clisonix_e2e::root().join("../shared/data"));
-    dir.join("eeglab_sample_32ch_128hz_238s.edf")
-}
+use common::{as_published, frames, recording_path, TestIngest};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_posted_are_in_eeg_frames_in_order_and_byte_exact() {

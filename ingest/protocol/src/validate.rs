@@ -46,10 +46,13 @@ pub enum Reason {
     Unavailable,
     /// The session has ended (a frame carried the end marker): open a new one.
     SessionEnded,
+    /// Another ingest instance serves the session and did not hand it over in time:
+    /// retry after a pause (or send the session's frames to the instance serving it).
+    SessionBusy,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Reason::MalformedFrame,
         Reason::InvalidField,
         Reason::NonFiniteSample,
@@ -67,6 +70,7 @@ impl Reason {
         Reason::Overloaded,
         Reason::Unavailable,
         Reason::SessionEnded,
+        Reason::SessionBusy,
     ];
 
     pub fn code(self) -> &'static str {
@@ -88,6 +92,7 @@ impl Reason {
             Reason::Overloaded => "overloaded",
             Reason::Unavailable => "unavailable",
             Reason::SessionEnded => "session_ended",
+            Reason::SessionBusy => "session_busy",
         }
     }
 
@@ -105,7 +110,7 @@ impl Reason {
             | Reason::OutOfOrder
             | Reason::WrongSession
             | Reason::SessionEnded => 409,
-            Reason::BrokerUnavailable | Reason::Unavailable => 503,
+            Reason::BrokerUnavailable | Reason::Unavailable | Reason::SessionBusy => 503,
             Reason::Overloaded => 429,
             _ => 422,
         }
@@ -115,7 +120,10 @@ impl Reason {
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            Reason::BrokerUnavailable | Reason::Overloaded | Reason::Unavailable
+            Reason::BrokerUnavailable
+                | Reason::Overloaded
+                | Reason::Unavailable
+                | Reason::SessionBusy
         )
     }
 }

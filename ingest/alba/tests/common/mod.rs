@@ -85,19 +85,13 @@ impl TestIngest {
         tune: impl FnOnce(&mut Config),
     ) -> TestIngest {
         let db = env.fresh_database().await;
-        let mut config = Config::defaults();
-        config.listen = "127.0.0.1:0".parse().unwrap();
-        config.database_url = clisonix_gateway::config::Secret::new(db.url());
-        config.kafka = KafkaSettings::new(env.kafka.bootstrap.clone(), "alba-test");
-        config.topic_prefix = topics.prefix().to_owned();
-        config.usage_interval = Duration::from_millis(300);
-        tune(&mut config);
-        let app = Application::build(config).await.expect("ingest starts");
-        let url = format!("http://127.0.0.1:{}", app.port());
+        let Instance {
+            url,
+            shutdown,
+            server,
+        } = Instance::spawn(&env, &topics, &db, tune).await;
         let tenant = tenant(&db, "alpha").await;
         let other = tenant_named(&db).await;
-        let shutdown = CancellationToken::new();
-        let server = tokio::spawn(app.run_until_stopped(shutdown.clone()));
         TestIngest {
             env,
             db,
@@ -108,6 +102,11 @@ impl TestIngest {
             shutdown,
             server,
         }
+    }
+
+    /// Another ingest instance on the same database, broker and topics.
+    pub async fn another(&self, tune: impl FnOnce(&mut Config)) -> Instance {
+        Instance::spawn(&self.env, &self.topics, &self.db, tune).await
     }
 
     pub fn client(&self) -> Client {
@@ -154,6 +153,59 @@ impl TestIngest {
         let _ = tokio::time::timeout(Duration::from_secs(30), self.server).await;
         self.db.drop_now().await;
         self.env.delete_topics(self.topics.prefix()).await;
+    }
+}
+
+/// The EDF recording of `../shared/data/`.
+pub fn recording_path() -> std::path::PathBuf {
+    let dir = std::env::var("CLISONIX_DATA_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| clisonix_e2e::root().join("../shared/data"));
+    dir.join("eeglab_sample_32ch_128hz_238s.edf")
+}
+
+/// One ingest instance, in-process.
+pub struct Instance {
+    pub url: String,
+    pub shutdown: CancellationToken,
+    pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Instance {
+    async fn spawn(
+        env: &TestEnv,
+        topics: &Topics,
+        db: &TestDatabase,
+        tune: impl FnOnce(&mut Config),
+    ) -> Instance {
+        let mut config = Config::defaults();
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.database_url = clisonix_gateway::config::Secret::new(db.url());
+        config.kafka = KafkaSettings::new(env.kafka.bootstrap.clone(), "alba-test");
+        config.topic_prefix = topics.prefix().to_owned();
+        config.usage_interval = Duration::from_millis(300);
+        tune(&mut config);
+        let app = Application::build(config).await.expect("ingest starts");
+        let url = format!("http://127.0.0.1:{}", app.port());
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+        Instance {
+            url,
+            shutdown,
+            server,
+        }
+    }
+
+    /// Stops it as a deployment does: streams answered, sessions let go.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.server).await;
+    }
+
+    /// Stops it as a crash does: nothing let go, nothing written any more.
+    pub async fn crash(self) {
+        self.server.abort();
+        let _ = self.server.await;
     }
 }
 
