@@ -138,7 +138,7 @@ impl Held {
     }
 }
 
-const COLUMNS: &str = "tenant_id, device_id, sample_rate_hz, unit, channel_labels, last_seq, ended_at IS NOT NULL, owner IS NOT NULL AND owner_until >= now()";
+const COLUMNS: &str = "tenant_id, device_id, sample_rate_hz, unit, channel_labels, last_seq, ended_at IS NOT NULL, owner IS NOT NULL AND coalesce(owner_until >= now(), false)";
 
 type RowTuple = (Uuid, String, f64, String, Vec<String>, i64, bool, bool);
 
@@ -252,41 +252,14 @@ impl Sessions {
         transport: Transport,
         first: &Head,
     ) -> Result<Held, ClaimError> {
-        let session = first.session_id;
-        loop {
-            let entry = self.entry(session);
-            let serial = entry.serial.clone().lock_owned().await;
-            let now = Instant::now();
-            {
-                let mut s = entry.state.lock().expect("not poisoned");
-                if s.gone {
-                    continue;
-                }
-                s.last_used = now;
-                if let Some(row) = &s.row {
-                    if s.lease_until > now + self.leases.margin {
-                        if row.tenant_id != tenant.as_uuid() {
-                            return Err(ClaimError::Forbidden(session));
-                        }
-                        let row = row.clone();
-                        return Ok(Held {
-                            entry: entry.clone(),
-                            _serial: serial,
-                            row,
-                        });
-                    }
-                }
-            }
-            let row = self
-                .claim(&entry, tenant, session, Some((transport, first)))
-                .await?;
-            let row = row.expect("claimed with its first frame, so it exists");
-            return Ok(Held {
-                row,
-                entry,
-                _serial: serial,
-            });
-        }
+        let (entry, serial, row) = self
+            .serve(tenant, first.session_id, Some((transport, first)))
+            .await?;
+        Ok(Held {
+            entry,
+            _serial: serial,
+            row: row.expect("claimed with its first frame, so it exists"),
+        })
     }
 
     /// Claims an existing session of `tenant` for a stream about to send its frames,
@@ -297,25 +270,38 @@ impl Sessions {
         tenant: TenantId,
         session: SessionId,
     ) -> Result<Option<SessionRow>, ClaimError> {
+        Ok(self.serve(tenant, session, None).await?.2)
+    }
+
+    /// The session's entry, its `serial` taken, and its state: from memory while the
+    /// lease has more than the margin left, otherwise claimed (see [`Sessions::claim`]).
+    async fn serve(
+        &self,
+        tenant: TenantId,
+        session: SessionId,
+        create_from: Option<(Transport, &Head)>,
+    ) -> Result<(Arc<Entry>, OwnedMutexGuard<()>, Option<SessionRow>), ClaimError> {
         loop {
             let entry = self.entry(session);
-            let _serial = entry.serial.clone().lock_owned().await;
-            {
+            let serial = entry.serial.clone().lock_owned().await;
+            let served = {
                 let mut s = entry.state.lock().expect("not poisoned");
                 if s.gone {
                     continue;
                 }
-                s.last_used = Instant::now();
-                if let Some(row) = &s.row {
-                    if s.lease_until > Instant::now() + self.leases.margin {
-                        if row.tenant_id != tenant.as_uuid() {
-                            return Err(ClaimError::Forbidden(session));
-                        }
-                        return Ok(Some(row.clone()));
-                    }
+                let now = Instant::now();
+                s.last_used = now;
+                let fresh = s.lease_until > now + self.leases.margin;
+                s.row.clone().filter(|_| fresh)
+            };
+            let row = match served {
+                Some(row) if row.tenant_id != tenant.as_uuid() => {
+                    return Err(ClaimError::Forbidden(session))
                 }
-            }
-            return self.claim(&entry, tenant, session, None).await;
+                Some(row) => Some(row),
+                None => self.claim(&entry, tenant, session, create_from).await?,
+            };
+            return Ok((entry, serial, row));
         }
     }
 
@@ -335,7 +321,7 @@ impl Sessions {
             let sent = Instant::now();
             let claimed = sqlx::query_as::<_, RowTuple>(sqlx::AssertSqlSafe(format!(
                 "UPDATE ingest_sessions SET owner = $2, owner_until = now() + $3 * interval '1 millisecond', handoff_at = NULL \
-                 WHERE session_id = $1 AND tenant_id = $4 AND (owner IS NULL OR owner = $2 OR owner_until < now()) \
+                 WHERE session_id = $1 AND tenant_id = $4 AND (owner IS NULL OR owner = $2 OR owner_until IS NULL OR owner_until < now()) \
                  RETURNING {COLUMNS}"
             )))
             .bind(session.as_uuid())
@@ -389,7 +375,8 @@ impl Sessions {
                     tokio::time::sleep(self.leases.tick.min(Duration::from_millis(50))).await;
                 }
                 // Let go meanwhile: claim again.
-                Some(_) => {}
+                Some(_) if Instant::now() < deadline => {}
+                Some(_) => return Err(ClaimError::Busy(session)),
             }
         }
     }
