@@ -12,14 +12,16 @@
 //! [`Config::max_in_flight_bytes`]: crate::config::Config::max_in_flight_bytes
 //! [`Config::publish_timeout`]: crate::config::Config::publish_timeout
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::util::Timeout;
-use tokio::sync::Semaphore;
+use rdkafka::ClientContext;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -42,8 +44,50 @@ pub enum PublishError {
     Overloaded,
 }
 
+/// A group of records written together: the broker's confirmations are counted here
+/// (on librdkafka's polling thread) and the group's task is woken once, when the last
+/// one is in, instead of once per record.
+#[derive(Debug)]
+struct Group {
+    remaining: AtomicUsize,
+    /// The first record that failed, and why; every later record counts as failed too.
+    failed: Mutex<Option<(usize, String)>>,
+    done: Notify,
+}
+
+impl Group {
+    fn settle(&self, index: usize, error: Option<String>) {
+        if let Some(e) = error {
+            let mut failed = self.failed.lock().expect("not poisoned");
+            if failed.as_ref().is_none_or(|(i, _)| index < *i) {
+                *failed = Some((index, e));
+            }
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.done.notify_one();
+        }
+    }
+}
+
+/// The producer's context: hands each confirmation to its record's group.
+struct Confirmations;
+
+impl ClientContext for Confirmations {}
+
+impl ProducerContext for Confirmations {
+    /// The record's group and its position in it.
+    type DeliveryOpaque = Box<(Arc<Group>, usize)>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
+        let (group, index) = *opaque;
+        group.settle(index, result.as_ref().err().map(|(e, _)| e.to_string()));
+    }
+}
+
+type KafkaProducer = ThreadedProducer<Confirmations>;
+
 pub struct Publisher {
-    producer: RwLock<FutureProducer>,
+    producer: RwLock<Arc<KafkaProducer>>,
     settings: clisonix_topics::KafkaSettings,
     publish_timeout: Duration,
     max_in_flight_bytes: usize,
@@ -98,7 +142,7 @@ impl Publisher {
         settings: clisonix_topics::KafkaSettings,
         timeout: Duration,
         max_in_flight: usize,
-    ) -> Result<FutureProducer, KafkaError> {
+    ) -> Result<Arc<KafkaProducer>, KafkaError> {
         let mut config = settings.producer();
         config
             .set("message.timeout.ms", timeout.as_millis().to_string())
@@ -108,10 +152,10 @@ impl Publisher {
                 "queue.buffering.max.kbytes",
                 (max_in_flight / 1024 + 16 * 1024).to_string(),
             );
-        config.create()
+        KafkaProducer::from_config_and_context(&config, Confirmations).map(Arc::new)
     }
 
-    fn producer(&self) -> FutureProducer {
+    fn producer(&self) -> Arc<KafkaProducer> {
         self.producer.read().expect("not poisoned").clone()
     }
 
@@ -147,56 +191,40 @@ impl Publisher {
         self.metrics.in_flight_bytes.add(bytes as i64);
         let started = Instant::now();
         let producer = self.producer();
-        let mut deliveries = Vec::with_capacity(records.len());
-        for r in records {
-            let record = FutureRecord::to(topic)
+        let group = Arc::new(Group {
+            remaining: AtomicUsize::new(records.len()),
+            failed: Mutex::new(None),
+            done: Notify::new(),
+        });
+        for (i, r) in records.iter().enumerate() {
+            let record = BaseRecord::with_opaque_to(topic, Box::new((group.clone(), i)))
                 .key(&r.key)
                 .payload(&r.value)
                 .timestamp(r.timestamp_ms);
-            match producer.send_result(record) {
-                Ok(delivery) => deliveries.push(Ok(delivery)),
-                Err((e, _)) => deliveries.push(Err(e)),
+            if let Err((e, _)) = producer.send(record) {
+                group.settle(i, Some(e.to_string()));
             }
         }
-        let waits = deliveries.into_iter().map(|d| async move {
-            match d {
-                Err(e) => Err(e.to_string()),
-                Ok(delivery) => match delivery.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err((e, _))) => Err(e.to_string()),
-                    Err(_) => Err("the producer was dropped".to_owned()),
-                },
-            }
-        });
-        let outcome = tokio::time::timeout(
-            self.publish_timeout + Duration::from_secs(5),
-            futures::future::join_all(waits),
-        )
-        .await;
-        self.metrics.in_flight_bytes.sub(bytes as i64);
-        drop(permit);
-        let outcome = match outcome {
-            Ok(results) => results,
-            Err(_) => {
-                vec![Err("no confirmation within the publish timeout".to_owned()); records.len()]
-            }
-        };
-        let mut failed = None;
-        let results: Vec<_> = outcome
-            .into_iter()
-            .map(|r| {
-                if failed.is_none() {
-                    if let Err(e) = r {
-                        failed = Some(e);
-                    }
-                }
-                match &failed {
-                    None => Ok(()),
-                    Some(e) => Err(PublishError::Unavailable(e.clone())),
+        let confirmed =
+            tokio::time::timeout(self.publish_timeout + Duration::from_secs(5), async {
+                while group.remaining.load(Ordering::Acquire) > 0 {
+                    group.done.notified().await;
                 }
             })
+            .await;
+        self.metrics.in_flight_bytes.sub(bytes as i64);
+        drop(permit);
+        let failed = match confirmed {
+            Ok(()) => group.failed.lock().expect("not poisoned").take(),
+            Err(_) => Some((0, "no confirmation within the publish timeout".to_owned())),
+        };
+        let results = (0..records.len())
+            .map(|i| match &failed {
+                Some((first, e)) if i >= *first => Err(PublishError::Unavailable(e.clone())),
+                _ => Ok(()),
+            })
             .collect();
-        if let Some(e) = failed {
+        if let Some((_, e)) = failed {
             tracing::warn!(error = %e, topic, "the broker did not confirm frames");
             self.broker_up.store(false, Ordering::Relaxed);
             self.metrics.broker_up.set(0);
@@ -211,7 +239,7 @@ impl Publisher {
 
     /// A producer in a fatal state (librdkafka says so after some idempotence
     /// failures) cannot write again: a new one takes its place.
-    fn replace_if_fatal(&self, producer: &FutureProducer) {
+    fn replace_if_fatal(&self, producer: &KafkaProducer) {
         if let Some(fatal) = producer.client().fatal_error() {
             tracing::error!(?fatal, "the producer failed fatally; creating a new one");
             match Self::create(
