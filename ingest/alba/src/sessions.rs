@@ -331,12 +331,26 @@ impl Sessions {
             .fetch_optional(&self.pool)
             .await?;
             if let Some(found) = claimed {
-                let row = row(found);
+                let stored = row(found);
                 self.claims.inc();
                 let mut s = entry.state.lock().expect("not poisoned");
-                s.written_seq = row.last_seq;
-                s.unwritten = 0;
-                s.end_unwritten = false;
+                s.written_seq = stored.last_seq;
+                let row = match s.row.take() {
+                    // Claimed again while still held here (the lease ran low, as when
+                    // the database did not answer for a while): what this instance
+                    // confirmed and could not write yet is kept, and is newer than the
+                    // row unless another instance served the session meanwhile.
+                    Some(mut mine) => {
+                        mine.last_seq = mine.last_seq.max(stored.last_seq);
+                        mine.ended |= stored.ended;
+                        mine
+                    }
+                    None => {
+                        s.unwritten = 0;
+                        s.end_unwritten = false;
+                        stored
+                    }
+                };
                 s.wanted = false;
                 s.lease_until = sent + self.leases.lease;
                 s.last_used = Instant::now();

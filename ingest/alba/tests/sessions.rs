@@ -215,3 +215,49 @@ async fn a_session_being_streamed_is_refused_to_uploads_and_to_streams_elsewhere
     assert_eq!(row(&t, session).await, (2, 3, false));
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_claimed_again_after_its_writes_failed_keeps_what_was_published() {
+    let short = |c: &mut clisonix_alba::Config| {
+        c.publish_timeout = Duration::from_secs(1);
+        c.session_lease = Duration::from_secs(2);
+    };
+    let t = TestIngest::spawn().await;
+    let a = t.another(short).await;
+    let key = t.tenant.key.clone();
+    let session = SessionId::random();
+    let sent = frames(session, 9, 8, 32);
+    let consumer = t.frames_consumer();
+    assert_eq!(counts(&post(&a.url, &key, &sent[..3]).await), (3, 0));
+    row_becomes(&t, session, (2, 3, true)).await;
+
+    // The state can no longer be written (nor the lease renewed), as when the database
+    // refuses writes for a while.
+    sqlx::query(
+        "ALTER TABLE ingest_sessions ADD CONSTRAINT test_no_more CHECK (frames < 4) NOT VALID",
+    )
+    .execute(&t.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(counts(&post(&a.url, &key, &sent[3..6]).await), (3, 0));
+    // Once the lease has less than the publish timeout left, the next group claims the
+    // session again; what was published meanwhile is still known.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(row(&t, session).await, (2, 3, true));
+    assert_eq!(counts(&post(&a.url, &key, &sent[3..8]).await), (2, 3));
+
+    sqlx::query("ALTER TABLE ingest_sessions DROP CONSTRAINT test_no_more")
+        .execute(&t.db.pool)
+        .await
+        .unwrap();
+    row_becomes(&t, session, (7, 8, true)).await;
+    assert_eq!(
+        published_seqs(&t, &consumer, 8).await,
+        (0..8).collect::<Vec<_>>()
+    );
+    assert_eq!(counts(&post(&a.url, &key, &sent[8..]).await), (1, 0));
+    assert_eq!(published_seqs(&t, &consumer, 1).await, [8]);
+    a.stop().await;
+    assert_eq!(row(&t, session).await, (8, 9, false));
+    t.stop().await;
+}
