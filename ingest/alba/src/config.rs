@@ -50,6 +50,12 @@ pub struct Config {
 }
 
 impl Config {
+    /// The longest a group of frames can be with the publisher: waiting for room in
+    /// the in-flight budget, then for the broker.
+    pub fn longest_publish(&self) -> Duration {
+        crate::publisher::BUDGET_WAIT + self.publish_timeout
+    }
+
     /// How sessions are held (see `sessions`).
     pub fn leases(&self) -> crate::sessions::Leases {
         crate::sessions::Leases {
@@ -57,7 +63,7 @@ impl Config {
             tick: self.session_tick,
             idle: self.session_idle,
             handoff_wait: self.handoff_wait,
-            margin: self.publish_timeout,
+            margin: self.longest_publish(),
         }
     }
 
@@ -164,11 +170,11 @@ impl Config {
         if c.session_tick.is_zero() {
             errors.push("CLISONIX_INGEST_SESSION_TICK_MS must be above 0".into());
         }
-        // A group starts only with more than the publish timeout left on its lease,
+        // A group starts only with more than its longest publish left on its lease,
         // which is renewed once a fifth of it is used.
-        if c.session_lease.mul_f64(0.8) <= c.publish_timeout + c.session_tick * 2 {
+        if c.session_lease.mul_f64(0.8) <= c.longest_publish() + c.session_tick * 2 {
             errors.push(
-                "CLISONIX_INGEST_SESSION_LEASE_MS must be more than 5/4 of the publish timeout plus two ticks".into(),
+                "CLISONIX_INGEST_SESSION_LEASE_MS must be more than 5/4 of (the publish timeout + 1 s + two ticks)".into(),
             );
         }
         if c.max_in_flight_bytes < c.max_body_bytes {
@@ -218,14 +224,16 @@ mod tests {
                 _ => None,
             })
         };
-        // A group starts only with more than the publish timeout left, and the lease
-        // is renewed once a fifth of it is used: 4/5 of it must exceed 4 s + 2 ticks.
-        let err = with("5200").unwrap_err().to_string();
+        // A group starts only with more than its longest publish (4 s + the 1 s budget
+        // wait) left, and the lease is renewed once a fifth of it is used: 4/5 of it
+        // must exceed 5 s + 2 ticks.
+        let err = with("6500").unwrap_err().to_string();
         assert!(err.contains("CLISONIX_INGEST_SESSION_LEASE_MS"), "{err}");
-        let c = with("5300").unwrap();
-        assert_eq!(c.leases().lease, Duration::from_millis(5300));
-        assert_eq!(c.leases().margin, Duration::from_millis(4000));
-        assert!(Config::defaults().session_lease.mul_f64(0.8) > Config::defaults().publish_timeout);
+        let c = with("6550").unwrap();
+        assert_eq!(c.leases().lease, Duration::from_millis(6550));
+        assert_eq!(c.leases().margin, Duration::from_millis(5000));
+        let d = Config::defaults();
+        assert!(d.session_lease.mul_f64(0.8) > d.longest_publish() + d.session_tick * 2);
     }
 
     #[test]

@@ -27,6 +27,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::metrics::Metrics;
 
+/// How long a group waits for room in the in-flight budget before it is refused as
+/// overloaded.
+pub const BUDGET_WAIT: Duration = Duration::from_secs(1);
+
 /// One record to write.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -179,15 +183,13 @@ impl Publisher {
         let kib = u32::try_from(bytes.div_ceil(1024))
             .unwrap_or(u32::MAX)
             .clamp(1, self.budget_kib);
-        let permit = match tokio::time::timeout(
-            Duration::from_secs(1),
-            self.budget.clone().acquire_many_owned(kib),
-        )
-        .await
-        {
-            Ok(Ok(permit)) => permit,
-            _ => return vec![Err(PublishError::Overloaded); records.len()],
-        };
+        let permit =
+            match tokio::time::timeout(BUDGET_WAIT, self.budget.clone().acquire_many_owned(kib))
+                .await
+            {
+                Ok(Ok(permit)) => permit,
+                _ => return vec![Err(PublishError::Overloaded); records.len()],
+            };
         self.metrics.in_flight_bytes.add(bytes as i64);
         let started = Instant::now();
         let producer = self.producer();

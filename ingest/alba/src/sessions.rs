@@ -17,10 +17,11 @@
 //!   commits do not wait for the disk): frames confirmed after it are published again
 //!   if resent, at least once as before, never lost.
 //! - **The database down**: sessions already claimed keep being served until their
-//!   lease has less than the publish timeout left; then their frames are refused
+//!   lease has less than the `margin` left; then their frames are refused
 //!   `unavailable` (503) until the database answers.
-//! - A group starts only with more than the publish timeout left on its lease, so a
-//!   lease never runs out while one of its groups is with the broker.
+//! - A group starts only with more than the `margin` (the longest a group can be with
+//!   the publisher) left on its lease, so a lease does not run out while one of its
+//!   groups is with the broker.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -47,7 +48,8 @@ pub struct Leases {
     pub idle: Duration,
     /// How long frames of a session claimed elsewhere wait for it to be handed over.
     pub handoff_wait: Duration,
-    /// A group starts only with more than this left on its lease (the publish timeout).
+    /// A group starts only with more than this left on its lease: the longest a group
+    /// can be with the publisher (`Config::longest_publish`).
     pub margin: Duration,
 }
 

@@ -119,7 +119,7 @@ async fn a_session_moves_between_instances_with_no_duplicate_and_no_gap() {
 async fn a_crashed_instances_sessions_are_taken_over_once_their_leases_run_out() {
     let short = |c: &mut clisonix_alba::Config| {
         c.publish_timeout = Duration::from_secs(1);
-        c.session_lease = Duration::from_secs(2);
+        c.session_lease = Duration::from_secs(3);
         c.handoff_wait = Duration::from_millis(300);
     };
     let t = TestIngest::spawn().await;
@@ -145,7 +145,7 @@ async fn a_crashed_instances_sessions_are_taken_over_once_their_leases_run_out()
         .all(|r| r.error.as_ref().is_some_and(|e| e.code == "session_busy")));
 
     // Then another instance takes it over from the state the crashed one wrote.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let taken = post(&b.url, &key, &sent[5..20]).await;
     assert_eq!(counts(&taken), (10, 5));
     assert!(taken
@@ -220,7 +220,7 @@ async fn a_session_being_streamed_is_refused_to_uploads_and_to_streams_elsewhere
 async fn a_session_claimed_again_after_its_writes_failed_keeps_what_was_published() {
     let short = |c: &mut clisonix_alba::Config| {
         c.publish_timeout = Duration::from_secs(1);
-        c.session_lease = Duration::from_secs(2);
+        c.session_lease = Duration::from_secs(3);
     };
     let t = TestIngest::spawn().await;
     let a = t.another(short).await;
@@ -240,7 +240,7 @@ async fn a_session_claimed_again_after_its_writes_failed_keeps_what_was_publishe
     .await
     .unwrap();
     assert_eq!(counts(&post(&a.url, &key, &sent[3..6]).await), (3, 0));
-    // Once the lease has less than the publish timeout left, the next group claims the
+    // Once the lease has less than its margin left, the next group claims the
     // session again; what was published meanwhile is still known.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(row(&t, session).await, (2, 3, true));
