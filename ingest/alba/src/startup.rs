@@ -72,14 +72,14 @@ impl Application {
             .expose()
             .parse()
             .context("DATABASE_URL is not a Postgres URL")?;
-        // Ingest's writes record which frames the broker already holds; losing the last
-        // of them in a database crash can only make a resend publish a duplicate (which
-        // downstream drops by sequence number), never lose a frame. So commits do not
-        // wait for the disk, which keeps a group's round trip short.
+        // Ingest's writes record which frames the broker already holds (the sessions'
+        // state, every tick); losing the last of them in a database crash can only make
+        // a resend publish a duplicate (which downstream drops by sequence number),
+        // never lose a frame. So commits do not wait for the disk.
         let options = options.options([("synchronous_commit", "off")]);
-        // No ping before each use: it would add a round trip to every group. A
-        // connection the server dropped fails its group's first statement instead, which
-        // answers 503 (retryable) and closes it.
+        // No ping before each use: sqlx already pings a connection when it is released
+        // and closes it if broken. One the server dropped meanwhile fails its statement
+        // (a claim is answered 503, retryable; a tick is retried).
         let pool = PgPoolOptions::new()
             .max_connections(32)
             .test_before_acquire(false)
