@@ -247,6 +247,16 @@ impl Ingest {
         .retry_after_ms(self.retry_after.as_millis() as u64)
     }
 
+    /// Why frames of a session this instance cannot serve now are refused.
+    pub fn claim_refusal(&self, e: ClaimError) -> Rejection {
+        match e {
+            ClaimError::Forbidden(s) => forbidden(s),
+            ClaimError::Busy(_) => Rejection::new(Reason::SessionBusy, e.to_string())
+                .retry_after_ms(self.retry_after.as_millis() as u64),
+            ClaimError::Database(e) => self.unavailable(e),
+        }
+    }
+
     /// Counts a refusal in the metrics.
     pub fn count_rejections(&self, results: &[FrameResult]) {
         for r in results {
@@ -310,13 +320,7 @@ impl Ingest {
         let held = match self.sessions.hold(tenant, transport, &first.head).await {
             Ok(held) => held,
             Err(e) => {
-                let error = match e {
-                    ClaimError::Forbidden(s) => forbidden(s),
-                    ClaimError::Busy(_) => Rejection::new(Reason::SessionBusy, e.to_string())
-                        .retry_after_ms(self.retry_after.as_millis() as u64),
-                    ClaimError::Database(e) => self.unavailable(e),
-                };
-                let out = fail_all(&frames, error);
+                let out = fail_all(&frames, self.claim_refusal(e));
                 self.count_rejections(&out);
                 return out;
             }

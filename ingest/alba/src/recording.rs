@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use crate::http::{rejection_error, AppState, DeviceKey};
-use crate::ingest::{forbidden, prepare};
+use crate::ingest::{forbidden, prepare, SessionRow};
 use crate::metrics::Transport;
 
 /// Uploads processed at once.
@@ -220,10 +220,8 @@ pub async fn upload(
         Ok(Some(row)) if row.tenant_id != tenant.as_uuid() => {
             return Err(rejection_error(&forbidden(session)))
         }
-        Ok(Some(row)) if row.last_seq >= 0 || row.claimed => {
-            return Err(session_exists(session, row.last_seq))
-        }
-        Ok(_) => {}
+        Ok(Some(row)) => taken(session, &row)?,
+        Ok(None) => {}
     }
     let mut tx_db = ingest
         .pool
@@ -392,18 +390,22 @@ fn broker(state: &AppState, e: rdkafka::error::KafkaError) -> ApiError {
     )
 }
 
-fn session_exists(session: SessionId, last_seq: i64) -> ApiError {
-    let what = if last_seq >= 0 {
-        format!("already holds {} frames", last_seq + 1)
-    } else {
+/// Refuses a session that holds frames, or that an ingest instance serves (it may have
+/// frames its row does not show yet): an upload would mix into it.
+fn taken(session: SessionId, row: &SessionRow) -> Result<(), ApiError> {
+    let what = if row.last_seq >= 0 {
+        format!("already holds {} frames", row.last_seq + 1)
+    } else if row.claimed {
         "is being streamed to ingest".to_owned()
+    } else {
+        return Ok(());
     };
-    ApiError::new(
+    Err(ApiError::new(
         StatusCode::CONFLICT,
         "session_exists",
         format!("session {session} {what}"),
     )
-    .field("session_id")
+    .field("session_id"))
 }
 
 /// Creates the session (refusing one that exists) and the upload's transactional
@@ -423,10 +425,7 @@ async fn begin(
     if row.tenant_id != tenant.as_uuid() {
         return Err(rejection_error(&forbidden(session)));
     }
-    // A session an instance serves may have frames its row does not show yet.
-    if row.last_seq >= 0 || row.claimed {
-        return Err(session_exists(session, row.last_seq));
-    }
+    taken(session, &row)?;
     let mut config = state.config.kafka.producer();
     config
         .set("transactional.id", format!("alba-recording-{session}"))

@@ -144,7 +144,7 @@ const COLUMNS: &str = "tenant_id, device_id, sample_rate_hz, unit, channel_label
 
 type RowTuple = (Uuid, String, f64, String, Vec<String>, i64, bool, bool);
 
-pub(crate) fn row(t: RowTuple) -> SessionRow {
+fn row(t: RowTuple) -> SessionRow {
     SessionRow {
         tenant_id: t.0,
         device_id: t.1,
@@ -215,11 +215,6 @@ impl Sessions {
             claims: metrics.session_claims.clone(),
             write_failures: metrics.session_write_failures.clone(),
         }
-    }
-
-    /// This instance's id (the `owner` of the sessions it serves).
-    pub fn instance(&self) -> Uuid {
-        self.instance
     }
 
     fn entry(&self, session: SessionId) -> Arc<Entry> {

@@ -21,11 +21,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::{AppState, DeviceKey};
-use crate::ingest::{
-    forbidden, prepare, prepare_binary, rejected, LastLabels, Numbering, Prepared,
-};
+use crate::ingest::{prepare, prepare_binary, rejected, LastLabels, Numbering, Prepared};
 use crate::metrics::Transport;
-use crate::sessions::ClaimError;
 
 /// Messages read ahead of the publishing loop.
 const READ_AHEAD: usize = 16;
@@ -220,14 +217,11 @@ async fn open(
     // The stream's frames go to this instance: claim the session now, so the resume
     // point is the one this instance serves from.
     match state.ingest.sessions.open(tenant, session).await {
-        Err(ClaimError::Database(e)) => Err((
-            Reason::Unavailable.code(),
-            state.ingest.unavailable(e).message,
-        )),
-        Err(ClaimError::Forbidden(_)) => {
-            Err((Reason::SessionForbidden.code(), forbidden(session).message))
+        Err(e) => {
+            let r = state.ingest.claim_refusal(e);
+            let code = r.reason().map_or(Reason::Unavailable.code(), Reason::code);
+            Err((code, r.message))
         }
-        Err(e @ ClaimError::Busy(_)) => Err((Reason::SessionBusy.code(), e.to_string())),
         Ok(row) => Ok((session, row.and_then(|r| u64::try_from(r.last_seq).ok()))),
     }
 }
