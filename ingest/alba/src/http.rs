@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::ingest::{prepare, prepare_binary, Ingest, LastLabels, Numbering, Prepared};
+use crate::ingest::{prepare, prepare_binary_body, Ingest, Numbering, Prepared};
 use crate::metrics::Transport;
 
 #[derive(Debug, Clone)]
@@ -120,13 +120,13 @@ pub fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
 /// Parses, checks and encodes a body's frames: the ready ones and the refused ones.
 pub fn prepare_body(
     kind: BodyKind,
-    body: &[u8],
+    body: Bytes,
     tenant: TenantId,
     now: Timestamp,
     limits: &Limits,
 ) -> Result<(Vec<Prepared>, Vec<FrameResult>), Rejection> {
     let prepared: Vec<Result<Prepared, Box<FrameResult>>> = match kind {
-        BodyKind::Json => split_body(body)
+        BodyKind::Json => split_body(&body)
             .map_err(|e| Rejection::new(Reason::MalformedFrame, e.0))?
             .into_iter()
             .enumerate()
@@ -135,14 +135,7 @@ pub fn prepare_body(
                 prepare(i, frame, limits, now)
             })
             .collect(),
-        BodyKind::Binary => {
-            let mut last = LastLabels::default();
-            binary::split_items(body)?
-                .into_iter()
-                .enumerate()
-                .map(|(i, item)| prepare_binary(i, item, &mut last, tenant, limits, now))
-                .collect()
-        }
+        BodyKind::Binary => prepare_binary_body(body, 0, tenant, limits, now)?,
     };
     if prepared.is_empty() {
         return Err(Rejection::new(
@@ -207,7 +200,7 @@ pub async fn post_frames(
     let now = Timestamp::now();
     let limits = ingest.limits.clone();
     let prepared =
-        tokio::task::spawn_blocking(move || prepare_body(kind, &body, tenant, now, &limits))
+        tokio::task::spawn_blocking(move || prepare_body(kind, body, tenant, now, &limits))
             .await
             .map_err(ApiError::internal)?;
     let (ready, mut results) = match prepared {
@@ -415,6 +408,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 mod tests {
     use std::sync::Arc;
 
+    use axum::body::Bytes;
     use clisonix_ingest_protocol::{binary, Limits, Reason};
     use clisonix_schemas::{examples, Frame, TenantId, Timestamp};
 
@@ -441,7 +435,7 @@ mod tests {
         let tenant = TenantId::random();
         let (ready, refused) = prepare_body(
             BodyKind::Binary,
-            &body,
+            body.into(),
             tenant,
             Timestamp::now(),
             &Limits::default(),
@@ -467,5 +461,50 @@ mod tests {
             frame.received_at = p.head.received_at;
             assert_eq!(p.value, clisonix_schemas::encode(&frame).unwrap());
         }
+    }
+
+    /// What ingest publishes for `frames` posted by `tenant` and received at `now`.
+    fn published(frames: &[Frame], tenant: TenantId, now: Timestamp) -> Vec<Vec<u8>> {
+        frames
+            .iter()
+            .map(|f| {
+                let mut f = f.clone();
+                f.tenant_id = tenant;
+                f.received_at = now;
+                clisonix_schemas::encode(&f).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn records_are_stamped_in_the_body_or_copied_when_their_fields_do_not_fit() {
+        let mut frames = frames(3);
+        // A receive time of 0 takes one byte, where ingest's takes eight.
+        frames[1].received_at = Timestamp::from_micros(0);
+        let tenant = TenantId::random();
+        let now = Timestamp::now();
+        let expected = published(&frames, tenant, now);
+        let limits = Limits::default();
+
+        // A body of its own: records 0 and 2 are slices of it, record 1 a copy.
+        let body = Bytes::from(binary::encode_frames(&frames));
+        let within = body.as_ptr_range();
+        let (ready, refused) = prepare_body(BodyKind::Binary, body, tenant, now, &limits).unwrap();
+        assert!(refused.is_empty(), "{refused:?}");
+        let values: Vec<&[u8]> = ready.iter().map(|p| &p.value[..]).collect();
+        assert_eq!(values, expected);
+        let in_body: Vec<bool> = ready
+            .iter()
+            .map(|p| within.contains(&p.value.as_ptr()))
+            .collect();
+        assert_eq!(in_body, [true, false, true]);
+
+        // A shared body is copied once and left as it was.
+        let body = Bytes::from(binary::encode_frames(&frames));
+        let kept = body.clone();
+        let (ready, _) = prepare_body(BodyKind::Binary, body, tenant, now, &limits).unwrap();
+        let values: Vec<&[u8]> = ready.iter().map(|p| &p.value[..]).collect();
+        assert_eq!(values, expected);
+        assert_eq!(kept, binary::encode_frames(&frames));
     }
 }

@@ -20,10 +20,13 @@
 //! `last_seq` updates: those frames' resend is published again (at least once;
 //! downstream stages count and drop duplicate sequence numbers), never lost.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use clisonix_ingest_protocol::answer::{FrameResult, FrameStatus};
+use clisonix_ingest_protocol::binary::{self, Stamps};
 use clisonix_ingest_protocol::validate::{validate, validate_view};
 use clisonix_ingest_protocol::{Limits, Reason, Rejection};
 use clisonix_schemas::{encode, DeviceId, Frame, SampleUnit, SessionId, TenantId, Timestamp};
@@ -41,8 +44,8 @@ pub struct Prepared {
     /// Position in the request or stream.
     pub index: usize,
     pub head: Head,
-    /// The record to publish.
-    pub value: Vec<u8>,
+    /// The record to publish: its own buffer, or a slice of the body it came in.
+    pub value: Bytes,
 }
 
 /// What ingest needs of a checked frame besides its record: where it goes, how it is
@@ -92,7 +95,7 @@ pub fn prepare(
         Ok(value) => Ok(Prepared {
             index,
             head: Head::of(&frame),
-            value,
+            value: value.into(),
         }),
         Err(e) => Err(refuse(Rejection::new(
             Reason::MalformedFrame,
@@ -109,24 +112,97 @@ pub struct LastLabels<'a> {
     labels: Option<Arc<[String]>>,
 }
 
-/// A binary body item: read in place when it is a record of the current version (the
-/// published record is then the client's own bytes with tenant and receive time
-/// replaced), otherwise through the full decoder, which names what is wrong.
-pub fn prepare_binary<'a>(
+/// A binary body's frames: each checked, and its record made from the client's own
+/// bytes with tenant and receive time replaced. The body is rewritten where it lies
+/// and each record is a slice of it, so a frame's bytes are not copied on their way
+/// to the broker; a record whose new fields do not fit where the old ones were (see
+/// [`Stamps::stamp`]) is copied instead. The body is copied once first if it is
+/// shared. Items are numbered from `first`.
+///
+/// [`Stamps::stamp`]: clisonix_ingest_protocol::binary::Stamps::stamp
+pub fn prepare_binary_body(
+    body: Bytes,
+    first: usize,
+    tenant: TenantId,
+    limits: &Limits,
+    now: Timestamp,
+) -> Result<Vec<Result<Prepared, Box<FrameResult>>>, Rejection> {
+    let mut body = body
+        .try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+    let mut checked = {
+        let start = body.as_ptr() as usize;
+        let mut last = LastLabels::default();
+        binary::split_items(&body)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let at = item.as_ptr() as usize - start;
+                prepare_binary(first + i, item, at, &mut last, tenant, limits, now)
+            })
+            .collect::<Vec<_>>()
+    };
+    let tenant_text = tenant.to_string();
+    for c in checked.iter_mut().flatten() {
+        if let Source::InBody { at, stamps } = &c.record {
+            let item = &mut body[at.clone()];
+            if !stamps.stamp(item, &tenant_text, now) {
+                c.record = Source::Copied(stamps.record(item, &tenant_text, now).into());
+            }
+        }
+    }
+    let body = body.freeze();
+    Ok(checked
+        .into_iter()
+        .map(|c| {
+            c.map(|c| Prepared {
+                index: c.index,
+                head: c.head,
+                value: match c.record {
+                    Source::InBody { at, .. } => body.slice(at),
+                    Source::Copied(value) => value,
+                },
+            })
+        })
+        .collect())
+}
+
+/// A checked binary item, its record still to be stamped.
+struct Checked {
+    index: usize,
+    head: Head,
+    record: Source,
+}
+
+/// Where a checked item's record comes from.
+enum Source {
+    /// The item's own bytes, at `at` in the body, once tenant and receive time are
+    /// written in.
+    InBody { at: Range<usize>, stamps: Stamps },
+    /// A record of its own: decoded and encoded again, or too different to stamp in
+    /// place.
+    Copied(Bytes),
+}
+
+/// A binary body item at `at`: read in place when it is a record of the current
+/// version, otherwise through the full decoder, which names what is wrong.
+fn prepare_binary<'a>(
     index: usize,
     item: &'a [u8],
+    at: usize,
     last: &mut LastLabels<'a>,
     tenant: TenantId,
     limits: &Limits,
     now: Timestamp,
-) -> Result<Prepared, Box<FrameResult>> {
-    let Some(view) = clisonix_ingest_protocol::binary::view(item) else {
-        return prepare(
-            index,
-            clisonix_ingest_protocol::binary::decode_frame(item, tenant, now),
-            limits,
-            now,
-        );
+) -> Result<Checked, Box<FrameResult>> {
+    let Some(view) = binary::view(item) else {
+        return prepare(index, binary::decode_frame(item, tenant, now), limits, now).map(|p| {
+            Checked {
+                index,
+                head: p.head,
+                record: Source::Copied(p.value),
+            }
+        });
     };
     let known = last.labels.as_ref().filter(|_| last.raw == view.labels_raw);
     if let Err(r) = validate_view(&view, known.is_some(), limits, now) {
@@ -152,9 +228,12 @@ pub fn prepare_binary<'a>(
             labels
         }
     };
-    Ok(Prepared {
+    Ok(Checked {
         index,
-        value: view.record(item, tenant, now),
+        record: Source::InBody {
+            at: at..at + item.len(),
+            stamps: view.stamps(),
+        },
         head: Head {
             session_id: view.session_id,
             seq: view.seq,
@@ -339,8 +418,9 @@ impl Ingest {
             match numbering {
                 Numbering::Assigned => {
                     p.head.seq = (high + 1) as u64;
-                    p.value = clisonix_ingest_protocol::binary::renumber(&p.value, p.head.seq)
-                        .expect("ingest's own records are of the current version");
+                    p.value = binary::renumber(&p.value, p.head.seq)
+                        .expect("ingest's own records are of the current version")
+                        .into();
                 }
                 Numbering::Device => {
                     let seq = p.head.seq as i64;
@@ -380,11 +460,13 @@ impl Ingest {
             ended |= p.head.ends_session;
             to_publish.push(p);
         }
-        let key = encode(&clisonix_schemas::SessionKey {
-            tenant_id: tenant,
-            session_id: session,
-        })
-        .expect("keys encode");
+        let key = Bytes::from(
+            encode(&clisonix_schemas::SessionKey {
+                tenant_id: tenant,
+                session_id: session,
+            })
+            .expect("keys encode"),
+        );
         let records: Vec<Record> = to_publish
             .iter_mut()
             .map(|p| Record {
@@ -393,18 +475,19 @@ impl Ingest {
                 timestamp_ms: p.head.received_at.as_millis(),
             })
             .collect();
-        let outcome = self.publisher.publish(&self.frames_topic, &records).await;
+        let sizes: Vec<usize> = records.iter().map(|r| r.value.len()).collect();
+        let outcome = self.publisher.publish(&self.frames_topic, records).await;
         let mut confirmed = 0usize;
         let mut bytes = 0usize;
         let mut last = None;
         // The session ends once a frame with the end marker is confirmed.
         let mut ended_now = false;
-        for (p, (r, rec)) in to_publish.iter().zip(outcome.iter().zip(&records)) {
+        for (p, (r, size)) in to_publish.iter().zip(outcome.iter().zip(sizes)) {
             match r {
                 Ok(()) => {
                     confirmed += 1;
                     ended_now |= p.head.ends_session;
-                    bytes += rec.value.len();
+                    bytes += size;
                     last = Some(p.head.seq);
                     results.push(done(p, FrameStatus::Accepted));
                 }

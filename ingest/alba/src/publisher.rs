@@ -9,18 +9,26 @@
 //! probe marks the broker down, and later groups are refused at once (503) until it
 //! answers again. Nothing is queued beyond those bounds and nothing is dropped silently.
 //!
+//! No copies: a record's bytes (usually a slice of the request body they came in) are
+//! handed to librdkafka as they are and kept alive by their group until the broker
+//! confirms them.
+//!
 //! [`Config::max_in_flight_bytes`]: crate::config::Config::max_in_flight_bytes
 //! [`Config::publish_timeout`]: crate::config::Config::publish_timeout
 
+use std::ffi::{c_int, c_void, CStr, CString};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::util::Timeout;
 use rdkafka::ClientContext;
+use rdkafka::IntoOpaque;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -31,11 +39,12 @@ use crate::metrics::Metrics;
 /// overloaded.
 pub const BUDGET_WAIT: Duration = Duration::from_secs(1);
 
-/// One record to write.
+/// One record to write. Its bytes are shared, not copied: librdkafka reads them where
+/// they are until the broker confirms the record (see [`Publisher::publish`]).
 #[derive(Debug, Clone)]
 pub struct Record {
-    pub key: Vec<u8>,
-    pub value: Vec<u8>,
+    pub key: Bytes,
+    pub value: Bytes,
     pub timestamp_ms: i64,
 }
 
@@ -57,6 +66,9 @@ struct Group {
     /// The first record that failed, and why; every later record counts as failed too.
     failed: Mutex<Option<(usize, String)>>,
     done: Notify,
+    /// The records being written. librdkafka reads their bytes in place rather than
+    /// copying them, so they live as long as the group: until its last confirmation.
+    records: Vec<Record>,
 }
 
 impl Group {
@@ -89,6 +101,56 @@ impl ProducerContext for Confirmations {
 }
 
 type KafkaProducer = ThreadedProducer<Confirmations>;
+
+/// Hands one record to librdkafka without copying its bytes (`RD_KAFKA_MSG_F_COPY`
+/// unset, unlike rust-rdkafka's `send`): the key and value are read where they are,
+/// by the partitioner now and by the batch's compression later.
+#[allow(unsafe_code)]
+fn produce(
+    producer: &KafkaProducer,
+    topic: &CStr,
+    record: &Record,
+    opaque: Box<(Arc<Group>, usize)>,
+) -> Result<(), RDKafkaErrorCode> {
+    use rdkafka::bindings::{self as rdsys, rd_kafka_vtype_t::*};
+    let opaque = opaque.into_ptr();
+    // SAFETY: the pointers are valid for the lengths given. The bytes they point to
+    // belong to `record`, which the group in `opaque` owns; librdkafka hands `opaque`
+    // back exactly once, in the record's delivery report ([`Confirmations::delivery`]),
+    // and drops its own use of the bytes before that. So they outlive librdkafka's
+    // reads, even if the waiting task is dropped. The variadic arguments follow
+    // rust-rdkafka's own call, with flags 0 instead of `RD_KAFKA_MSG_F_COPY`.
+    let error = unsafe {
+        rdsys::rd_kafka_producev(
+            producer.client().native_ptr(),
+            RD_KAFKA_VTYPE_TOPIC,
+            topic.as_ptr(),
+            RD_KAFKA_VTYPE_PARTITION,
+            -1i32,
+            RD_KAFKA_VTYPE_MSGFLAGS,
+            0 as c_int,
+            RD_KAFKA_VTYPE_VALUE,
+            record.value.as_ptr() as *mut c_void,
+            record.value.len(),
+            RD_KAFKA_VTYPE_KEY,
+            record.key.as_ptr() as *mut c_void,
+            record.key.len(),
+            RD_KAFKA_VTYPE_OPAQUE,
+            opaque,
+            RD_KAFKA_VTYPE_TIMESTAMP,
+            record.timestamp_ms,
+            RD_KAFKA_VTYPE_END,
+        )
+    };
+    if error == rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        Ok(())
+    } else {
+        // SAFETY: librdkafka refused the record and did not keep `opaque`; this takes
+        // back the box made above, once.
+        drop(unsafe { Box::<(Arc<Group>, usize)>::from_ptr(opaque) });
+        Err(error.into())
+    }
+}
 
 pub struct Publisher {
     producer: RwLock<Arc<KafkaProducer>>,
@@ -171,7 +233,11 @@ impl Publisher {
     /// record, in order; after a failure every later record of the group also counts
     /// as failed (it may have been written: the client's resend is then a duplicate
     /// that downstream recognises by sequence number, never a loss).
-    pub async fn publish(&self, topic: &str, records: &[Record]) -> Vec<Result<(), PublishError>> {
+    pub async fn publish(
+        &self,
+        topic: &str,
+        records: Vec<Record>,
+    ) -> Vec<Result<(), PublishError>> {
         if records.is_empty() {
             return Vec::new();
         }
@@ -193,19 +259,22 @@ impl Publisher {
         self.metrics.in_flight_bytes.add(bytes as i64);
         let started = Instant::now();
         let producer = self.producer();
+        let count = records.len();
         let group = Arc::new(Group {
-            remaining: AtomicUsize::new(records.len()),
+            remaining: AtomicUsize::new(count),
             failed: Mutex::new(None),
             done: Notify::new(),
+            records,
         });
-        for (i, r) in records.iter().enumerate() {
-            let record = BaseRecord::with_opaque_to(topic, Box::new((group.clone(), i)))
-                .key(&r.key)
-                .payload(&r.value)
-                .timestamp(r.timestamp_ms);
-            if let Err((e, _)) = producer.send(record) {
-                group.settle(i, Some(e.to_string()));
+        match CString::new(topic) {
+            Ok(name) => {
+                for (i, r) in group.records.iter().enumerate() {
+                    if let Err(e) = produce(&producer, &name, r, Box::new((group.clone(), i))) {
+                        group.settle(i, Some(e.to_string()));
+                    }
+                }
             }
+            Err(e) => (0..count).for_each(|i| group.settle(i, Some(e.to_string()))),
         }
         let confirmed =
             tokio::time::timeout(self.publish_timeout + Duration::from_secs(5), async {
@@ -220,7 +289,7 @@ impl Publisher {
             Ok(()) => group.failed.lock().expect("not poisoned").take(),
             Err(_) => Some((0, "no confirmation within the publish timeout".to_owned())),
         };
-        let results = (0..records.len())
+        let results = (0..count)
             .map(|i| match &failed {
                 Some((first, e)) if i >= *first => Err(PublishError::Unavailable(e.clone())),
                 _ => Ok(()),

@@ -268,7 +268,7 @@ pub async fn upload(
             bytes += p.value.len();
             let mut record = FutureRecord::to(&topic)
                 .key(&key_bytes)
-                .payload(&p.value)
+                .payload(&p.value[..])
                 .timestamp(received_at.as_millis());
             let delivery = loop {
                 match pr.send_result(record) {

@@ -74,13 +74,13 @@ impl Usage {
                     device_id: Some(device.clone()),
                 };
                 records.push(Record {
-                    key: encode(&event.key()).expect("keys encode"),
-                    value: encode(&event).expect("usage events encode"),
+                    key: encode(&event.key()).expect("keys encode").into(),
+                    value: encode(&event).expect("usage events encode").into(),
                     timestamp_ms: now.as_millis(),
                 });
             }
         }
-        let results = publisher.publish(topic, &records).await;
+        let results = publisher.publish(topic, records.clone()).await;
         if results.iter().all(Result::is_ok) {
             metrics.usage_events.inc_by(records.len() as u64);
             records.len()

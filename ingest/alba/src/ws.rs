@@ -12,7 +12,6 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::State;
 use axum::response::Response;
 use clisonix_ingest_protocol::answer::{FrameResult, FrameStatus};
-use clisonix_ingest_protocol::binary;
 use clisonix_ingest_protocol::ws::{ClientMessage, ServerMessage};
 use clisonix_ingest_protocol::{Reason, Rejection};
 use clisonix_schemas::{SessionId, TenantId, Timestamp};
@@ -21,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::{AppState, DeviceKey};
-use crate::ingest::{prepare, prepare_binary, rejected, LastLabels, Numbering, Prepared};
+use crate::ingest::{prepare, prepare_binary_body, rejected, Numbering, Prepared};
 use crate::metrics::Transport;
 
 /// Messages read ahead of the publishing loop.
@@ -284,16 +283,12 @@ fn prepare_messages(
     let refuse = |i: usize, r: Rejection| Err(Box::new(rejected(i, None, None, r)));
     for m in messages {
         match m {
-            Message::Binary(bytes) => match binary::split_items(&bytes) {
-                Ok(items) => {
-                    let mut last = LastLabels::default();
-                    for item in items {
-                        let i = base + out.len();
-                        out.push(prepare_binary(i, item, &mut last, tenant, limits, now));
-                    }
+            Message::Binary(bytes) => {
+                match prepare_binary_body(bytes, base + out.len(), tenant, limits, now) {
+                    Ok(frames) => out.extend(frames),
+                    Err(r) => out.push(refuse(base + out.len(), r)),
                 }
-                Err(r) => out.push(refuse(base + out.len(), r)),
-            },
+            }
             Message::Text(t) => match serde_json::from_str::<ClientMessage>(t.as_str()) {
                 Ok(ClientMessage::Frames { frames: list }) => {
                     for f in list {

@@ -2,7 +2,9 @@
 //! big-endian length and then one Avro single-object encoded `eeg_frame` record
 //! (`schemas/avro/eeg_frame/`), the topic's own contract, so any Avro library can
 //! write it. `tenant_id` and `received_at_us` are overwritten by ingest: the tenant
-//! always comes from the caller's key (send any string, e.g. the nil UUID).
+//! always comes from the caller's key (send any string, e.g. the nil UUID). Sending a
+//! 36-character tenant (the nil UUID) and the client's clock as the receive time lets
+//! ingest write both into the record where it lies; anything else costs a copy.
 //!
 //! Content type: [`CONTENT_TYPE`]. A WebSocket binary message is a body of this form.
 
@@ -182,19 +184,58 @@ pub fn view(item: &[u8]) -> Option<FrameView<'_>> {
     })
 }
 
-impl FrameView<'_> {
-    /// The record to publish: `item` (the bytes this view was read from) with only
-    /// `tenant_id` and `received_at_us` replaced.
-    pub fn record(&self, item: &[u8], tenant: TenantId, received_at: Timestamp) -> Vec<u8> {
-        let tenant_text = tenant.to_string();
+/// Where a record's `tenant_id` and `received_at_us` lie: the two fields ingest
+/// replaces in a client's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamps {
+    tenant_end: usize,
+    received: (usize, usize),
+}
+
+impl Stamps {
+    /// The record to publish, as a copy: `item` (the bytes these stamps were read
+    /// from) with only `tenant_id` and `received_at_us` replaced.
+    pub fn record(&self, item: &[u8], tenant: &str, received_at: Timestamp) -> Vec<u8> {
         let mut out = Vec::with_capacity(item.len() + 48);
         out.extend_from_slice(&item[..HEADER_LEN]);
-        write_long(&mut out, tenant_text.len() as i64);
-        out.extend_from_slice(tenant_text.as_bytes());
+        write_long(&mut out, tenant.len() as i64);
+        out.extend_from_slice(tenant.as_bytes());
         out.extend_from_slice(&item[self.tenant_end..self.received.0]);
         write_long(&mut out, received_at.as_micros());
         out.extend_from_slice(&item[self.received.1..]);
         out
+    }
+
+    /// The same record written over `item` itself, when both new fields take exactly
+    /// the bytes of the old ones: a tenant of the same length (any 36-character one,
+    /// such as the nil UUID, for a real tenant) and a receive time of this era (any
+    /// time in microseconds between 1974 and 2541). False, and `item` unchanged,
+    /// otherwise: the caller then makes the copy.
+    pub fn stamp(&self, item: &mut [u8], tenant: &str, received_at: Timestamp) -> bool {
+        let (tenant_len, tenant_len_size) = zigzag(tenant.len() as i64);
+        let (received, received_size) = zigzag(received_at.as_micros());
+        let (r0, r1) = self.received;
+        if item.len() < r1
+            || tenant_len_size + tenant.len() != self.tenant_end - HEADER_LEN
+            || received_size != r1 - r0
+        {
+            return false;
+        }
+        let text = HEADER_LEN + tenant_len_size;
+        item[HEADER_LEN..text].copy_from_slice(&tenant_len[..tenant_len_size]);
+        item[text..self.tenant_end].copy_from_slice(tenant.as_bytes());
+        item[r0..r1].copy_from_slice(&received[..received_size]);
+        true
+    }
+}
+
+impl FrameView<'_> {
+    /// Where this record's tenant and receive time lie.
+    pub fn stamps(&self) -> Stamps {
+        Stamps {
+            tenant_end: self.tenant_end,
+            received: self.received,
+        }
     }
 
     /// The samples as numbers, channel-major.
@@ -320,13 +361,22 @@ impl<'a> Cursor<'a> {
 }
 
 fn write_long(out: &mut Vec<u8>, v: i64) {
+    let (bytes, len) = zigzag(v);
+    out.extend_from_slice(&bytes[..len]);
+}
+
+/// `v` as Avro writes a `long` (a zig-zag varint): the bytes and how many are used.
+fn zigzag(v: i64) -> ([u8; 10], usize) {
     let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    let mut bytes = [0; 10];
+    let mut len = 0;
     loop {
         if z < 0x80 {
-            out.push(z as u8);
-            return;
+            bytes[len] = z as u8;
+            return (bytes, len + 1);
         }
-        out.push((z as u8 & 0x7F) | 0x80);
+        bytes[len] = (z as u8 & 0x7F) | 0x80;
+        len += 1;
         z >>= 7;
     }
 }
@@ -380,8 +430,40 @@ mod tests {
         let v = view(item)?;
         Some((
             v.to_frame(tenant, received_at),
-            v.record(item, tenant, received_at),
+            v.stamps().record(item, &tenant.to_string(), received_at),
         ))
+    }
+
+    #[test]
+    fn stamping_in_place_gives_the_copy_or_leaves_the_item_alone() {
+        let tenant = TenantId::random();
+        let now = Timestamp::now();
+        let frame = examples::frame(3, 4, 8);
+        let published = encode(&Frame {
+            tenant_id: tenant,
+            received_at: now,
+            ..frame.clone()
+        })
+        .unwrap();
+        // The example's tenant is a UUID and its receive time of this era: both fit.
+        let mut item = encode(&frame).unwrap();
+        let stamps = view(&item).unwrap().stamps();
+        assert_eq!(stamps.record(&item, &tenant.to_string(), now), published);
+        assert!(stamps.stamp(&mut item, &tenant.to_string(), now));
+        assert_eq!(item, published);
+        // A one-character tenant ("x") does not: the item stays as it was.
+        let uuid_field = 1 + 36;
+        let short = [
+            &published[..HEADER_LEN],
+            &[2, b'x'][..],
+            &published[HEADER_LEN + uuid_field..],
+        ]
+        .concat();
+        let stamps = view(&short).unwrap().stamps();
+        let mut unchanged = short.clone();
+        assert!(!stamps.stamp(&mut unchanged, &tenant.to_string(), now));
+        assert_eq!(unchanged, short);
+        assert_eq!(stamps.record(&short, &tenant.to_string(), now), published);
     }
 
     #[test]
