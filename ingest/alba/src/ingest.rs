@@ -468,26 +468,25 @@ impl Ingest {
             .expect("keys encode"),
         );
         let records: Vec<Record> = to_publish
-            .iter_mut()
+            .iter()
             .map(|p| Record {
                 key: key.clone(),
-                value: std::mem::take(&mut p.value),
+                value: p.value.clone(),
                 timestamp_ms: p.head.received_at.as_millis(),
             })
             .collect();
-        let sizes: Vec<usize> = records.iter().map(|r| r.value.len()).collect();
         let outcome = self.publisher.publish(&self.frames_topic, records).await;
         let mut confirmed = 0usize;
         let mut bytes = 0usize;
         let mut last = None;
         // The session ends once a frame with the end marker is confirmed.
         let mut ended_now = false;
-        for (p, (r, size)) in to_publish.iter().zip(outcome.iter().zip(sizes)) {
+        for (p, r) in to_publish.iter().zip(&outcome) {
             match r {
                 Ok(()) => {
                     confirmed += 1;
                     ended_now |= p.head.ends_session;
-                    bytes += size;
+                    bytes += p.value.len();
                     last = Some(p.head.seq);
                     results.push(done(p, FrameStatus::Accepted));
                 }
