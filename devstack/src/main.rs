@@ -10,7 +10,8 @@ use clap::{Parser, Subcommand};
 use clisonix_dev::stack::Stack;
 use clisonix_dev::{procs, run};
 
-// `./dev run` hosts ingest in this process: it runs on ingest's allocator.
+// `./dev run` hosts ingest in this process: it runs on ingest's allocator, tuned as
+// ingest's own binary tunes it (`clisonix_alba::tune_allocator`, first in `main`).
 #[global_allocator]
 static ALLOCATOR: clisonix_alba::Allocator = clisonix_alba::ALLOCATOR;
 
@@ -106,6 +107,7 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    clisonix_alba::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

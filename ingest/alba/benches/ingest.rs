@@ -9,7 +9,7 @@
 //! is made before the round's first run, the raw producer runs before and after each
 //! round's ingest runs, and the verdict is the median of five rounds' ratios, each
 //! against the faster of its round's two raw runs. Ingest
-//! runs in this process on the allocator its binary uses.
+//! runs in this process on the allocator its binary uses, tuned as its binary tunes it.
 //!
 //! Each run also prints the CPU it took per frame, from `/proc`: the whole machine,
 //! the broker (`java`), Postgres, librdkafka's threads, and the runtime's threads
@@ -315,6 +315,7 @@ async fn measured(run: impl Future<Output = Figure>) -> (Figure, Cpu) {
 }
 
 fn main() {
+    clisonix_alba::tune_allocator();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

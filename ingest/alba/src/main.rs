@@ -10,6 +10,7 @@ static ALLOCATOR: clisonix_alba::Allocator = clisonix_alba::ALLOCATOR;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    clisonix_alba::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
