@@ -30,7 +30,7 @@ pub use startup::{router, Application};
 /// throughput benchmark glibc's allocator took about a quarter of the request threads'
 /// CPU time; with mimalloc binary ingest went from 24,000–37,000 to 39,000–59,000
 /// frames/s on the same broker (README, "Benchmarks"). A binary that hosts ingest
-/// declares it, and calls [`tune_allocator`] first thing in `main`:
+/// declares it, and calls [`tune_allocator`] first in `main`:
 /// `#[global_allocator] static ALLOCATOR: clisonix_alba::Allocator = clisonix_alba::ALLOCATOR;`
 pub type Allocator = mimalloc::MiMalloc;
 
@@ -59,11 +59,14 @@ mod mi {
     }
 }
 
-/// Sets [`ALLOCATOR_PURGE_DELAY`]; a binary that hosts ingest calls it first thing.
+/// Sets [`ALLOCATOR_PURGE_DELAY`]. A binary that hosts ingest calls it first in
+/// `main`, before it starts any thread: mimalloc keeps an option in a plain `long`
+/// that its threads read without synchronisation.
 #[allow(unsafe_code)]
 pub fn tune_allocator() {
-    // SAFETY: mimalloc's option calls take plain integers and may be called at any
-    // time from any thread; an option's value is an atomic read by its users.
+    // SAFETY: `mi_option_set` takes an option index and a value and writes the value
+    // into mimalloc's static option table (the index is checked by the test below).
+    // Called before other threads start, no allocation reads it concurrently.
     unsafe {
         mi::mi_option_set(
             MI_OPTION_PURGE_DELAY,

@@ -8,9 +8,14 @@ use tracing::{error, info};
 #[global_allocator]
 static ALLOCATOR: clisonix_alba::Allocator = clisonix_alba::ALLOCATOR;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Before the runtime starts its threads (see `tune_allocator`).
     clisonix_alba::tune_allocator();
+    serve()
+}
+
+#[tokio::main]
+async fn serve() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
