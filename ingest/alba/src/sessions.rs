@@ -314,9 +314,11 @@ impl Sessions {
     ) -> Result<Option<SessionRow>, ClaimError> {
         let deadline = Instant::now() + self.leases.handoff_wait;
         let mut asked = false;
+        // Until the database says the session exists, a miss may mean it is new.
+        let mut may_be_new = true;
         loop {
-            let sent = Instant::now();
-            let claimed = sqlx::query_as::<_, RowTuple>(sqlx::AssertSqlSafe(format!(
+            let mut sent = Instant::now();
+            let mut claimed = sqlx::query_as::<_, RowTuple>(sqlx::AssertSqlSafe(format!(
                 "UPDATE ingest_sessions SET owner = $2, owner_until = now() + $3 * interval '1 millisecond', handoff_at = NULL \
                  WHERE session_id = $1 AND tenant_id = $4 AND (owner IS NULL OR owner = $2 OR owner_until IS NULL OR owner_until < now()) \
                  RETURNING {COLUMNS}"
@@ -327,6 +329,13 @@ impl Sessions {
             .bind(tenant.as_uuid())
             .fetch_optional(&self.pool)
             .await?;
+            if claimed.is_none() && may_be_new {
+                if let Some((transport, first)) = create_from {
+                    sent = Instant::now();
+                    claimed = self.create_claimed(tenant, transport, first).await?;
+                    may_be_new = false;
+                }
+            }
             if let Some(found) = claimed {
                 let stored = row(found);
                 self.claims.inc();
@@ -355,16 +364,12 @@ impl Sessions {
                 return Ok(Some(row));
             }
             match read(&self.pool, session, false).await? {
-                None => match create_from {
-                    Some((transport, first)) => {
-                        let mut conn = self.pool.acquire().await?;
-                        create(&mut conn, tenant, transport, first).await?;
-                    }
-                    None => {
-                        self.forget(entry, session);
-                        return Ok(None);
-                    }
-                },
+                // Gone since (its tenant deleted, say): created again next time round.
+                None if create_from.is_some() => may_be_new = true,
+                None => {
+                    self.forget(entry, session);
+                    return Ok(None);
+                }
                 Some(r) if r.tenant_id != tenant.as_uuid() => {
                     self.forget(entry, session);
                     return Err(ClaimError::Forbidden(session));
@@ -390,6 +395,38 @@ impl Sessions {
                 Some(_) => return Err(ClaimError::Busy(session)),
             }
         }
+    }
+
+    /// Creates the session (and its device) from its first frame, already claimed by
+    /// this instance: one statement instead of a create and a claim. `None` when the
+    /// session exists (made meanwhile by another request or instance, or another
+    /// tenant's): the caller claims it or refuses it as for any existing session.
+    async fn create_claimed(
+        &self,
+        tenant: TenantId,
+        transport: Transport,
+        first: &Head,
+    ) -> Result<Option<RowTuple>, sqlx::Error> {
+        // The device's row is inserted by the same statement; the session's foreign key
+        // is checked at the statement's end, when it is there.
+        sqlx::query_as::<_, RowTuple>(sqlx::AssertSqlSafe(format!(
+            "WITH device AS (INSERT INTO devices (tenant_id, device_id) VALUES ($2, $3) ON CONFLICT DO NOTHING) \
+             INSERT INTO ingest_sessions (session_id, tenant_id, device_id, sample_rate_hz, unit, channel_labels, source, owner, owner_until) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + $9 * interval '1 millisecond') \
+             ON CONFLICT (session_id) DO NOTHING \
+             RETURNING {COLUMNS}"
+        )))
+        .bind(first.session_id.as_uuid())
+        .bind(tenant.as_uuid())
+        .bind(first.device_id.as_str())
+        .bind(first.sample_rate_hz)
+        .bind(first.unit.symbol())
+        .bind(&first.channel_labels[..])
+        .bind(transport.as_str())
+        .bind(self.instance)
+        .bind(self.leases.lease.as_millis() as i64)
+        .fetch_optional(&self.pool)
+        .await
     }
 
     /// Drops an entry that holds no claim (a session that turned out missing or
