@@ -407,10 +407,14 @@ impl Sessions {
         transport: Transport,
         first: &Head,
     ) -> Result<Option<RowTuple>, sqlx::Error> {
-        // The device's row is inserted by the same statement; the session's foreign key
-        // is checked at the statement's end, when it is there.
+        // The device's row is inserted by the same statement (the session's foreign key
+        // is checked at the statement's end, when it is there), and only for a session
+        // that does not exist: a refused frame leaves no device behind.
         sqlx::query_as::<_, RowTuple>(sqlx::AssertSqlSafe(format!(
-            "WITH device AS (INSERT INTO devices (tenant_id, device_id) VALUES ($2, $3) ON CONFLICT DO NOTHING) \
+            "WITH device AS (\
+                INSERT INTO devices (tenant_id, device_id) \
+                SELECT $2, $3 WHERE NOT EXISTS (SELECT 1 FROM ingest_sessions WHERE session_id = $1) \
+                ON CONFLICT DO NOTHING) \
              INSERT INTO ingest_sessions (session_id, tenant_id, device_id, sample_rate_hz, unit, channel_labels, source, owner, owner_until) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + $9 * interval '1 millisecond') \
              ON CONFLICT (session_id) DO NOTHING \

@@ -329,6 +329,20 @@ async fn bad_input_gets_a_clear_4xx_and_publishes_nothing() {
     );
     let consumed_theirs = t.read_frames(&consumer, 1).await;
     assert_eq!(consumed_theirs[0].1.tenant_id, t.other.id);
+    // And one this instance has never served: its row is only in the database.
+    let stored = SessionId::random();
+    sqlx::query(
+        "WITH d AS (INSERT INTO devices (tenant_id, device_id) VALUES ($2, 'elsewhere')) \
+         INSERT INTO ingest_sessions (session_id, tenant_id, device_id, sample_rate_hz, unit, channel_labels, source) \
+         VALUES ($1, $2, 'elsewhere', 256, 'uV', '{Cz}', 'stream')",
+    )
+    .bind(stored.as_uuid())
+    .bind(t.other.id.as_uuid())
+    .execute(&t.db.pool)
+    .await
+    .unwrap();
+    let mut stored_frame = good.clone();
+    stored_frame.session_id = stored;
 
     let json = |f: &Frame| serde_json::to_value(JsonFrame::from_frame(f)).unwrap();
     let with = |edit: &dyn Fn(&mut serde_json::Value)| {
@@ -624,6 +638,15 @@ async fn bad_input_gets_a_clear_4xx_and_publishes_nothing() {
             "session_forbidden",
             Some("session_id"),
         ),
+        (
+            "another tenant's session, in the database only",
+            binary::CONTENT_TYPE,
+            binary::encode_frames(&[stored_frame.clone()]),
+            None,
+            403,
+            "session_forbidden",
+            Some("session_id"),
+        ),
     ];
     let mut client = t.client();
     let mut failures = Vec::new();
@@ -706,6 +729,16 @@ async fn bad_input_gets_a_clear_4xx_and_publishes_nothing() {
         }
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+    // Nor did any of it leave a session or a device behind.
+    let left: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM ingest_sessions WHERE tenant_id = $1), \
+                (SELECT count(*) FROM devices WHERE tenant_id = $1)",
+    )
+    .bind(t.tenant.id.as_uuid())
+    .fetch_one(&t.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(left, (0, 0), "sessions and devices of refused frames");
     // Nothing of the above was published: the next record is this sentinel.
     assert_eq!(
         t.post(std::slice::from_ref(&good), Format::Binary)
