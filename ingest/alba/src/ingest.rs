@@ -532,7 +532,7 @@ impl Ingest {
         if let Some(found) = crate::sessions::read(&mut *tx, session, true).await? {
             return Ok(found);
         }
-        crate::sessions::create(tx, tenant, transport, first).await?;
+        crate::sessions::create(&mut *tx, tenant, transport, first, None).await?;
         // Another request may have created it meanwhile: read whatever won, locked.
         crate::sessions::read(&mut *tx, session, true)
             .await?

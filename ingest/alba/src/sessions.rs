@@ -174,24 +174,30 @@ pub(crate) async fn read(
         .map(row))
 }
 
-/// Creates the session (and its device) from its first frame, unless it exists.
+/// Creates the session (and its device) from its first frame unless it exists, in one
+/// statement, claimed by `owner` for its lease when given: the new row, or `None` when
+/// the session exists (made meanwhile by another request or instance, or another
+/// tenant's; the caller reads it and claims or refuses it as any existing session).
 pub(crate) async fn create(
-    conn: &mut sqlx::PgConnection,
+    conn: impl sqlx::PgExecutor<'_>,
     tenant: TenantId,
     transport: Transport,
     first: &Head,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO devices (tenant_id, device_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-    )
-    .bind(tenant.as_uuid())
-    .bind(first.device_id.as_str())
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "INSERT INTO ingest_sessions (session_id, tenant_id, device_id, sample_rate_hz, unit, channel_labels, source) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (session_id) DO NOTHING",
-    )
+    owner: Option<(Uuid, Duration)>,
+) -> Result<Option<SessionRow>, sqlx::Error> {
+    // The device's row is inserted by the same statement (the session's foreign key is
+    // checked at the statement's end, when it is there), and only for a session that
+    // does not exist: a refused frame leaves no device behind.
+    let created = sqlx::query_as::<_, RowTuple>(sqlx::AssertSqlSafe(format!(
+        "WITH device AS (\
+            INSERT INTO devices (tenant_id, device_id) \
+            SELECT $2, $3 WHERE NOT EXISTS (SELECT 1 FROM ingest_sessions WHERE session_id = $1) \
+            ON CONFLICT DO NOTHING) \
+         INSERT INTO ingest_sessions (session_id, tenant_id, device_id, sample_rate_hz, unit, channel_labels, source, owner, owner_until) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $8 IS NULL THEN NULL ELSE now() + $9 * interval '1 millisecond' END) \
+         ON CONFLICT (session_id) DO NOTHING \
+         RETURNING {COLUMNS}"
+    )))
     .bind(first.session_id.as_uuid())
     .bind(tenant.as_uuid())
     .bind(first.device_id.as_str())
@@ -199,9 +205,11 @@ pub(crate) async fn create(
     .bind(first.unit.symbol())
     .bind(&first.channel_labels[..])
     .bind(transport.as_str())
-    .execute(&mut *conn)
+    .bind(owner.map(|(id, _)| id))
+    .bind(owner.map_or(0, |(_, lease)| lease.as_millis() as i64))
+    .fetch_optional(conn)
     .await?;
-    Ok(())
+    Ok(created.map(row))
 }
 
 impl Sessions {
@@ -328,16 +336,17 @@ impl Sessions {
             .bind(self.leases.lease.as_millis() as i64)
             .bind(tenant.as_uuid())
             .fetch_optional(&self.pool)
-            .await?;
+            .await?
+            .map(row);
             if claimed.is_none() && may_be_new {
                 if let Some((transport, first)) = create_from {
                     sent = Instant::now();
-                    claimed = self.create_claimed(tenant, transport, first).await?;
+                    let owner = Some((self.instance, self.leases.lease));
+                    claimed = create(&self.pool, tenant, transport, first, owner).await?;
                     may_be_new = false;
                 }
             }
-            if let Some(found) = claimed {
-                let stored = row(found);
+            if let Some(stored) = claimed {
                 self.claims.inc();
                 let mut s = entry.state.lock().expect("not poisoned");
                 s.written_seq = stored.last_seq;
@@ -395,42 +404,6 @@ impl Sessions {
                 Some(_) => return Err(ClaimError::Busy(session)),
             }
         }
-    }
-
-    /// Creates the session (and its device) from its first frame, already claimed by
-    /// this instance: one statement instead of a create and a claim. `None` when the
-    /// session exists (made meanwhile by another request or instance, or another
-    /// tenant's): the caller claims it or refuses it as for any existing session.
-    async fn create_claimed(
-        &self,
-        tenant: TenantId,
-        transport: Transport,
-        first: &Head,
-    ) -> Result<Option<RowTuple>, sqlx::Error> {
-        // The device's row is inserted by the same statement (the session's foreign key
-        // is checked at the statement's end, when it is there), and only for a session
-        // that does not exist: a refused frame leaves no device behind.
-        sqlx::query_as::<_, RowTuple>(sqlx::AssertSqlSafe(format!(
-            "WITH device AS (\
-                INSERT INTO devices (tenant_id, device_id) \
-                SELECT $2, $3 WHERE NOT EXISTS (SELECT 1 FROM ingest_sessions WHERE session_id = $1) \
-                ON CONFLICT DO NOTHING) \
-             INSERT INTO ingest_sessions (session_id, tenant_id, device_id, sample_rate_hz, unit, channel_labels, source, owner, owner_until) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + $9 * interval '1 millisecond') \
-             ON CONFLICT (session_id) DO NOTHING \
-             RETURNING {COLUMNS}"
-        )))
-        .bind(first.session_id.as_uuid())
-        .bind(tenant.as_uuid())
-        .bind(first.device_id.as_str())
-        .bind(first.sample_rate_hz)
-        .bind(first.unit.symbol())
-        .bind(&first.channel_labels[..])
-        .bind(transport.as_str())
-        .bind(self.instance)
-        .bind(self.leases.lease.as_millis() as i64)
-        .fetch_optional(&self.pool)
-        .await
     }
 
     /// Drops an entry that holds no claim (a session that turned out missing or
