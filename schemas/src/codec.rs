@@ -92,6 +92,38 @@ pub trait AvroRecord: Sized {
     const FAMILY: Family;
     fn to_avro(&self) -> Result<Value, EncodeError>;
     fn from_avro(value: Value) -> Result<Self, DecodeError>;
+
+    /// Writes the datum of schema `version` straight from the record, without building
+    /// generic values, when the type knows that version's layout: the same bytes the
+    /// generic writer gives (each such writer is tested against it). `false` leaves
+    /// `buf` as it was and [`encode_into`] takes the generic path, which also says what
+    /// is wrong with a record that does not encode.
+    fn write_datum(&self, _version: u32, _buf: &mut Vec<u8>) -> bool {
+        false
+    }
+}
+
+/// `v` as Avro writes a `long` or `int` (a zig-zag varint): the bytes and how many are
+/// used.
+pub fn zigzag(v: i64) -> ([u8; 10], usize) {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    let mut bytes = [0; 10];
+    let mut len = 0;
+    loop {
+        if z < 0x80 {
+            bytes[len] = z as u8;
+            return (bytes, len + 1);
+        }
+        bytes[len] = (z as u8 & 0x7F) | 0x80;
+        len += 1;
+        z >>= 7;
+    }
+}
+
+/// Appends `v` as an Avro `long` (or `int`).
+pub fn write_long(buf: &mut Vec<u8>, v: i64) {
+    let (bytes, len) = zigzag(v);
+    buf.extend_from_slice(&bytes[..len]);
 }
 
 /// Encodes a record: header, then datum.
@@ -103,18 +135,38 @@ pub fn encode<R: AvroRecord>(record: &R) -> Result<Vec<u8>, EncodeError> {
 
 /// Encodes a record, appending to `buf` (reuse a buffer on hot paths).
 pub fn encode_into<R: AvroRecord>(record: &R, buf: &mut Vec<u8>) -> Result<(), EncodeError> {
-    let value = record.to_avro()?;
     let codec = codecs().writer(R::FAMILY);
+    let start = buf.len();
     buf.extend_from_slice(&MAGIC);
     buf.extend_from_slice(&codec.version.fingerprint.to_le_bytes());
-    codec
+    if record.write_datum(codec.version.version, buf) {
+        return Ok(());
+    }
+    let value = record.to_avro().inspect_err(|_| buf.truncate(start))?;
+    codec.writer.write_value_ref(buf, &value).map_err(|e| {
+        buf.truncate(start);
+        EncodeError::Schema {
+            family: R::FAMILY,
+            reason: e.to_string(),
+        }
+    })?;
+    Ok(())
+}
+
+/// The datum as the generic writer gives it, whatever [`AvroRecord::write_datum`] does:
+/// what a direct writer is tested against.
+#[cfg(test)]
+pub(crate) fn generic_datum<R: AvroRecord>(record: &R) -> Result<Vec<u8>, EncodeError> {
+    let mut buf = Vec::new();
+    codecs()
+        .writer(R::FAMILY)
         .writer
-        .write_value_ref(buf, &value)
+        .write_value_ref(&mut buf, &record.to_avro()?)
         .map_err(|e| EncodeError::Schema {
             family: R::FAMILY,
             reason: e.to_string(),
         })?;
-    Ok(())
+    Ok(buf)
 }
 
 /// Decodes a record of type `R`, resolving older schema versions into the newest.

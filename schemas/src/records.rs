@@ -6,7 +6,7 @@
 use apache_avro::types::Value;
 use uuid::Uuid;
 
-use crate::codec::{AvroRecord, DecodeError, EncodeError};
+use crate::codec::{write_long, AvroRecord, DecodeError, EncodeError};
 use crate::domain::*;
 use crate::registry::Family;
 
@@ -65,12 +65,22 @@ fn int(family: Family, field: &'static str, v: u32) -> Result<Value, EncodeError
         })
 }
 
-fn unit_value(u: SampleUnit) -> Value {
+/// The unit's index among `SampleUnit`'s symbols.
+fn unit_index(u: SampleUnit) -> i64 {
     match u {
-        SampleUnit::Microvolt => Value::Enum(0, "MICROVOLT".into()),
-        SampleUnit::Millivolt => Value::Enum(1, "MILLIVOLT".into()),
-        SampleUnit::Volt => Value::Enum(2, "VOLT".into()),
+        SampleUnit::Microvolt => 0,
+        SampleUnit::Millivolt => 1,
+        SampleUnit::Volt => 2,
     }
+}
+
+fn unit_value(u: SampleUnit) -> Value {
+    let symbol = match u {
+        SampleUnit::Microvolt => "MICROVOLT",
+        SampleUnit::Millivolt => "MILLIVOLT",
+        SampleUnit::Volt => "VOLT",
+    };
+    Value::Enum(unit_index(u) as u32, symbol.into())
 }
 
 // ---------------------------------------------------------------------------------
@@ -423,8 +433,89 @@ pub fn samples_from_le_bytes(bytes: &[u8]) -> Option<Vec<f32>> {
     )
 }
 
+/// `eeg_frame` v1's datum, written straight from the frame; `false` (and nothing
+/// written) when the frame would not pass [`Frame::to_avro`]'s checks.
+fn write_frame_v1(f: &Frame, buf: &mut Vec<u8>) -> bool {
+    let channels = f.channel_labels.len();
+    let (Ok(seq), Ok(per_channel)) = (i64::try_from(f.seq), i32::try_from(f.samples_per_channel))
+    else {
+        return false;
+    };
+    if f.samples.len() != channels * f.samples_per_channel as usize
+        || f.markers
+            .iter()
+            .any(|m| i32::try_from(m.sample_offset).is_err())
+    {
+        return false;
+    }
+    let write_str = |buf: &mut Vec<u8>, s: &[u8]| {
+        write_long(buf, s.len() as i64);
+        buf.extend_from_slice(s);
+    };
+    let mut uuid = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    buf.reserve(160 + 8 * channels + 4 * f.samples.len());
+    write_str(
+        buf,
+        f.tenant_id
+            .as_uuid()
+            .hyphenated()
+            .encode_lower(&mut uuid)
+            .as_bytes(),
+    );
+    write_str(buf, f.device_id.as_str().as_bytes());
+    write_str(
+        buf,
+        f.session_id
+            .as_uuid()
+            .hyphenated()
+            .encode_lower(&mut uuid)
+            .as_bytes(),
+    );
+    write_long(buf, seq);
+    write_long(buf, f.device_time.as_micros());
+    write_long(buf, f.received_at.as_micros());
+    buf.extend_from_slice(&f.sample_rate_hz.to_le_bytes());
+    write_long(buf, unit_index(f.unit));
+    // An array is one block of all its items, then the empty block, as the generic
+    // writer does; an empty array is the empty block alone.
+    if channels > 0 {
+        write_long(buf, channels as i64);
+        for label in &f.channel_labels {
+            write_str(buf, label.as_bytes());
+        }
+    }
+    write_long(buf, 0);
+    write_long(buf, i64::from(per_channel));
+    write_long(buf, 4 * f.samples.len() as i64);
+    let start = buf.len();
+    buf.resize(start + 4 * f.samples.len(), 0);
+    for (out, s) in buf[start..].chunks_exact_mut(4).zip(&f.samples) {
+        out.copy_from_slice(&s.to_le_bytes());
+    }
+    if !f.markers.is_empty() {
+        write_long(buf, f.markers.len() as i64);
+        for m in &f.markers {
+            write_long(buf, i64::from(m.sample_offset));
+            match m.duration_us {
+                None => write_long(buf, 0),
+                Some(d) => {
+                    write_long(buf, 1);
+                    write_long(buf, d);
+                }
+            }
+            write_str(buf, m.label.as_bytes());
+        }
+    }
+    write_long(buf, 0);
+    true
+}
+
 impl AvroRecord for Frame {
     const FAMILY: Family = Family::EegFrame;
+
+    fn write_datum(&self, version: u32, buf: &mut Vec<u8>) -> bool {
+        version == 1 && write_frame_v1(self, buf)
+    }
 
     fn to_avro(&self) -> Result<Value, EncodeError> {
         let fam = Self::FAMILY;
@@ -1034,5 +1125,78 @@ impl AvroRecord for DeadLetter {
             reason_detail: f.string("reason_detail")?,
             failed_at: f.timestamp("failed_at_us")?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{encode, generic_datum, HEADER_LEN};
+    use crate::examples;
+
+    #[test]
+    fn frames_are_written_directly_as_the_generic_writer_writes_them() {
+        let mut frames = Vec::new();
+        for (seed, channels, n) in [(0, 1, 1), (7, 4, 16), (300, 32, 32), (1 << 40, 3, 5)] {
+            frames.push(examples::frame(seed, channels, n));
+        }
+        let mut f = examples::frame(5, 2, 3);
+        f.seq = i64::MAX as u64;
+        f.channel_labels = vec!["Fp1".into(), "Ünïcode µV ✓".into()];
+        f.device_time = Timestamp::from_micros(-1);
+        f.received_at = Timestamp::from_micros(i64::MIN);
+        f.sample_rate_hz = 0.1;
+        f.unit = SampleUnit::Volt;
+        f.samples = vec![0.0, -0.0, f32::MIN_POSITIVE, f32::MAX, -1.5e-30, 7.25];
+        f.markers = vec![
+            Marker {
+                sample_offset: i32::MAX as u32,
+                duration_us: None,
+                label: String::new(),
+            },
+            Marker {
+                sample_offset: 0,
+                duration_us: Some(-3),
+                label: "stimulus".into(),
+            },
+        ];
+        frames.push(f.clone());
+        f.unit = SampleUnit::Millivolt;
+        f.markers.clear();
+        f.channel_labels.clear();
+        f.samples.clear();
+        frames.push(f);
+        for frame in &frames {
+            let direct = encode(frame).unwrap();
+            assert_eq!(
+                &direct[HEADER_LEN..],
+                generic_datum(frame).unwrap(),
+                "{frame:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn frames_the_direct_writer_refuses_are_refused_by_the_generic_path_with_its_reason() {
+        let mut buf = vec![1, 2, 3];
+        let mut short = examples::frame(1, 4, 8);
+        short.samples.pop();
+        let mut big_seq = examples::frame(1, 1, 1);
+        big_seq.seq = u64::MAX;
+        let mut big_offset = examples::frame(1, 1, 1);
+        big_offset.markers[0].sample_offset = u32::MAX;
+        for (frame, field) in [
+            (short, "samples"),
+            (big_seq, "seq"),
+            (big_offset, "markers.sample_offset"),
+        ] {
+            assert!(!frame.write_datum(1, &mut buf));
+            let err = crate::codec::encode_into(&frame, &mut buf).unwrap_err();
+            assert!(
+                matches!(err, EncodeError::Invalid { field: f, .. } if f == field),
+                "{err}"
+            );
+            assert_eq!(buf, [1, 2, 3], "nothing is left behind");
+        }
     }
 }

@@ -9,7 +9,7 @@
 //! Content type: [`CONTENT_TYPE`]. A WebSocket binary message is a body of this form.
 
 use apache_avro::types::Value;
-use clisonix_schemas::codec::{read_datum, HEADER_LEN};
+use clisonix_schemas::codec::{read_datum, write_long, zigzag, HEADER_LEN};
 use clisonix_schemas::{
     encode_into, writer_schema, AvroRecord, DeviceId, Family, Frame, Marker, SampleUnit, SessionId,
     TenantId, Timestamp,
@@ -357,27 +357,6 @@ impl<'a> Cursor<'a> {
                 item(self)?;
             }
         }
-    }
-}
-
-fn write_long(out: &mut Vec<u8>, v: i64) {
-    let (bytes, len) = zigzag(v);
-    out.extend_from_slice(&bytes[..len]);
-}
-
-/// `v` as Avro writes a `long` (a zig-zag varint): the bytes and how many are used.
-fn zigzag(v: i64) -> ([u8; 10], usize) {
-    let mut z = ((v << 1) ^ (v >> 63)) as u64;
-    let mut bytes = [0; 10];
-    let mut len = 0;
-    loop {
-        if z < 0x80 {
-            bytes[len] = z as u8;
-            return (bytes, len + 1);
-        }
-        bytes[len] = (z as u8 & 0x7F) | 0x80;
-        len += 1;
-        z >>= 7;
     }
 }
 
