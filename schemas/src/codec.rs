@@ -126,6 +126,12 @@ pub fn write_long(buf: &mut Vec<u8>, v: i64) {
     buf.extend_from_slice(&bytes[..len]);
 }
 
+/// Appends `bytes` as an Avro `bytes` or `string`: its length, then itself.
+pub fn write_bytes(buf: &mut Vec<u8>, bytes: &[u8]) {
+    write_long(buf, bytes.len() as i64);
+    buf.extend_from_slice(bytes);
+}
+
 /// Encodes a record: header, then datum.
 pub fn encode<R: AvroRecord>(record: &R) -> Result<Vec<u8>, EncodeError> {
     let mut buf = Vec::new();
@@ -142,15 +148,24 @@ pub fn encode_into<R: AvroRecord>(record: &R, buf: &mut Vec<u8>) -> Result<(), E
     if record.write_datum(codec.version.version, buf) {
         return Ok(());
     }
-    let value = record.to_avro().inspect_err(|_| buf.truncate(start))?;
-    codec.writer.write_value_ref(buf, &value).map_err(|e| {
-        buf.truncate(start);
-        EncodeError::Schema {
+    write_generic(record, codec, buf).inspect_err(|_| buf.truncate(start))
+}
+
+/// Appends the datum through generic Avro values.
+fn write_generic<R: AvroRecord>(
+    record: &R,
+    codec: &WriterCodec,
+    buf: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    let value = record.to_avro()?;
+    codec
+        .writer
+        .write_value_ref(buf, &value)
+        .map(drop)
+        .map_err(|e| EncodeError::Schema {
             family: R::FAMILY,
             reason: e.to_string(),
-        }
-    })?;
-    Ok(())
+        })
 }
 
 /// The datum as the generic writer gives it, whatever [`AvroRecord::write_datum`] does:
@@ -158,14 +173,7 @@ pub fn encode_into<R: AvroRecord>(record: &R, buf: &mut Vec<u8>) -> Result<(), E
 #[cfg(test)]
 pub(crate) fn generic_datum<R: AvroRecord>(record: &R) -> Result<Vec<u8>, EncodeError> {
     let mut buf = Vec::new();
-    codecs()
-        .writer(R::FAMILY)
-        .writer
-        .write_value_ref(&mut buf, &record.to_avro()?)
-        .map_err(|e| EncodeError::Schema {
-            family: R::FAMILY,
-            reason: e.to_string(),
-        })?;
+    write_generic(record, codecs().writer(R::FAMILY), &mut buf)?;
     Ok(buf)
 }
 

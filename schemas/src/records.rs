@@ -6,7 +6,7 @@
 use apache_avro::types::Value;
 use uuid::Uuid;
 
-use crate::codec::{write_long, AvroRecord, DecodeError, EncodeError};
+use crate::codec::{write_bytes, write_long, AvroRecord, DecodeError, EncodeError};
 use crate::domain::*;
 use crate::registry::Family;
 
@@ -413,11 +413,18 @@ impl AvroRecord for DeadLetterKey {
 
 /// Little-endian f32 bytes of the channel-major samples (the `samples` layout).
 pub fn samples_to_le_bytes(samples: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(samples.len() * 4);
-    for s in samples {
-        out.extend_from_slice(&s.to_le_bytes());
-    }
+    let mut out = Vec::new();
+    append_samples_le(samples, &mut out);
     out
+}
+
+/// Appends the samples' little-endian f32 bytes to `buf`.
+fn append_samples_le(samples: &[f32], buf: &mut Vec<u8>) {
+    let start = buf.len();
+    buf.resize(start + 4 * samples.len(), 0);
+    for (out, s) in buf[start..].chunks_exact_mut(4).zip(samples) {
+        out.copy_from_slice(&s.to_le_bytes());
+    }
 }
 
 /// The inverse of [`samples_to_le_bytes`]; `None` if the length is not a multiple of 4.
@@ -448,13 +455,9 @@ fn write_frame_v1(f: &Frame, buf: &mut Vec<u8>) -> bool {
     {
         return false;
     }
-    let write_str = |buf: &mut Vec<u8>, s: &[u8]| {
-        write_long(buf, s.len() as i64);
-        buf.extend_from_slice(s);
-    };
     let mut uuid = [0u8; uuid::fmt::Hyphenated::LENGTH];
     buf.reserve(160 + 8 * channels + 4 * f.samples.len());
-    write_str(
+    write_bytes(
         buf,
         f.tenant_id
             .as_uuid()
@@ -462,8 +465,8 @@ fn write_frame_v1(f: &Frame, buf: &mut Vec<u8>) -> bool {
             .encode_lower(&mut uuid)
             .as_bytes(),
     );
-    write_str(buf, f.device_id.as_str().as_bytes());
-    write_str(
+    write_bytes(buf, f.device_id.as_str().as_bytes());
+    write_bytes(
         buf,
         f.session_id
             .as_uuid()
@@ -481,17 +484,13 @@ fn write_frame_v1(f: &Frame, buf: &mut Vec<u8>) -> bool {
     if channels > 0 {
         write_long(buf, channels as i64);
         for label in &f.channel_labels {
-            write_str(buf, label.as_bytes());
+            write_bytes(buf, label.as_bytes());
         }
     }
     write_long(buf, 0);
     write_long(buf, i64::from(per_channel));
     write_long(buf, 4 * f.samples.len() as i64);
-    let start = buf.len();
-    buf.resize(start + 4 * f.samples.len(), 0);
-    for (out, s) in buf[start..].chunks_exact_mut(4).zip(&f.samples) {
-        out.copy_from_slice(&s.to_le_bytes());
-    }
+    append_samples_le(&f.samples, buf);
     if !f.markers.is_empty() {
         write_long(buf, f.markers.len() as i64);
         for m in &f.markers {
@@ -503,7 +502,7 @@ fn write_frame_v1(f: &Frame, buf: &mut Vec<u8>) -> bool {
                     write_long(buf, d);
                 }
             }
-            write_str(buf, m.label.as_bytes());
+            write_bytes(buf, m.label.as_bytes());
         }
     }
     write_long(buf, 0);

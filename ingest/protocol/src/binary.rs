@@ -9,7 +9,7 @@
 //! Content type: [`CONTENT_TYPE`]. A WebSocket binary message is a body of this form.
 
 use apache_avro::types::Value;
-use clisonix_schemas::codec::{read_datum, write_long, zigzag, HEADER_LEN};
+use clisonix_schemas::codec::{read_datum, write_bytes, write_long, zigzag, HEADER_LEN};
 use clisonix_schemas::{
     encode_into, writer_schema, AvroRecord, DeviceId, Family, Frame, Marker, SampleUnit, SessionId,
     TenantId, Timestamp,
@@ -198,8 +198,7 @@ impl Stamps {
     pub fn record(&self, item: &[u8], tenant: &str, received_at: Timestamp) -> Vec<u8> {
         let mut out = Vec::with_capacity(item.len() + 48);
         out.extend_from_slice(&item[..HEADER_LEN]);
-        write_long(&mut out, tenant.len() as i64);
-        out.extend_from_slice(tenant.as_bytes());
+        write_bytes(&mut out, tenant.as_bytes());
         out.extend_from_slice(&item[self.tenant_end..self.received.0]);
         write_long(&mut out, received_at.as_micros());
         out.extend_from_slice(&item[self.received.1..]);
