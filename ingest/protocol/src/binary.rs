@@ -238,7 +238,7 @@ impl FrameView<'_> {
     }
 
     /// The samples as numbers, channel-major.
-    pub fn sample_values(&self) -> impl Iterator<Item = f32> + '_ {
+    pub fn sample_values(&self) -> impl Iterator<Item = f32> + Clone + '_ {
         self.samples
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
