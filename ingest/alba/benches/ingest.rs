@@ -1,7 +1,7 @@
 //! Ingest throughput against the raw producer, on the stack `./dev up` runs:
 //! 32-channel 256 Hz frames of 1/8 s, posted as binary and as JSON batches and
 //! streamed over WebSocket by several devices at once, each compared with a plain
-//! rdkafka producer (the same settings) writing the same record bytes to the same
+//! rdkafka producer (ingest's producer settings) writing the same record bytes to the same
 //! broker. Prints frames/s and MB/s of frame records.
 //!
 //! The broker's speed drifts (its JIT warming up, log rolls, the page cache), so the
@@ -29,6 +29,7 @@ use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use clisonix_alba::publisher::producer_config;
 use clisonix_player::http::{Client, Format};
 use clisonix_player::stream::{stream_frames, StreamOptions};
 use clisonix_schemas::{encode, Frame, SessionId, Timestamp};
@@ -323,7 +324,12 @@ fn main() {
         .unwrap();
     runtime.block_on(async {
         let t = TestIngest::spawn().await;
-        let producer: FutureProducer = t.env.kafka.producer().create().unwrap();
+        // Ingest's producer settings; only its queue bound is librdkafka's default
+        // instead of ingest's in-flight budget, as this producer enqueues a whole run.
+        let producer: FutureProducer =
+            producer_config(&t.env.kafka, Duration::from_secs(30), 1 << 30)
+                .create()
+                .unwrap();
         let sink = sink().await;
         let per_device = 4_000u64;
         println!(

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rdkafka::config::FromClientConfigAndContext;
+use rdkafka::config::{ClientConfig, FromClientConfigAndContext};
 use rdkafka::error::KafkaError;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProducer};
@@ -152,6 +152,34 @@ fn produce(
     }
 }
 
+/// Ingest's producer settings: the project's ([`KafkaSettings::producer`]) and
+/// - `message.timeout.ms` at the publish timeout;
+/// - librdkafka's own queue bounded by the in-flight budget (plus headroom for usage
+///   events), so it never holds more than ingest admitted;
+/// - one produce request in flight per broker connection instead of five. The broker
+///   serves a connection's requests one at a time anyway, and while one is served the
+///   groups of many requests gather into the next, so requests are fewer and fuller.
+///   In the ingest benchmark (alternating, 12 runs each, three times) librdkafka's CPU
+///   per frame fell by about half (5.4–7.2 to 3.0–3.7 µs) and the rate held or rose.
+///   Ordering and idempotence are unchanged.
+///
+/// [`KafkaSettings::producer`]: clisonix_topics::KafkaSettings::producer
+pub fn producer_config(
+    settings: &clisonix_topics::KafkaSettings,
+    timeout: Duration,
+    max_in_flight_bytes: usize,
+) -> ClientConfig {
+    let mut config = settings.producer();
+    config
+        .set("message.timeout.ms", timeout.as_millis().to_string())
+        .set(
+            "queue.buffering.max.kbytes",
+            (max_in_flight_bytes / 1024 + 16 * 1024).to_string(),
+        )
+        .set("max.in.flight.requests.per.connection", "1");
+    config
+}
+
 pub struct Publisher {
     producer: RwLock<Arc<KafkaProducer>>,
     settings: clisonix_topics::KafkaSettings,
@@ -209,15 +237,7 @@ impl Publisher {
         timeout: Duration,
         max_in_flight: usize,
     ) -> Result<Arc<KafkaProducer>, KafkaError> {
-        let mut config = settings.producer();
-        config
-            .set("message.timeout.ms", timeout.as_millis().to_string())
-            // librdkafka's own queue is bounded by the same budget (plus headroom for
-            // usage events), so it never holds more than ingest admitted.
-            .set(
-                "queue.buffering.max.kbytes",
-                (max_in_flight / 1024 + 16 * 1024).to_string(),
-            );
+        let config = producer_config(&settings, timeout, max_in_flight);
         KafkaProducer::from_config_and_context(&config, Confirmations).map(Arc::new)
     }
 
@@ -376,5 +396,28 @@ impl Publisher {
     /// Waits for everything produced to be confirmed (graceful shutdown).
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.producer().flush(Timeout::After(timeout))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_producer_is_idempotent_with_one_request_in_flight_and_a_bounded_queue() {
+        let settings = clisonix_topics::KafkaSettings::new("127.0.0.1:1", "t");
+        let config = producer_config(&settings, Duration::from_secs(10), 128 << 20);
+        for (key, value) in [
+            ("acks", "all"),
+            ("enable.idempotence", "true"),
+            ("max.in.flight.requests.per.connection", "1"),
+            ("message.timeout.ms", "10000"),
+            ("queue.buffering.max.kbytes", "147456"),
+        ] {
+            assert_eq!(config.get(key), Some(value), "{key}");
+        }
+        // librdkafka accepts the combination (it refuses idempotence with more than 5).
+        let _: ThreadedProducer<Confirmations> =
+            ThreadedProducer::from_config_and_context(&config, Confirmations).unwrap();
     }
 }
