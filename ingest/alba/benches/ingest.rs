@@ -1,8 +1,8 @@
 //! Ingest throughput against the raw producer, on the stack `./dev up` runs:
 //! 32-channel 256 Hz frames of 1/8 s, posted as binary and as JSON batches and
 //! streamed over WebSocket by several devices at once, each compared with a plain
-//! rdkafka producer (ingest's producer settings) writing the same record bytes to the same
-//! broker. Prints frames/s and MB/s of frame records.
+//! rdkafka producer (ingest's producer settings) writing the same record bytes to the
+//! same broker. Prints frames/s and MB/s of frame records.
 //!
 //! The broker's speed drifts (its JIT warming up, log rolls, the page cache), so the
 //! figures come after an untimed warm-up of every kind of run, every input of a round
