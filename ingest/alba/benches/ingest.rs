@@ -14,7 +14,10 @@
 //! Each run also prints the CPU it took per frame, from `/proc`: the whole machine,
 //! the broker (`java`), Postgres, librdkafka's threads, and the runtime's threads
 //! (ingest and its clients share them). On a machine whose cores are all busy, that
-//! is what bounds the figure.
+//! is what bounds the figure. And it prints the producer's requests, from librdkafka's
+//! statistics (ingest's `alba_producer_*` metrics, and the same counters for the raw
+//! producer): how many, how full, the broker's mean round trip, the share of the run
+//! a request was outstanding, and how long records waited to be sent.
 //!
 //!     ./dev up && eval "$(./dev env)" && cargo bench -p clisonix-alba --bench ingest
 
@@ -29,12 +32,14 @@ use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use clisonix_alba::publisher::producer_config;
+use clisonix_alba::metrics::ProducerMetrics;
+use clisonix_alba::publisher::{producer_config, ProducerStats};
 use clisonix_player::http::{Client, Format};
 use clisonix_player::stream::{stream_frames, StreamOptions};
 use clisonix_schemas::{encode, Frame, SessionId, Timestamp};
-use common::{frames, TestIngest};
+use common::{frames, metric, TestIngest, PRODUCER_STATS_INTERVAL as STATS_INTERVAL};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, Statistics};
 
 const CHANNELS: usize = 32;
 const SAMPLES: u32 = 32; // 1/8 s at 256 Hz
@@ -90,9 +95,19 @@ fn raw_records(t: &TestIngest, devices: &[Vec<Frame>]) -> Vec<(Vec<u8>, Vec<u8>)
         .collect()
 }
 
+/// The raw producer's context: its statistics feed the counters ingest's producer
+/// feeds (`alba_producer_*`).
+struct RawStats(ProducerStats);
+
+impl ClientContext for RawStats {
+    fn stats(&self, statistics: Statistics) {
+        self.0.observe(&statistics);
+    }
+}
+
 async fn raw(
     t: &TestIngest,
-    producer: &FutureProducer,
+    producer: &FutureProducer<RawStats>,
     records: Vec<(Vec<u8>, Vec<u8>)>,
 ) -> Figure {
     let topic = t.frames_topic();
@@ -308,11 +323,96 @@ impl Cpu {
     }
 }
 
-/// Runs one timed run and measures the CPU it took.
-async fn measured(run: impl Future<Output = Figure>) -> (Figure, Cpu) {
+/// A producer's requests over a run (see [`ProducerMetrics`]).
+#[derive(Debug, Default, Clone, Copy)]
+struct Requests {
+    produce: f64,
+    bytes: f64,
+    trips: f64,
+    trip_seconds: f64,
+    records: f64,
+    wait_seconds: f64,
+}
+
+/// Where a run's producer counts its requests.
+enum Producer<'a> {
+    Raw(&'a ProducerMetrics),
+    /// Ingest, at this URL: its `/metrics`.
+    Ingest(&'a str),
+    None,
+}
+
+impl Producer<'_> {
+    async fn requests(&self) -> Requests {
+        match self {
+            Producer::Raw(m) => Requests {
+                produce: m.produce_requests.get() as f64,
+                bytes: m.sent_bytes.get() as f64,
+                trips: m.round_trips.get() as f64,
+                trip_seconds: m.round_trip_seconds.get(),
+                records: m.queued_records.get() as f64,
+                wait_seconds: m.queue_wait_seconds.get(),
+            },
+            Producer::Ingest(url) => {
+                let mut c = Client::new(url, "").unwrap();
+                let text =
+                    String::from_utf8(c.get("/metrics").await.unwrap().body.to_vec()).unwrap();
+                let m = |name: &str| metric(&text, &format!("alba_producer_{name}"));
+                Requests {
+                    produce: m("produce_requests_total"),
+                    bytes: m("sent_bytes_total"),
+                    trips: m("round_trips_total"),
+                    trip_seconds: m("round_trip_seconds_total"),
+                    records: m("queued_records_total"),
+                    wait_seconds: m("queue_wait_seconds_total"),
+                }
+            }
+            Producer::None => Requests::default(),
+        }
+    }
+}
+
+impl Requests {
+    fn since(&self, before: &Requests) -> Requests {
+        Requests {
+            produce: self.produce - before.produce,
+            bytes: self.bytes - before.bytes,
+            trips: self.trips - before.trips,
+            trip_seconds: self.trip_seconds - before.trip_seconds,
+            records: self.records - before.records,
+            wait_seconds: self.wait_seconds - before.wait_seconds,
+        }
+    }
+
+    fn line(&self, elapsed: Duration) -> String {
+        if self.produce < 1.0 {
+            return "no produce requests".into();
+        }
+        format!(
+            "{:.0} produce requests of {:.0} KB, round trip {:.2} ms, a request outstanding {:.0}% of the run, records queued {:.1} ms",
+            self.produce,
+            self.bytes / self.produce / 1e3,
+            1e3 * self.trip_seconds / self.trips.max(1.0),
+            100.0 * self.trip_seconds / elapsed.as_secs_f64(),
+            1e3 * self.wait_seconds / self.records.max(1.0),
+        )
+    }
+}
+
+/// Runs one timed run and measures the CPU it took and its producer's requests.
+async fn measured(
+    producer: Producer<'_>,
+    run: impl Future<Output = Figure>,
+) -> (Figure, Cpu, Requests) {
+    let requests = producer.requests().await;
     let before = Cpu::now();
     let figure = run.await;
-    (figure, Cpu::now().since(&before))
+    let cpu = Cpu::now().since(&before);
+    // The run's last round trips are in the producer's next report (both producers
+    // report at the interval of ingest's test harness).
+    tokio::time::sleep(STATS_INTERVAL + STATS_INTERVAL / 2).await;
+    let requests = producer.requests().await.since(&requests);
+    (figure, cpu, requests)
 }
 
 fn main() {
@@ -326,9 +426,14 @@ fn main() {
         let t = TestIngest::spawn().await;
         // Ingest's producer settings; only its queue bound is librdkafka's default
         // instead of ingest's in-flight budget, as this producer enqueues a whole run.
-        let producer: FutureProducer =
+        let raw_metrics = ProducerMetrics::new();
+        let producer: FutureProducer<RawStats> =
             producer_config(&t.env.kafka, Duration::from_secs(30), 1 << 30)
-                .create()
+                .set(
+                    "statistics.interval.ms",
+                    STATS_INTERVAL.as_millis().to_string(),
+                )
+                .create_with_context(RawStats(ProducerStats::new(raw_metrics.clone())))
                 .unwrap();
         let sink = sink().await;
         let per_device = 4_000u64;
@@ -356,12 +461,13 @@ fn main() {
             let json = bodies(&workload(per_device / 5), Format::Json, 128);
             let raw_after = raw_records(&t, &workload(per_device));
             // Each ratio is against the raw runs before and after it.
-            let raw_before = measured(raw(&t, &producer, raw_before)).await;
-            let binary = measured(http(&t, binary)).await;
-            let to_sink = measured(post_all(&sink, "", to_sink)).await;
-            let ws = measured(websocket(&t, ws)).await;
-            let json = measured(http(&t, json)).await;
-            let raw_after = measured(raw(&t, &producer, raw_after)).await;
+            let (by_raw, by_ingest) = (|| Producer::Raw(&raw_metrics), || Producer::Ingest(&t.url));
+            let raw_before = measured(by_raw(), raw(&t, &producer, raw_before)).await;
+            let binary = measured(by_ingest(), http(&t, binary)).await;
+            let to_sink = measured(Producer::None, post_all(&sink, "", to_sink)).await;
+            let ws = measured(by_ingest(), websocket(&t, ws)).await;
+            let json = measured(by_ingest(), http(&t, json)).await;
+            let raw_after = measured(by_raw(), raw(&t, &producer, raw_after)).await;
             println!("round {round}");
             let runs = [
                 ("raw rdkafka producer (before)", &raw_before),
@@ -371,9 +477,10 @@ fn main() {
                 ("ingest HTTP JSON (128/request)", &json),
                 ("HTTP alone: binary to a sink", &to_sink),
             ];
-            for (what, (figure, cpu)) in runs {
+            for (what, (figure, cpu, requests)) in runs {
                 println!("  {}", figure.line(what));
                 println!("      {}", cpu.line(figure.frames));
+                println!("      {}", requests.line(figure.elapsed));
             }
             let raw = Figure {
                 frames: raw_before.0.frames + raw_after.0.frames,
@@ -383,7 +490,7 @@ fn main() {
             // The verdict is against the faster of the two raw runs: the broker's
             // speed swings between runs, and a slow raw run must not flatter ingest.
             let fastest = raw_before.0.rate().max(raw_after.0.rate());
-            let ratio = [&binary, &ws, &json].map(|(f, _)| f.rate() / fastest);
+            let ratio = [&binary, &ws, &json].map(|(f, _, _)| f.rate() / fastest);
             println!(
                 "  vs the faster raw run: binary/raw {:.2}, websocket/raw {:.2}, json/raw {:.2} (vs both raw runs: binary/raw {:.2})",
                 ratio[0],
@@ -394,7 +501,7 @@ fn main() {
             ratios.push(ratio);
             let raw_busy = raw_before.1.busy + raw_after.1.busy;
             cpus[0].push(Cpu::per_frame(raw_busy, raw.frames));
-            for (i, (f, c)) in [&binary, &ws, &json].into_iter().enumerate() {
+            for (i, (f, c, _)) in [&binary, &ws, &json].into_iter().enumerate() {
                 cpus[i + 1].push(Cpu::per_frame(c.busy, f.frames));
             }
         }

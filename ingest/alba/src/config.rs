@@ -34,6 +34,9 @@ pub struct Config {
     pub retry_after: Duration,
     /// How often per-tenant usage is emitted to `usage.events`.
     pub usage_interval: Duration,
+    /// How often the producer's statistics update its metrics (`alba_producer_*`);
+    /// zero turns them off.
+    pub producer_stats_interval: Duration,
     /// Frame length of uploaded recordings, unless the upload asks otherwise.
     pub recording_frame_ms: u32,
     /// How long a claim holds a session for this instance (see `sessions`); renewed
@@ -81,6 +84,7 @@ impl Config {
             publish_timeout: Duration::from_secs(10),
             retry_after: Duration::from_secs(2),
             usage_interval: Duration::from_secs(5),
+            producer_stats_interval: Duration::from_secs(5),
             recording_frame_ms: 125,
             session_lease: Duration::from_secs(15),
             session_tick: Duration::from_millis(100),
@@ -146,6 +150,10 @@ impl Config {
             c.usage_interval = Duration::from_millis(number(v)?);
             Ok(())
         });
+        parse("CLISONIX_INGEST_PRODUCER_STATS_MS", &mut |v| {
+            c.producer_stats_interval = Duration::from_millis(number(v)?);
+            Ok(())
+        });
         for (name, field) in [
             ("CLISONIX_INGEST_SESSION_LEASE_MS", &mut c.session_lease),
             ("CLISONIX_INGEST_SESSION_TICK_MS", &mut c.session_tick),
@@ -166,6 +174,10 @@ impl Config {
         }
         if c.publish_timeout < Duration::from_millis(1000) {
             errors.push("CLISONIX_INGEST_PUBLISH_TIMEOUT_MS must be at least 1000".into());
+        }
+        if c.producer_stats_interval > Duration::from_secs(86_400) {
+            errors
+                .push("CLISONIX_INGEST_PRODUCER_STATS_MS must be at most 86400000 (a day)".into());
         }
         if c.session_tick.is_zero() {
             errors.push("CLISONIX_INGEST_SESSION_TICK_MS must be above 0".into());
@@ -199,6 +211,7 @@ mod tests {
         let err = Config::from_vars(|name| match name {
             "CLISONIX_INGEST_LISTEN" => Some("nowhere".into()),
             "CLISONIX_INGEST_PUBLISH_TIMEOUT_MS" => Some("10".into()),
+            "CLISONIX_INGEST_PRODUCER_STATS_MS" => Some("86400001".into()),
             "CLISONIX_MIGRATE" => Some("perhaps".into()),
             _ => None,
         })
@@ -207,6 +220,7 @@ mod tests {
         for needle in [
             "CLISONIX_INGEST_LISTEN",
             "PUBLISH_TIMEOUT",
+            "PRODUCER_STATS",
             "CLISONIX_MIGRATE",
             "DATABASE_URL",
         ] {
@@ -242,10 +256,12 @@ mod tests {
             "DATABASE_URL" => Some("postgres://x".into()),
             "CLISONIX_KAFKA_BOOTSTRAP" => Some("k:9092".into()),
             "CLISONIX_INGEST_PUBLISH_TIMEOUT_MS" => Some("2500".into()),
+            "CLISONIX_INGEST_PRODUCER_STATS_MS" => Some("0".into()),
             _ => None,
         })
         .unwrap();
         assert_eq!(c.kafka.bootstrap, "k:9092");
+        assert_eq!(c.producer_stats_interval, Duration::ZERO);
         assert_eq!(c.publish_timeout, Duration::from_millis(2500));
         assert!(format!("{c:?}").contains("Secret(***)"));
     }

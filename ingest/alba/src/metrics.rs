@@ -1,8 +1,8 @@
 //! Ingest's metrics, defined once. `alba_frames_processed_total` keeps the seed's name.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 /// How frames arrive; the `transport` label.
@@ -53,6 +53,77 @@ pub struct Metrics {
     pub owned_sessions: IntGauge,
     pub session_claims: IntCounter,
     pub session_write_failures: IntCounter,
+    /// The producer's requests, from librdkafka's statistics.
+    pub producer: ProducerMetrics,
+}
+
+/// A producer's requests as librdkafka's statistics report them: how many, how big,
+/// how long the broker took to answer, and how long records waited to be sent. The
+/// averages are quotients of rates: `rate(..._round_trip_seconds_total) /
+/// rate(..._round_trips_total)` is the mean round trip.
+#[derive(Debug, Clone)]
+pub struct ProducerMetrics {
+    pub produce_requests: IntCounter,
+    /// Bytes sent to the brokers (every request, compressed as sent).
+    pub sent_bytes: IntCounter,
+    /// Requests answered, and the summed time from sending each to its answer.
+    pub round_trips: IntCounter,
+    pub round_trip_seconds: Counter,
+    /// Records put into requests, and the summed time each waited in librdkafka's
+    /// queue before that.
+    pub queued_records: IntCounter,
+    pub queue_wait_seconds: Counter,
+}
+
+impl ProducerMetrics {
+    /// The counters, not registered anywhere.
+    pub fn new() -> ProducerMetrics {
+        let int = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
+        let float = |name: &str, help: &str| Counter::new(name, help).expect("valid metric");
+        ProducerMetrics {
+            produce_requests: int(
+                "alba_producer_produce_requests_total",
+                "Produce requests sent to the brokers",
+            ),
+            sent_bytes: int(
+                "alba_producer_sent_bytes_total",
+                "Bytes of requests sent to the brokers, as sent (compressed)",
+            ),
+            round_trips: int(
+                "alba_producer_round_trips_total",
+                "Requests the brokers answered",
+            ),
+            round_trip_seconds: float(
+                "alba_producer_round_trip_seconds_total",
+                "Summed time from sending a request to its answer",
+            ),
+            queued_records: int(
+                "alba_producer_queued_records_total",
+                "Records put into requests",
+            ),
+            queue_wait_seconds: float(
+                "alba_producer_queue_wait_seconds_total",
+                "Summed time records waited in the producer's queue before their request was made",
+            ),
+        }
+    }
+
+    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 6] {
+        [
+            Box::new(self.produce_requests.clone()),
+            Box::new(self.sent_bytes.clone()),
+            Box::new(self.round_trips.clone()),
+            Box::new(self.round_trip_seconds.clone()),
+            Box::new(self.queued_records.clone()),
+            Box::new(self.queue_wait_seconds.clone()),
+        ]
+    }
+}
+
+impl Default for ProducerMetrics {
+    fn default() -> ProducerMetrics {
+        ProducerMetrics::new()
+    }
 }
 
 impl Metrics {
@@ -135,6 +206,7 @@ impl Metrics {
             "Writes of the sessions' state that failed (kept, retried next tick)",
         )
         .expect("valid metric");
+        let producer = ProducerMetrics::new();
         for c in [
             Box::new(frames.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(rejected.clone()),
@@ -151,7 +223,10 @@ impl Metrics {
             Box::new(owned_sessions.clone()),
             Box::new(session_claims.clone()),
             Box::new(session_write_failures.clone()),
-        ] {
+        ]
+        .into_iter()
+        .chain(producer.collectors())
+        {
             registry.register(c).expect("registered once");
         }
         Metrics {
@@ -171,6 +246,7 @@ impl Metrics {
             owned_sessions,
             session_claims,
             session_write_failures,
+            producer,
         }
     }
 

@@ -16,6 +16,7 @@
 //! [`Config::max_in_flight_bytes`]: crate::config::Config::max_in_flight_bytes
 //! [`Config::publish_timeout`]: crate::config::Config::publish_timeout
 
+use std::collections::HashMap;
 use std::ffi::{c_int, c_void, CStr, CString};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -27,13 +28,13 @@ use rdkafka::error::KafkaError;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::util::Timeout;
-use rdkafka::ClientContext;
 use rdkafka::IntoOpaque;
+use rdkafka::{ClientContext, Statistics};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ProducerMetrics};
 
 /// How long a group waits for room in the in-flight budget before it is refused as
 /// overloaded.
@@ -85,10 +86,58 @@ impl Group {
     }
 }
 
-/// The producer's context: hands each confirmation to its record's group.
-struct Confirmations;
+/// Turns librdkafka's statistics (every `statistics.interval.ms`) into
+/// [`ProducerMetrics`]: its running totals become increments since its previous
+/// report, and its windows, which restart at every report, are added whole.
+#[derive(Debug)]
+pub struct ProducerStats {
+    metrics: ProducerMetrics,
+    /// Per broker: produce requests and bytes sent at the previous report.
+    seen: Mutex<HashMap<String, (u64, u64)>>,
+}
 
-impl ClientContext for Confirmations {}
+impl ProducerStats {
+    pub fn new(metrics: ProducerMetrics) -> ProducerStats {
+        ProducerStats {
+            metrics,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn observe(&self, statistics: &Statistics) {
+        let mut seen = self.seen.lock().expect("not poisoned");
+        for (name, broker) in &statistics.brokers {
+            let produce = broker.req.get("Produce").copied().unwrap_or(0).max(0) as u64;
+            let before = seen.insert(name.clone(), (produce, broker.txbytes));
+            let (produce_before, bytes_before) = before.unwrap_or((0, 0));
+            // A total below the previous one started again (a new connection's).
+            let since = |now: u64, then: u64| if now >= then { now - then } else { now };
+            let m = &self.metrics;
+            m.produce_requests.inc_by(since(produce, produce_before));
+            m.sent_bytes.inc_by(since(broker.txbytes, bytes_before));
+            if let Some(w) = broker.rtt.as_ref().filter(|w| w.cnt > 0) {
+                m.round_trips.inc_by(w.cnt as u64);
+                m.round_trip_seconds.inc_by(w.sum.max(0) as f64 / 1e6);
+            }
+            if let Some(w) = broker.int_latency.as_ref().filter(|w| w.cnt > 0) {
+                m.queued_records.inc_by(w.cnt as u64);
+                m.queue_wait_seconds.inc_by(w.sum.max(0) as f64 / 1e6);
+            }
+        }
+    }
+}
+
+/// The producer's context: hands each confirmation to its record's group, and its
+/// statistics to the metrics.
+struct Confirmations {
+    stats: ProducerStats,
+}
+
+impl ClientContext for Confirmations {
+    fn stats(&self, statistics: Statistics) {
+        self.stats.observe(&statistics);
+    }
+}
 
 impl ProducerContext for Confirmations {
     /// The record's group and its position in it.
@@ -182,9 +231,9 @@ pub fn producer_config(
 
 pub struct Publisher {
     producer: RwLock<Arc<KafkaProducer>>,
-    settings: clisonix_topics::KafkaSettings,
+    /// What a producer is made from (again, after a fatal error).
+    client_config: ClientConfig,
     publish_timeout: Duration,
-    max_in_flight_bytes: usize,
     /// Unconfirmed bytes, in KiB permits.
     budget: Arc<Semaphore>,
     budget_kib: u32,
@@ -198,7 +247,7 @@ pub struct Publisher {
 impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Publisher")
-            .field("bootstrap", &self.settings.bootstrap)
+            .field("bootstrap", &self.client_config.get("bootstrap.servers"))
             .field("broker_up", &self.broker_up())
             .field("budget_kib", &self.budget_kib)
             .finish_non_exhaustive()
@@ -214,15 +263,19 @@ impl Publisher {
         let budget_kib = u32::try_from(config.max_in_flight_bytes / 1024)
             .unwrap_or(u32::MAX)
             .max(1);
+        let mut client_config = producer_config(
+            &config.kafka,
+            config.publish_timeout,
+            config.max_in_flight_bytes,
+        );
+        client_config.set(
+            "statistics.interval.ms",
+            config.producer_stats_interval.as_millis().to_string(),
+        );
         let publisher = Publisher {
-            producer: RwLock::new(Self::create(
-                config.kafka.clone(),
-                config.publish_timeout,
-                config.max_in_flight_bytes,
-            )?),
-            settings: config.kafka.clone(),
+            producer: RwLock::new(Self::create(&client_config, &metrics)?),
+            client_config,
             publish_timeout: config.publish_timeout,
-            max_in_flight_bytes: config.max_in_flight_bytes,
             budget: Arc::new(Semaphore::new(budget_kib as usize)),
             budget_kib,
             broker_up: AtomicBool::new(false),
@@ -232,13 +285,11 @@ impl Publisher {
         Ok(publisher)
     }
 
-    fn create(
-        settings: clisonix_topics::KafkaSettings,
-        timeout: Duration,
-        max_in_flight: usize,
-    ) -> Result<Arc<KafkaProducer>, KafkaError> {
-        let config = producer_config(&settings, timeout, max_in_flight);
-        KafkaProducer::from_config_and_context(&config, Confirmations).map(Arc::new)
+    fn create(config: &ClientConfig, metrics: &Metrics) -> Result<Arc<KafkaProducer>, KafkaError> {
+        let context = Confirmations {
+            stats: ProducerStats::new(metrics.producer.clone()),
+        };
+        KafkaProducer::from_config_and_context(config, context).map(Arc::new)
     }
 
     fn producer(&self) -> Arc<KafkaProducer> {
@@ -333,11 +384,7 @@ impl Publisher {
     fn replace_if_fatal(&self, producer: &KafkaProducer) {
         if let Some(fatal) = producer.client().fatal_error() {
             tracing::error!(?fatal, "the producer failed fatally; creating a new one");
-            match Self::create(
-                self.settings.clone(),
-                self.publish_timeout,
-                self.max_in_flight_bytes,
-            ) {
+            match Self::create(&self.client_config, &self.metrics) {
                 Ok(fresh) => *self.producer.write().expect("not poisoned") = fresh,
                 Err(error) => tracing::error!(%error, "creating a new producer failed"),
             }
@@ -417,7 +464,10 @@ mod tests {
             assert_eq!(config.get(key), Some(value), "{key}");
         }
         // librdkafka accepts the combination (it refuses idempotence with more than 5).
+        let context = Confirmations {
+            stats: ProducerStats::new(ProducerMetrics::new()),
+        };
         let _: ThreadedProducer<Confirmations> =
-            ThreadedProducer::from_config_and_context(&config, Confirmations).unwrap();
+            ThreadedProducer::from_config_and_context(&config, context).unwrap();
     }
 }

@@ -16,7 +16,7 @@ use clisonix_schemas::{
     decode, encode, DeviceId, Frame, Marker, SessionId, Timestamp, UsageEvent, UsageKind,
     SESSION_END_MARKER,
 };
-use common::{as_published, frames, recording_path, TestIngest};
+use common::{as_published, frames, metric, recording_path, TestIngest};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_posted_are_in_eeg_frames_in_order_and_byte_exact() {
@@ -824,6 +824,28 @@ async fn ingest_meters_usage_and_exposes_metrics_health_and_readiness() {
         "alba_usage_events_total",
     ] {
         assert!(metrics.contains(needle), "{needle} not in\n{metrics}");
+    }
+    // The producer's statistics reach the metrics at their next report (every
+    // `PRODUCER_STATS_INTERVAL` here): the frames' produce request, its round trip, and the frames' queue wait.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = String::from_utf8(client.get("/metrics").await.unwrap().body.to_vec()).unwrap();
+        let m = |name: &str| metric(&text, name);
+        let requests = m("alba_producer_produce_requests_total");
+        if requests >= 1.0
+            && m("alba_producer_round_trips_total") >= requests
+            && m("alba_producer_queued_records_total") >= 12.0
+        {
+            assert!(m("alba_producer_sent_bytes_total") > 0.0, "{text}");
+            assert!(m("alba_producer_round_trip_seconds_total") > 0.0, "{text}");
+            assert!(m("alba_producer_queue_wait_seconds_total") > 0.0, "{text}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the producer's statistics never reached the metrics:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut bad = sent[0].clone();
     bad.seq = 99;

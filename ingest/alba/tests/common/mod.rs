@@ -16,6 +16,9 @@ use rdkafka::consumer::StreamConsumer;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// How often ingest's producer reports its statistics here (`alba_producer_*`).
+pub const PRODUCER_STATS_INTERVAL: Duration = Duration::from_millis(200);
+
 pub struct Tenant {
     pub id: TenantId,
     /// ingest scope.
@@ -156,6 +159,17 @@ impl TestIngest {
     }
 }
 
+/// The sum of a metric's samples (every label set) in a Prometheus text exposition.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The EDF recording of `../shared/data/`.
 pub fn recording_path() -> std::path::PathBuf {
     let dir = std::env::var("CLISONIX_DATA_DIR")
@@ -184,6 +198,7 @@ impl Instance {
         config.kafka = KafkaSettings::new(env.kafka.bootstrap.clone(), "alba-test");
         config.topic_prefix = topics.prefix().to_owned();
         config.usage_interval = Duration::from_millis(300);
+        config.producer_stats_interval = PRODUCER_STATS_INTERVAL;
         tune(&mut config);
         let app = Application::build(config).await.expect("ingest starts");
         let url = format!("http://127.0.0.1:{}", app.port());
