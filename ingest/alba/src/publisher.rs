@@ -110,7 +110,7 @@ impl ProducerStats {
             let produce = broker.req.get("Produce").copied().unwrap_or(0).max(0) as u64;
             let before = seen.insert(name.clone(), (produce, broker.txbytes));
             let (produce_before, bytes_before) = before.unwrap_or((0, 0));
-            // A total below the previous one started again (a new connection's).
+            // A total below the previous report's counts from zero again.
             let since = |now: u64, then: u64| if now >= then { now - then } else { now };
             let m = &self.metrics;
             m.produce_requests.inc_by(since(produce, produce_before));
