@@ -2,7 +2,9 @@
 //! 32-channel 256 Hz frames of 1/8 s, posted as binary and as JSON batches and
 //! streamed over WebSocket by several devices at once, each compared with a plain
 //! rdkafka producer (ingest's producer settings) writing the same record bytes to the
-//! same broker. Prints frames/s and MB/s of frame records.
+//! same broker. Ingest writes through its default number of producers
+//! (`Config::producers`), each partition through one; the raw producer is one.
+//! Prints frames/s and MB/s of frame records.
 //!
 //! The broker's speed drifts (its JIT warming up, log rolls, the page cache), so the
 //! figures come after an untimed warm-up of every kind of run, every input of a round
@@ -32,6 +34,7 @@ use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use clisonix_alba::config::Config;
 use clisonix_alba::metrics::ProducerMetrics;
 use clisonix_alba::publisher::{producer_config, ProducerStats};
 use clisonix_player::http::{Client, Format};
@@ -438,8 +441,9 @@ fn main() {
         let sink = sink().await;
         let per_device = 4_000u64;
         println!(
-            "ingest: {DEVICES} devices x {per_device} frames of {CHANNELS} channels x {SAMPLES} samples (1/8 s at 256 Hz), {} bytes per record; started {:?}",
+            "ingest: {DEVICES} devices x {per_device} frames of {CHANNELS} channels x {SAMPLES} samples (1/8 s at 256 Hz), {} bytes per record; ingest writes through {} producers, the raw producer is one; started {:?}",
             encode(&frames(SessionId::random(), 1, CHANNELS, SAMPLES)[0]).unwrap().len(),
+            Config::defaults().producers,
             Timestamp::now()
         );
         // Warm-up, untimed: connections, the producer, the database pool, and the

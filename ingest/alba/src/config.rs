@@ -9,6 +9,9 @@ use clisonix_ingest_protocol::Limits;
 use clisonix_topics::client::DEFAULT_BOOTSTRAP;
 use clisonix_topics::KafkaSettings;
 
+/// The most producers ingest may write through (`CLISONIX_INGEST_PRODUCERS`).
+pub const MAX_PRODUCERS: usize = 16;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
@@ -27,6 +30,10 @@ pub struct Config {
     /// Frame bytes ingest may hold unconfirmed by the broker; beyond it, requests get
     /// 429 and streams wait.
     pub max_in_flight_bytes: usize,
+    /// How many producers (each its own broker connection) ingest writes through. A
+    /// record's key picks one, so that when the count divides a topic's partitions
+    /// every partition is written by one producer (see `publisher`).
+    pub producers: usize,
     /// How long the broker has to confirm a write before the frame is refused with
     /// 503 (`message.timeout.ms`).
     pub publish_timeout: Duration,
@@ -81,6 +88,7 @@ impl Config {
             max_recording_bytes: 2 * 1024 * 1024 * 1024,
             max_message_bytes: 4 * 1024 * 1024,
             max_in_flight_bytes: 128 * 1024 * 1024,
+            producers: 2,
             publish_timeout: Duration::from_secs(10),
             retry_after: Duration::from_secs(2),
             usage_interval: Duration::from_secs(5),
@@ -142,6 +150,10 @@ impl Config {
             c.max_in_flight_bytes = number(v)? as usize;
             Ok(())
         });
+        parse("CLISONIX_INGEST_PRODUCERS", &mut |v| {
+            c.producers = number(v)? as usize;
+            Ok(())
+        });
         parse("CLISONIX_INGEST_PUBLISH_TIMEOUT_MS", &mut |v| {
             c.publish_timeout = Duration::from_millis(number(v)?);
             Ok(())
@@ -174,6 +186,11 @@ impl Config {
         }
         if c.publish_timeout < Duration::from_millis(1000) {
             errors.push("CLISONIX_INGEST_PUBLISH_TIMEOUT_MS must be at least 1000".into());
+        }
+        if !(1..=MAX_PRODUCERS).contains(&c.producers) {
+            errors.push(format!(
+                "CLISONIX_INGEST_PRODUCERS must be from 1 to {MAX_PRODUCERS}"
+            ));
         }
         if c.producer_stats_interval > Duration::from_secs(86_400) {
             errors
@@ -212,6 +229,7 @@ mod tests {
             "CLISONIX_INGEST_LISTEN" => Some("nowhere".into()),
             "CLISONIX_INGEST_PUBLISH_TIMEOUT_MS" => Some("10".into()),
             "CLISONIX_INGEST_PRODUCER_STATS_MS" => Some("86400001".into()),
+            "CLISONIX_INGEST_PRODUCERS" => Some("0".into()),
             "CLISONIX_MIGRATE" => Some("perhaps".into()),
             _ => None,
         })
@@ -221,6 +239,7 @@ mod tests {
             "CLISONIX_INGEST_LISTEN",
             "PUBLISH_TIMEOUT",
             "PRODUCER_STATS",
+            "CLISONIX_INGEST_PRODUCERS",
             "CLISONIX_MIGRATE",
             "DATABASE_URL",
         ] {
@@ -257,9 +276,11 @@ mod tests {
             "CLISONIX_KAFKA_BOOTSTRAP" => Some("k:9092".into()),
             "CLISONIX_INGEST_PUBLISH_TIMEOUT_MS" => Some("2500".into()),
             "CLISONIX_INGEST_PRODUCER_STATS_MS" => Some("0".into()),
+            "CLISONIX_INGEST_PRODUCERS" => Some("3".into()),
             _ => None,
         })
         .unwrap();
+        assert_eq!(c.producers, 3);
         assert_eq!(c.kafka.bootstrap, "k:9092");
         assert_eq!(c.producer_stats_interval, Duration::ZERO);
         assert_eq!(c.publish_timeout, Duration::from_millis(2500));

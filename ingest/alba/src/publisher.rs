@@ -9,12 +9,22 @@
 //! probe marks the broker down, and later groups are refused at once (503) until it
 //! answers again. Nothing is queued beyond those bounds and nothing is dropped silently.
 //!
+//! Several producers, each partition through one: librdkafka puts one partition's
+//! batch in a produce request and ingest keeps one request in flight per connection,
+//! so through one producer the broker writes one partition at a time. Ingest writes
+//! through [`Config::producers`] producers (each its own connection), and a record's
+//! key picks the producer ([`lane`]) the way librdkafka's partitioner picks its
+//! partition, so when their count divides a topic's partitions each partition is
+//! written by one producer: its order is kept, its batches are not split between
+//! connections, and the broker works on several partitions at once.
+//!
 //! No copies: a record's bytes (usually a slice of the request body they came in) are
 //! handed to librdkafka as they are and kept alive by their group until the broker
 //! confirms them.
 //!
 //! [`Config::max_in_flight_bytes`]: crate::config::Config::max_in_flight_bytes
 //! [`Config::publish_timeout`]: crate::config::Config::publish_timeout
+//! [`Config::producers`]: crate::config::Config::producers
 
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void, CStr, CString};
@@ -151,6 +161,32 @@ impl ProducerContext for Confirmations {
 
 type KafkaProducer = ThreadedProducer<Confirmations>;
 
+/// Which of `lanes` producers writes a record with `key`: librdkafka's own keyed
+/// partitioner (the key's CRC32 modulo the count) asked for `lanes` partitions. The
+/// partition librdkafka then picks is the same CRC32 modulo the topic's partition
+/// count, so when `lanes` divides that count, all of a partition's records go through
+/// one producer (the partition modulo `lanes`).
+#[allow(unsafe_code)]
+pub fn lane(key: &[u8], lanes: usize) -> usize {
+    if lanes <= 1 {
+        return 0;
+    }
+    let lanes = i32::try_from(lanes).unwrap_or(i32::MAX);
+    // SAFETY: the partitioner reads `key.len()` bytes at `key` and nothing else (it
+    // does not use the topic or the opaques, which may be null).
+    let lane = unsafe {
+        rdkafka::bindings::rd_kafka_msg_partitioner_consistent(
+            std::ptr::null(),
+            key.as_ptr().cast(),
+            key.len(),
+            lanes,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+    };
+    lane as usize
+}
+
 /// Hands one record to librdkafka without copying its bytes (`RD_KAFKA_MSG_F_COPY`
 /// unset, unlike rust-rdkafka's `send`): the key and value are read where they are,
 /// by the partitioner now and by the batch's compression later.
@@ -230,8 +266,10 @@ pub fn producer_config(
 }
 
 pub struct Publisher {
-    producer: RwLock<Arc<KafkaProducer>>,
-    /// What a producer is made from (again, after a fatal error).
+    /// The producers records are written through, picked by [`lane`]; one is made
+    /// again in its place after a fatal error.
+    producers: Vec<RwLock<Arc<KafkaProducer>>>,
+    /// What a producer is made from.
     client_config: ClientConfig,
     publish_timeout: Duration,
     /// Unconfirmed bytes, in KiB permits.
@@ -248,6 +286,7 @@ impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Publisher")
             .field("bootstrap", &self.client_config.get("bootstrap.servers"))
+            .field("producers", &self.producers.len())
             .field("broker_up", &self.broker_up())
             .field("budget_kib", &self.budget_kib)
             .finish_non_exhaustive()
@@ -272,8 +311,11 @@ impl Publisher {
             "statistics.interval.ms",
             config.producer_stats_interval.as_millis().to_string(),
         );
+        let producers = (0..config.producers.max(1))
+            .map(|_| Self::create(&client_config, &metrics).map(RwLock::new))
+            .collect::<Result<_, _>>()?;
         let publisher = Publisher {
-            producer: RwLock::new(Self::create(&client_config, &metrics)?),
+            producers,
             client_config,
             publish_timeout: config.publish_timeout,
             budget: Arc::new(Semaphore::new(budget_kib as usize)),
@@ -292,8 +334,8 @@ impl Publisher {
         KafkaProducer::from_config_and_context(config, context).map(Arc::new)
     }
 
-    fn producer(&self) -> Arc<KafkaProducer> {
-        self.producer.read().expect("not poisoned").clone()
+    fn producer(&self, lane: usize) -> Arc<KafkaProducer> {
+        self.producers[lane].read().expect("not poisoned").clone()
     }
 
     pub fn broker_up(&self) -> bool {
@@ -329,7 +371,9 @@ impl Publisher {
             };
         self.metrics.in_flight_bytes.add(bytes as i64);
         let started = Instant::now();
-        let producer = self.producer();
+        let producers: Vec<_> = (0..self.producers.len())
+            .map(|i| self.producer(i))
+            .collect();
         let count = records.len();
         let group = Arc::new(Group {
             remaining: AtomicUsize::new(count),
@@ -340,7 +384,8 @@ impl Publisher {
         match CString::new(topic) {
             Ok(name) => {
                 for (i, r) in group.records.iter().enumerate() {
-                    if let Err(e) = produce(&producer, &name, r, Box::new((group.clone(), i))) {
+                    let producer = &producers[lane(&r.key, producers.len())];
+                    if let Err(e) = produce(producer, &name, r, Box::new((group.clone(), i))) {
                         group.settle(i, Some(e.to_string()));
                     }
                 }
@@ -370,7 +415,9 @@ impl Publisher {
             tracing::warn!(error = %e, topic, "the broker did not confirm frames");
             self.broker_up.store(false, Ordering::Relaxed);
             self.metrics.broker_up.set(0);
-            self.replace_if_fatal(&producer);
+            for (lane, producer) in producers.iter().enumerate() {
+                self.replace_if_fatal(lane, producer);
+            }
         } else {
             self.metrics
                 .publish_latency
@@ -381,11 +428,15 @@ impl Publisher {
 
     /// A producer in a fatal state (librdkafka says so after some idempotence
     /// failures) cannot write again: a new one takes its place.
-    fn replace_if_fatal(&self, producer: &KafkaProducer) {
+    fn replace_if_fatal(&self, lane: usize, producer: &KafkaProducer) {
         if let Some(fatal) = producer.client().fatal_error() {
-            tracing::error!(?fatal, "the producer failed fatally; creating a new one");
+            tracing::error!(
+                ?fatal,
+                lane,
+                "a producer failed fatally; creating a new one"
+            );
             match Self::create(&self.client_config, &self.metrics) {
-                Ok(fresh) => *self.producer.write().expect("not poisoned") = fresh,
+                Ok(fresh) => *self.producers[lane].write().expect("not poisoned") = fresh,
                 Err(error) => tracing::error!(%error, "creating a new producer failed"),
             }
         }
@@ -394,7 +445,7 @@ impl Publisher {
     /// Asks the broker for the probe topic's metadata; true when every partition has a
     /// leader.
     pub async fn probe(&self) -> bool {
-        let producer = self.producer();
+        let producer = self.producer(0);
         let topic = self.probe_topic.clone();
         let up = tokio::task::spawn_blocking(move || {
             match producer
@@ -440,15 +491,42 @@ impl Publisher {
         }
     }
 
-    /// Waits for everything produced to be confirmed (graceful shutdown).
+    /// Waits for everything produced to be confirmed (graceful shutdown), by every
+    /// producer within `timeout` in all; the first producer's error, if any.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.producer().flush(Timeout::After(timeout))
+        let deadline = Instant::now() + timeout;
+        let mut first = Ok(());
+        for lane in 0..self.producers.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let flushed = self.producer(lane).flush(Timeout::After(left));
+            first = first.and(flushed);
+        }
+        first
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_picks_its_producer_as_librdkafka_picks_its_partition() {
+        // librdkafka's keyed partitioner: the key's CRC-32 (0xCBF43926 for "123456789",
+        // the standard check value) modulo the count.
+        let key = b"123456789";
+        assert_eq!(lane(key, 6), (0xCBF4_3926u32 % 6) as usize);
+        assert_eq!(lane(key, 5), (0xCBF4_3926u32 % 5) as usize);
+        // With a count that divides a topic's partitions, a partition's keys share one
+        // producer: the partition modulo the count.
+        for i in 0..1000u32 {
+            let key = i.to_be_bytes();
+            for lanes in [2, 3, 6] {
+                assert_eq!(lane(&key, lanes), lane(&key, 6) % lanes);
+            }
+        }
+        assert_eq!(lane(key, 1), 0);
+        assert_eq!(lane(b"", 4), 0);
+    }
 
     #[test]
     fn the_producer_is_idempotent_with_one_request_in_flight_and_a_bounded_queue() {

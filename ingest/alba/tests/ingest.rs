@@ -58,6 +58,63 @@ async fn frames_posted_are_in_eeg_frames_in_order_and_byte_exact() {
     t.stop().await;
 }
 
+/// Ingest writes through several producers, each partition through one of them: every
+/// session's frames are on the partition a plain producer gives their key, each once
+/// and in order, though many sessions post at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_through_several_producers_keep_their_partitions_and_order() {
+    let env = clisonix_e2e::TestEnv::get();
+    let topics = env.topics();
+    env.create_catalog(&topics).await;
+    let t = TestIngest::spawn_on(env, topics, |c| c.producers = 3).await;
+    let consumer = t.frames_consumer();
+    let sessions: Vec<_> = (0..12)
+        .map(|_| frames(SessionId::random(), 30, 8, 32))
+        .collect();
+    let posts = sessions.iter().cloned().map(|sent| {
+        let mut client = t.client();
+        tokio::spawn(async move {
+            for chunk in sent.chunks(10) {
+                let a = client.post_frames(chunk, Format::Binary).await.unwrap();
+                assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+            }
+        })
+    });
+    for post in posts.collect::<Vec<_>>() {
+        post.await.unwrap();
+    }
+    let got = t
+        .env
+        .consume(&consumer, 12 * 30, Duration::from_secs(60))
+        .await;
+    // Where a plain producer puts each session's key, on a topic of as many partitions.
+    let scratch = format!("{}scratch", t.topics.prefix());
+    t.env
+        .create_topic(
+            &scratch,
+            clisonix_topics::catalog::EEG_FRAMES.partitions,
+            &[],
+        )
+        .await;
+    let plain = t.env.producer();
+    for sent in &sessions {
+        let key = encode(&as_published(&sent[0], t.tenant.id, Timestamp::now()).key()).unwrap();
+        let (partition, _) = t.env.produce(&plain, &scratch, &key, b"").await;
+        let of_session: Vec<_> = got
+            .iter()
+            .filter(|r| r.key == key)
+            .map(|r| (r.partition, decode::<Frame>(&r.value).unwrap().seq))
+            .collect();
+        let seqs: Vec<u64> = of_session.iter().map(|(_, seq)| *seq).collect();
+        assert_eq!(seqs, (0..30).collect::<Vec<_>>(), "each once, in order");
+        assert!(
+            of_session.iter().all(|(p, _)| *p == partition),
+            "on partition {partition}: {of_session:?}"
+        );
+    }
+    t.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_answer_says_which_frames_were_accepted_and_why_others_were_not() {
     let t = TestIngest::spawn().await;
