@@ -63,10 +63,7 @@ async fn frames_posted_are_in_eeg_frames_in_order_and_byte_exact() {
 /// and in order, though many sessions post at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_through_several_producers_keep_their_partitions_and_order() {
-    let env = clisonix_e2e::TestEnv::get();
-    let topics = env.topics();
-    env.create_catalog(&topics).await;
-    let t = TestIngest::spawn_on(env, topics, |c| c.producers = 3).await;
+    let t = TestIngest::spawn_with(|c| c.producers = 3).await;
     let consumer = t.frames_consumer();
     let sessions: Vec<_> = (0..12)
         .map(|_| frames(SessionId::random(), 30, 8, 32))

@@ -75,10 +75,15 @@ async fn tenant(db: &TestDatabase, name: &str) -> Tenant {
 impl TestIngest {
     /// Ingest on the shared test broker.
     pub async fn spawn() -> TestIngest {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// Ingest on the shared test broker, its configuration tuned by `tune`.
+    pub async fn spawn_with(tune: impl FnOnce(&mut Config)) -> TestIngest {
         let env = TestEnv::get();
         let topics = env.topics();
         env.create_catalog(&topics).await;
-        Self::spawn_on(env, topics, |_| {}).await
+        Self::spawn_on(env, topics, tune).await
     }
 
     /// Ingest on the broker `env` names, with `topics` already created.
