@@ -429,6 +429,8 @@ async fn begin(
     let mut config = state.config.kafka.producer();
     config
         .set("transactional.id", format!("alba-recording-{session}"))
+        // Frames do not compress, as for ingest's producers (`producer_config`).
+        .set("compression.type", "none")
         .set(
             "transaction.timeout.ms",
             TRANSACTION_TIMEOUT.as_millis().to_string(),
