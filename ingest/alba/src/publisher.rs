@@ -257,9 +257,10 @@ fn produce(
 ///   without copying ([`Publisher::publish`]) and keeps them until the broker confirms
 ///   them, so the request is written to the socket from where they lie.
 ///
-/// Together, in the ingest benchmark (alternating, six benchmarks each), the machine's
-/// CPU per frame of binary ingest fell from 14.1–19.4 to 11.6–13.4 µs and the
-/// benchmark's binary/raw medians rose from 0.69–0.87 to 0.75–0.89.
+/// Together, in the ingest benchmark (alternating on one running broker, six benchmarks
+/// each), the machine's CPU per frame of binary ingest fell from 14.1–19.4 to
+/// 11.6–13.4 µs and the benchmark's binary/raw medians rose from 0.69–0.87 to
+/// 0.75–0.89 (on a fresh broker each they stayed at 0.67–0.92, median 0.78).
 ///
 /// [`KafkaSettings::producer`]: clisonix_topics::KafkaSettings::producer
 pub fn producer_config(
