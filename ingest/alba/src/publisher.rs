@@ -399,8 +399,16 @@ impl Publisher {
         });
         match CString::new(topic) {
             Ok(name) => {
+                // A group of frames is one session's, so one key: its lane is computed
+                // once per run of equal keys, not per record.
+                let mut last: Option<(&[u8], usize)> = None;
                 for (i, r) in group.records.iter().enumerate() {
-                    let producer = &producers[lane(&r.key, producers.len())];
+                    let picked = match last {
+                        Some((key, picked)) if key == &r.key[..] => picked,
+                        _ => lane(&r.key, producers.len()),
+                    };
+                    last = Some((&r.key, picked));
+                    let producer = &producers[picked];
                     if let Err(e) = produce(producer, &name, r, Box::new((group.clone(), i))) {
                         group.settle(i, Some(e.to_string()));
                     }
