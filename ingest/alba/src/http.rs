@@ -22,7 +22,9 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::ingest::{prepare, prepare_binary_body, Ingest, Numbering, Prepared};
+use crate::ingest::{
+    prepare, prepare_binary_body, run_prepare, Ingest, Numbering, Prepared, INLINE_PREPARE_BYTES,
+};
 use crate::metrics::Transport;
 
 #[derive(Debug, Clone)]
@@ -199,10 +201,12 @@ pub async fn post_frames(
     let tenant = key.tenant();
     let now = Timestamp::now();
     let limits = ingest.limits.clone();
-    let prepared =
-        tokio::task::spawn_blocking(move || prepare_body(kind, body, tenant, now, &limits))
-            .await
-            .map_err(ApiError::internal)?;
+    let inline = kind == BodyKind::Binary && body.len() <= INLINE_PREPARE_BYTES;
+    let prepared = run_prepare(inline, move || {
+        prepare_body(kind, body, tenant, now, &limits)
+    })
+    .await
+    .map_err(ApiError::internal)?;
     let (ready, mut results) = match prepared {
         Ok(x) => x,
         Err(r) => {

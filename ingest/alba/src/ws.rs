@@ -20,7 +20,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::{AppState, DeviceKey};
-use crate::ingest::{prepare, prepare_binary_body, rejected, Numbering, Prepared};
+use crate::ingest::{
+    prepare, prepare_binary_body, rejected, run_prepare, Numbering, Prepared, INLINE_PREPARE_BYTES,
+};
 use crate::metrics::Transport;
 
 /// Messages read ahead of the publishing loop.
@@ -135,6 +137,8 @@ async fn serve(socket: WebSocket, state: AppState, tenant: TenantId, shutdown: C
                 _ => 0,
             })
             .sum();
+        let inline = bytes <= INLINE_PREPARE_BYTES
+            && !messages.iter().any(|m| matches!(m, Message::Text(_)));
         ingest
             .metrics
             .bytes_in
@@ -143,7 +147,7 @@ async fn serve(socket: WebSocket, state: AppState, tenant: TenantId, shutdown: C
         let base = next_index;
         let limits = ingest.limits.clone();
         let now = Timestamp::now();
-        let (ready, mut results, count) = tokio::task::spawn_blocking(move || {
+        let (ready, mut results, count) = run_prepare(inline, move || {
             prepare_messages(messages, base, session, tenant, now, &limits)
         })
         .await
