@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use crate::config::Config;
 use crate::ingest::{
-    prepare, prepare_binary_body, run_prepare, Ingest, Numbering, Prepared, INLINE_PREPARE_BYTES,
+    prepare, prepare_binary_body, prepare_inline, run_prepare, Ingest, Numbering, Prepared,
 };
 use crate::metrics::Transport;
 
@@ -201,7 +201,10 @@ pub async fn post_frames(
     let tenant = key.tenant();
     let now = Timestamp::now();
     let limits = ingest.limits.clone();
-    let inline = kind == BodyKind::Binary && body.len() <= INLINE_PREPARE_BYTES;
+    let inline = match kind {
+        BodyKind::Binary => prepare_inline(body.len(), 0),
+        BodyKind::Json => prepare_inline(0, body.len()),
+    };
     let prepared = run_prepare(inline, move || {
         prepare_body(kind, body, tenant, now, &limits)
     })

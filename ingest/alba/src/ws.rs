@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::{AppState, DeviceKey};
 use crate::ingest::{
-    prepare, prepare_binary_body, rejected, run_prepare, Numbering, Prepared, INLINE_PREPARE_BYTES,
+    prepare, prepare_binary_body, prepare_inline, rejected, run_prepare, Numbering, Prepared,
 };
 use crate::metrics::Transport;
 
@@ -129,16 +129,15 @@ async fn serve(socket: WebSocket, state: AppState, tenant: TenantId, shutdown: C
                 break;
             }
         }
-        let bytes: usize = messages
-            .iter()
-            .map(|m| match m {
-                Message::Binary(b) => b.len(),
-                Message::Text(t) => t.len(),
-                _ => 0,
-            })
-            .sum();
-        let inline = bytes <= INLINE_PREPARE_BYTES
-            && !messages.iter().any(|m| matches!(m, Message::Text(_)));
+        let (mut binary, mut json) = (0, 0);
+        for m in &messages {
+            match m {
+                Message::Binary(b) => binary += b.len(),
+                Message::Text(t) => json += t.len(),
+                _ => {}
+            }
+        }
+        let (bytes, inline) = (binary + json, prepare_inline(binary, json));
         ingest
             .metrics
             .bytes_in
