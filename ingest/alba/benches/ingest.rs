@@ -14,8 +14,9 @@
 //! runs in this process on the allocator its binary uses, tuned as its binary tunes it.
 //!
 //! Each run also prints the CPU it took per frame, from `/proc`: the whole machine,
-//! the broker (`java`), Postgres, librdkafka's threads, and the runtime's threads
-//! (ingest and its clients share them). On a machine whose cores are all busy, that
+//! the broker (`java`; and of that, its JIT compilers' and garbage collector's
+//! threads), Postgres, librdkafka's threads, and the runtime's threads (ingest and its
+//! clients share them). On a machine whose cores are all busy, that
 //! is what bounds the figure. And it prints the producer's requests, from librdkafka's
 //! statistics (ingest's `alba_producer_*` metrics, and the same counters for the raw
 //! producer): how many, how full, the broker's mean round trip, the share of the run
@@ -231,6 +232,11 @@ async fn websocket(t: &TestIngest, devices: Vec<Vec<Frame>>) -> Figure {
     }
 }
 
+/// Parts of the broker's CPU time: its JIT compilers' threads and its garbage
+/// collector's (counted in "broker" too).
+const BROKER_JIT: &str = "broker's JIT";
+const BROKER_GC: &str = "broker's GC";
+
 /// CPU time, in clock ticks, by where it went: this process's threads by kind, the
 /// broker's and Postgres's processes, and the machine as a whole (Linux `/proc`).
 #[derive(Debug, Default, Clone)]
@@ -267,13 +273,35 @@ impl Cpu {
             *cpu.parts.entry(part).or_default() += t;
         }
         let processes = std::fs::read_dir("/proc").into_iter().flatten();
-        for (name, t) in processes.flatten().filter_map(|e| ticks(&e.path())) {
+        for process in processes.flatten() {
+            let Some((name, t)) = ticks(&process.path()) else {
+                continue;
+            };
             let part = match name.as_str() {
                 "java" => "broker",
                 "postgres" => "postgres",
                 _ => continue,
             };
             *cpu.parts.entry(part).or_default() += t;
+            if part == "broker" {
+                // Of the broker's time, its compilers' and its collector's.
+                let threads = std::fs::read_dir(process.path().join("task"));
+                for (name, t) in threads
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|e| ticks(&e.path()))
+                {
+                    let part = if name.starts_with("C1 ") || name.starts_with("C2 ") {
+                        BROKER_JIT
+                    } else if name.starts_with("G1 ") || name.starts_with("GC ") {
+                        BROKER_GC
+                    } else {
+                        continue;
+                    };
+                    *cpu.parts.entry(part).or_default() += t;
+                }
+            }
         }
         let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
         let all: Vec<u64> = stat
@@ -309,7 +337,12 @@ impl Cpu {
     }
 
     fn line(&self, frames: usize) -> String {
-        let named: u64 = self.parts.values().sum();
+        let named: u64 = self
+            .parts
+            .iter()
+            .filter(|(part, _)| ![BROKER_JIT, BROKER_GC].contains(part))
+            .map(|(_, t)| t)
+            .sum();
         let mut line = format!(
             "CPU {:5.1} us/frame, machine {:2.0}% idle:",
             Cpu::per_frame(self.busy, frames),
