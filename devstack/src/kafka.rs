@@ -33,9 +33,37 @@ pub struct KafkaNode {
     pub cache: PathBuf,
     pub port: u16,
     pub controller_port: u16,
+    /// Extra JVM options (`CLISONIX_KAFKA_JAVA_OPTS`), after ours, so they win.
+    pub java_options: Vec<String>,
 }
 
+/// The broker's JVM options. A 1 GiB heap, G1 with Kafka's pause goal, and only the
+/// quick JIT compiler (C1): a development broker lives for a session or a CI run on a
+/// small machine, and the optimising compiler (C2) kept compiling its produce path for
+/// minutes, taking 4–6 s of CPU in the ingest benchmark and up to half a core in its
+/// last rounds. The broker's time goes mostly to copies, CRCs and system calls, which
+/// C2 does not speed up: with C1 only, the raw producer's CPU per frame was the same
+/// (README, "Benchmarks"). `-XX:TieredStopAtLevel=4` in `CLISONIX_KAFKA_JAVA_OPTS`
+/// brings C2 back.
+const JAVA_OPTIONS: &[&str] = &[
+    "-Xms256m",
+    "-Xmx1g",
+    "-XX:+UseG1GC",
+    "-XX:MaxGCPauseMillis=20",
+    "-XX:TieredStopAtLevel=1",
+    "-Djava.awt.headless=true",
+];
+
 impl KafkaNode {
+    /// The JVM's options: ours, then the user's.
+    fn java_args(&self) -> Vec<String> {
+        JAVA_OPTIONS
+            .iter()
+            .map(|o| o.to_string())
+            .chain(self.java_options.iter().cloned())
+            .collect()
+    }
+
     pub fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
@@ -194,13 +222,7 @@ impl KafkaNode {
         self.format()?;
         let log = fs::File::create(self.log_file())?;
         let mut child = Command::new("java")
-            .args([
-                "-Xms256m",
-                "-Xmx1g",
-                "-XX:+UseG1GC",
-                "-XX:MaxGCPauseMillis=20",
-                "-Djava.awt.headless=true",
-            ])
+            .args(self.java_args())
             .arg(format!(
                 "-Dlog4j2.configurationFile={}",
                 self.dir.join("log4j2.properties").display()
@@ -394,10 +416,28 @@ mod tests {
             cache: PathBuf::from("/c"),
             port: 1234,
             controller_port: 1235,
+            java_options: Vec::new(),
         };
         let p = node.server_properties();
         assert!(p.contains("listeners=PLAINTEXT://127.0.0.1:1234,CONTROLLER://127.0.0.1:1235"));
         assert!(p.contains("log.dirs=/x/.dev/kafka/data"));
         assert!(p.contains("controller.quorum.voters=1@127.0.0.1:1235"));
+    }
+
+    #[test]
+    fn the_users_java_options_come_after_ours_so_they_win() {
+        let mut node = KafkaNode {
+            dir: PathBuf::from("/x/.dev/kafka"),
+            cache: PathBuf::from("/c"),
+            port: 1234,
+            controller_port: 1235,
+            java_options: Vec::new(),
+        };
+        let ours = node.java_args();
+        assert!(ours.contains(&"-XX:TieredStopAtLevel=1".to_owned()));
+        node.java_options = vec!["-XX:TieredStopAtLevel=4".into(), "-Xmx2g".into()];
+        let args = node.java_args();
+        assert_eq!(args[..ours.len()], ours[..]);
+        assert_eq!(args[ours.len()..], ["-XX:TieredStopAtLevel=4", "-Xmx2g"]);
     }
 }

@@ -31,6 +31,7 @@ Environment:
   DATABASE_URL                    use this Postgres instead of a private cluster
   CLISONIX_KAFKA_BOOTSTRAP        use this Kafka instead of the local node
   CLISONIX_KAFKA_PORT             local broker port (19092); CLISONIX_KAFKA_CONTROLLER_PORT (19093)
+  CLISONIX_KAFKA_JAVA_OPTS        extra JVM options for the local broker, after ours
   CLISONIX_PG_PORT                private Postgres port (15432)
   CLISONIX_TOPIC_PREFIX           prefix of every topic name
   CLISONIX_CACHE_DIR              where Kafka is fetched to (~/.cache/clisonix)

@@ -54,6 +54,9 @@ impl Stack {
             cache: cache_dir()?.join(format!("kafka-{}", kafka::VERSION)),
             port: port("CLISONIX_KAFKA_PORT", 19092)?,
             controller_port: port("CLISONIX_KAFKA_CONTROLLER_PORT", 19093)?,
+            java_options: env("CLISONIX_KAFKA_JAVA_OPTS")
+                .map(|o| o.split_whitespace().map(String::from).collect())
+                .unwrap_or_default(),
         };
         let private = Postgres::Private {
             dir: state.join("postgres"),
