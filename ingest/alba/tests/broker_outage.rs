@@ -49,6 +49,7 @@ async fn when_the_broker_stops_clients_are_pushed_back_and_nothing_acknowledged_
         cache: cache_dir().unwrap().join(format!("kafka-{VERSION}")),
         port: free_port(),
         controller_port: free_port(),
+        java_options: Vec::new(),
     };
     let guard = NodeGuard(node.clone());
     let n = node.clone();
