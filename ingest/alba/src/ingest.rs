@@ -97,16 +97,25 @@ pub fn prepare_inline(binary: usize, json: usize) -> bool {
     binary.saturating_add(json.saturating_mul(JSON_PREPARE_COST)) <= INLINE_PREPARE_BYTES
 }
 
+/// Preparing a body panicked: a bug, which the request answers as an internal error
+/// wherever the body was prepared.
+#[derive(Debug, thiserror::Error)]
+#[error("preparing the body panicked")]
+pub struct PreparePanicked;
+
 /// Runs `prepare` (parsing and checking a body) here when `inline`, else on the
 /// blocking pool; see [`prepare_inline`].
 pub async fn run_prepare<T: Send + 'static>(
     inline: bool,
     prepare: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, tokio::task::JoinError> {
+) -> Result<T, PreparePanicked> {
     if inline {
-        Ok(prepare())
+        // Nothing `prepare` owns or borrows is used again after a panic.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(prepare)).map_err(|_| PreparePanicked)
     } else {
-        tokio::task::spawn_blocking(prepare).await
+        tokio::task::spawn_blocking(prepare)
+            .await
+            .map_err(|_| PreparePanicked)
     }
 }
 
@@ -643,5 +652,12 @@ mod tests {
         let pooled = run_prepare(false, || std::thread::current().id()).await;
         assert_eq!(inline.unwrap(), here);
         assert_ne!(pooled.unwrap(), here);
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_preparing_is_an_error_inline_as_on_the_pool() {
+        assert!(run_prepare(true, || panic!("a bug")).await.is_err());
+        assert!(run_prepare(false, || panic!("a bug")).await.is_err());
+        assert_eq!(run_prepare(true, || 7).await.unwrap(), 7);
     }
 }
