@@ -409,15 +409,20 @@ mod tests {
         assert_eq!(base64_id(bytes), format!("-{}", "A".repeat(21)));
     }
 
-    #[test]
-    fn properties_name_the_ports_and_data() {
-        let node = KafkaNode {
+    /// A node in `/x/.dev/kafka` on ports 1234 and 1235, without options of the user's.
+    fn node() -> KafkaNode {
+        KafkaNode {
             dir: PathBuf::from("/x/.dev/kafka"),
             cache: PathBuf::from("/c"),
             port: 1234,
             controller_port: 1235,
             java_options: Vec::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn properties_name_the_ports_and_data() {
+        let node = node();
         let p = node.server_properties();
         assert!(p.contains("listeners=PLAINTEXT://127.0.0.1:1234,CONTROLLER://127.0.0.1:1235"));
         assert!(p.contains("log.dirs=/x/.dev/kafka/data"));
@@ -426,13 +431,7 @@ mod tests {
 
     #[test]
     fn the_users_java_options_come_after_ours_so_they_win() {
-        let mut node = KafkaNode {
-            dir: PathBuf::from("/x/.dev/kafka"),
-            cache: PathBuf::from("/c"),
-            port: 1234,
-            controller_port: 1235,
-            java_options: Vec::new(),
-        };
+        let mut node = node();
         let ours = node.java_args();
         assert!(ours.contains(&"-XX:TieredStopAtLevel=1".to_owned()));
         node.java_options = vec!["-XX:TieredStopAtLevel=4".into(), "-Xmx2g".into()];
