@@ -16,7 +16,9 @@ use clisonix_player::play::{play, PlayOptions, Transport};
 use clisonix_player::recording::load;
 use clisonix_schemas::SessionId;
 use clisonix_stage::Stage;
-use clisonix_stage_runtime::{run, run_sink, Health, RuntimeConfig, SinkConfig};
+use clisonix_stage_runtime::{
+    run, run_tables, Health, Metering, RuntimeConfig, Sink, StageMetrics, TableWriter, TablesConfig,
+};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -100,28 +102,35 @@ impl Services {
             .max_connections(4)
             .connect(&database)
             .await
-            .context("connecting the sink to Postgres")?;
-        let config = SinkConfig {
-            kafka: stack.kafka_settings("clisonix-sink"),
+            .context("connecting the sink and metering to Postgres")?;
+        let sink = Sink::new(clisonix_sink::Results::new(pool.clone()), &stack.topics);
+        services.tables(stack, sink);
+        let metering = Metering::new(
+            clisonix_metering::MeteringStore::new(pool),
+            &stack.topics,
+            StageMetrics::default(),
+        );
+        services.tables(stack, metering);
+        Ok(services)
+    }
+
+    /// Runs a consumer that writes to Postgres (the sink, metering).
+    fn tables<W: TableWriter + 'static>(&mut self, stack: &Stack, writer: W) {
+        let name = writer.name();
+        let config = TablesConfig {
+            kafka: stack.kafka_settings(&format!("clisonix-{name}")),
             topics: stack.topics.clone(),
-            group: clisonix_stage_runtime::sink::NAME.to_owned(),
+            group: name.to_owned(),
             batch_max: 500,
             batch_linger: Duration::from_millis(20),
         };
-        let token = services.stop.clone();
-        services.tasks.push((
-            "sink",
-            tokio::spawn(async move {
-                Ok(run_sink(
-                    clisonix_sink::Results::new(pool),
-                    config,
-                    Health::default(),
-                    token,
-                )
-                .await?)
-            }),
+        let token = self.stop.clone();
+        self.tasks.push((
+            name,
+            tokio::spawn(
+                async move { Ok(run_tables(writer, config, Health::default(), token).await?) },
+            ),
         ));
-        Ok(services)
     }
 
     fn stage<S: Stage + 'static>(&mut self, stack: &Stack, stage: S) {

@@ -43,6 +43,17 @@ impl RecordMeta {
     }
 }
 
+/// Where a record was read, for consumers that keep their own offsets (metering
+/// records the offsets it applied in its database transaction).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// The record's Kafka timestamp, milliseconds since the epoch.
+    pub timestamp_ms: Option<i64>,
+}
+
 /// Which catalog topic an output goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OutputTopic {

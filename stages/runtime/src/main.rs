@@ -8,11 +8,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use clisonix_albi::{Albi, AlbiConfig};
 use clisonix_jona::{Jona, JonaConfig, Preset};
+use clisonix_metering::MeteringStore;
 use clisonix_sessions::{Sessions, SessionsConfig};
-use clisonix_sink::Results;
 use clisonix_stage::Stage;
 use clisonix_stage_runtime::{
-    router, run, run_sink, Health, RuntimeConfig, RuntimeError, SinkConfig,
+    router, run, run_tables, Health, Metering, RuntimeConfig, RuntimeError, Sink, TablesConfig,
 };
 use clisonix_topics::{KafkaSettings, Topics};
 use tokio_util::sync::CancellationToken;
@@ -36,7 +36,10 @@ Examples:
   clisonix-stage --http-addr 127.0.0.1:9467 sessions
 
   # The results sink into Postgres
-  DATABASE_URL=postgres://... clisonix-stage --http-addr 127.0.0.1:9468 sink";
+  DATABASE_URL=postgres://... clisonix-stage --http-addr 127.0.0.1:9468 sink
+
+  # Metering: usage per tenant, meter and hour into Postgres
+  DATABASE_URL=postgres://... clisonix-stage --http-addr 127.0.0.1:9469 metering";
 
 #[derive(Debug, Parser)]
 #[command(name = "clisonix-stage", version, about = "Run a Clisonix stream stage", after_help = EXAMPLES)]
@@ -111,6 +114,16 @@ enum StageCmd {
         #[arg(long, env = "CLISONIX_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
         migrate: bool,
     },
+    /// Metering: usage.events, eeg.sessions and eeg.features -> usage per tenant,
+    /// meter and hour in Postgres, exactly once
+    Metering {
+        /// Postgres to write to
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// Apply the database migrations at start
+        #[arg(long, env = "CLISONIX_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+        migrate: bool,
+    },
     /// Sessions: eeg.frames -> eeg.sessions
     Sessions {
         /// A session without frames for this many seconds has ended
@@ -168,6 +181,7 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         StageCmd::Jona { .. } => clisonix_jona::NAME,
         StageCmd::Sessions { .. } => clisonix_sessions::NAME,
         StageCmd::Sink { .. } => clisonix_stage_runtime::sink::NAME,
+        StageCmd::Metering { .. } => clisonix_stage_runtime::metering::NAME,
     };
     let config = RuntimeConfig {
         kafka: KafkaSettings::new(&cli.bootstrap, format!("clisonix-{name}")),
@@ -222,32 +236,55 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
             database_url,
             migrate,
         } => {
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(4)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect(&database_url)
-                .await
-                .context("connecting to Postgres")?;
-            if migrate {
-                sqlx::migrate!("../../gateway/migrations")
-                    .run(&pool)
-                    .await
-                    .context("applying the migrations")?;
-            }
-            let sink = SinkConfig {
-                kafka: config.kafka,
-                topics: config.topics,
-                group: config.group,
-                batch_max: config.batch_max,
-                batch_linger: config.batch_linger,
-            };
-            let results = Results::new(pool);
+            let pool = database(&database_url, migrate).await?;
+            let topics = config.topics.clone();
             serve_with(cli.http_addr, |health, shutdown| {
-                run_sink(results, sink, health, shutdown)
+                let sink = Sink::new(clisonix_sink::Results::new(pool), &topics);
+                run_tables(sink, tables_config(config), health, shutdown)
+            })
+            .await
+        }
+        StageCmd::Metering {
+            database_url,
+            migrate,
+        } => {
+            let pool = database(&database_url, migrate).await?;
+            let topics = config.topics.clone();
+            serve_with(cli.http_addr, |health, shutdown| {
+                let metering =
+                    Metering::new(MeteringStore::new(pool), &topics, health.metrics.clone());
+                run_tables(metering, tables_config(config), health, shutdown)
             })
             .await
         }
     }
+}
+
+fn tables_config(config: RuntimeConfig) -> TablesConfig {
+    TablesConfig {
+        kafka: config.kafka,
+        topics: config.topics,
+        group: config.group,
+        batch_max: config.batch_max,
+        batch_linger: config.batch_linger,
+    }
+}
+
+/// Connects to Postgres and applies the migrations when asked to.
+async fn database(url: &str, migrate: bool) -> anyhow::Result<sqlx::PgPool> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await
+        .context("connecting to Postgres")?;
+    if migrate {
+        sqlx::migrate!("../../gateway/migrations")
+            .run(&pool)
+            .await
+            .context("applying the migrations")?;
+    }
+    Ok(pool)
 }
 
 /// Serves `/metrics`, `/health` and `/ready` and runs `stage` until SIGTERM or Ctrl-C.

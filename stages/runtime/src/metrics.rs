@@ -25,6 +25,13 @@ pub struct StageMetrics {
     pub transactions: IntCounterVec,
     /// Records behind the partition's end, by stage and partition.
     pub lag: IntGaugeVec,
+    /// Metering: quantities counted, by meter (no tenant label: cardinality).
+    pub usage: IntCounterVec,
+    /// Metering: quantities of closed periods carried into the open one, by meter.
+    pub usage_carried: IntCounterVec,
+    /// Metering: records not counted again, by reason (`offset_applied`: read again
+    /// after a restart, rebalance or replay; `duplicate_event`: an event id seen before).
+    pub metering_skipped: IntCounterVec,
 }
 
 impl StageMetrics {
@@ -80,6 +87,21 @@ impl StageMetrics {
             "Time from a batch's first record to its committed transaction",
             prometheus::exponential_buckets(1e-3, 2.0, 14).expect("valid buckets"),
         );
+        let usage = counter(
+            "clisonix_usage_total",
+            "Usage counted by metering, in the meter's unit",
+            &["meter"],
+        );
+        let usage_carried = counter(
+            "clisonix_usage_carried_total",
+            "Usage of closed billing periods carried into the open period",
+            &["meter"],
+        );
+        let metering_skipped = counter(
+            "clisonix_metering_skipped_total",
+            "Records metering did not count again",
+            &["reason"],
+        );
         let lag = IntGaugeVec::new(
             Opts::new(
                 "clisonix_stage_consumer_lag",
@@ -101,6 +123,9 @@ impl StageMetrics {
             batch,
             transactions,
             lag,
+            usage,
+            usage_carried,
+            metering_skipped,
         }
     }
 

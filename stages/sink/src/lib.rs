@@ -96,13 +96,13 @@ impl Results {
     }
 
     /// Writes a batch in one transaction and notifies the sessions it touched.
-    pub async fn write(&self, records: &[SinkRecord]) -> Result<Written, WriteError> {
+    pub async fn write(&self, records: &[&SinkRecord]) -> Result<Written, WriteError> {
         let mut tx = self.pool.begin().await?;
         let mut written = Written::default();
         let mut touched: BTreeSet<(&'static str, uuid::Uuid)> = BTreeSet::new();
         let mut features: Vec<&Features> = Vec::new();
         let mut audio: Vec<&AudioChunk> = Vec::new();
-        for r in records {
+        for r in records.iter().copied() {
             match r {
                 SinkRecord::Session(s) => {
                     written.sessions += upsert_session(&mut tx, s).await?;

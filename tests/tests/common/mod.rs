@@ -16,7 +16,7 @@ use clisonix_player::http::{Answer, Client};
 use clisonix_sessions::{Sessions, SessionsConfig};
 use clisonix_sink::Results;
 use clisonix_stage::Stage;
-use clisonix_stage_runtime::{run, run_sink, Health, RuntimeConfig, SinkConfig};
+use clisonix_stage_runtime::{run, run_tables, Health, RuntimeConfig, Sink, TablesConfig};
 use clisonix_topics::{KafkaSettings, Topics};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -148,17 +148,17 @@ impl Pipeline {
 
     pub fn spawn_sink(&mut self) {
         let c = stage_config(&self.env, &self.topics, "sink");
-        let config = SinkConfig {
+        let sink = Sink::new(Results::new(self.db.pool.clone()), &c.topics);
+        let config = TablesConfig {
             kafka: c.kafka,
             topics: c.topics,
             group: c.group,
             batch_max: 500,
             batch_linger: Duration::from_millis(20),
         };
-        let results = Results::new(self.db.pool.clone());
         let token = self.stop.clone();
         self.tasks.push(tokio::spawn(async move {
-            run_sink(results, config, Health::default(), token)
+            run_tables(sink, config, Health::default(), token)
                 .await
                 .expect("the sink runs");
         }));
