@@ -5,7 +5,8 @@
 pub enum Meter {
     /// Frames ingest accepted.
     Frames,
-    /// Bytes of those frames, as received.
+    /// Bytes of those frames as written to `eeg.frames` (the encoded record, whatever
+    /// the wire format they arrived in).
     Bytes,
     /// Milliseconds of EEG streamed per session (samples per channel over the rate).
     DeviceMs,

@@ -95,6 +95,8 @@ impl Pipeline {
         config.database_url = clisonix_gateway::config::Secret::new(db.url());
         config.kafka = KafkaSettings::new(env.kafka.bootstrap.clone(), "e2e-alba");
         config.topic_prefix = topics.prefix().to_owned();
+        // Usage counts out often, so that metering has many events to count.
+        config.usage_interval = Duration::from_millis(250);
         let app = clisonix_alba::Application::build(config)
             .await
             .expect("ingest starts");
