@@ -1,6 +1,6 @@
 //! The Clisonix gateway: the public HTTP API that SaaS users and device clients
 //! authenticate against. It holds accounts, authentication, keys, roles and audit reads,
-//! and the results API (sessions, features, audio).
+//! the results API (sessions, features, audio), and plans, subscriptions and usage.
 
 pub mod accounts;
 pub mod auth;
@@ -11,9 +11,11 @@ pub mod limits;
 pub mod live;
 pub mod members;
 pub mod openapi;
+pub mod plans;
 pub mod results;
 pub mod startup;
 pub mod tenant;
+pub mod usage;
 
 pub use config::Config;
 pub use startup::{router, AppState, Application};

@@ -61,6 +61,11 @@ impl Modify for BearerAuth {
         crate::results::features,
         crate::results::audio,
         crate::live::live,
+        crate::plans::list,
+        crate::plans::get,
+        crate::plans::change,
+        crate::usage::usage,
+        crate::usage::session,
         crate::startup::health,
         crate::startup::ready,
         crate::startup::metrics,
@@ -71,6 +76,8 @@ impl Modify for BearerAuth {
         (name = "auth", description = "Sign-up, log-in, tokens"),
         (name = "api keys", description = "Keys for programs and devices"),
         (name = "tenant", description = "Members, invitations, audit log"),
+        (name = "plans", description = "The plan catalog and the tenant's subscription"),
+        (name = "usage", description = "What the tenant used, per meter, over time and per session"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
 )]

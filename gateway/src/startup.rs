@@ -108,6 +108,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sessions/{id}/features", get(results::features))
         .route("/v1/sessions/{id}/audio", get(results::audio))
         .route("/v1/sessions/{id}/live", get(crate::live::live))
+        .route("/v1/plans", get(crate::plans::list))
+        .route(
+            "/v1/subscription",
+            get(crate::plans::get).put(crate::plans::change),
+        )
+        .route("/v1/usage", get(crate::usage::usage))
+        .route("/v1/usage/sessions/{id}", get(crate::usage::session))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))

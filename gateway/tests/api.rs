@@ -1,158 +1,12 @@
 //! The gateway over real HTTP on the real Postgres, a fresh database per test.
 
+mod common;
+
 use std::time::Duration;
 
-use clisonix_e2e::{TestDatabase, TestEnv};
-use clisonix_gateway::{Application, Config};
+use common::{assert_error, token, TestApp};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
-
-struct TestApp {
-    addr: String,
-    db: Option<TestDatabase>,
-    stop: CancellationToken,
-    config: Config,
-}
-
-struct Reply {
-    status: u16,
-    headers: String,
-    body: Value,
-}
-
-impl TestApp {
-    async fn spawn() -> TestApp {
-        Self::spawn_with(|_| {}).await
-    }
-
-    async fn spawn_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
-        let env = TestEnv::get();
-        let db = env.fresh_database().await;
-        let mut config = Config::defaults();
-        adjust(&mut config);
-        config.database_url = clisonix_gateway::config::Secret::new(db.url());
-        config.listen = "127.0.0.1:0".parse().unwrap();
-        let app = Application::build(config.clone())
-            .await
-            .expect("the gateway builds");
-        let addr = format!("127.0.0.1:{}", app.port());
-        let stop = CancellationToken::new();
-        tokio::spawn(app.run_until_stopped(stop.clone()));
-        TestApp {
-            addr,
-            db: Some(db),
-            stop,
-            config,
-        }
-    }
-
-    async fn request(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&str>,
-        headers: &[(&str, &str)],
-    ) -> Reply {
-        let mut stream = tokio::net::TcpStream::connect(&self.addr).await.unwrap();
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        let body = body.unwrap_or("");
-        if !body.is_empty()
-            && !headers
-                .iter()
-                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-        {
-            req.push_str("Content-Type: application/json\r\n");
-        }
-        req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-        stream.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut raw))
-            .await
-            .unwrap()
-            .unwrap();
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-        // Bodies come with a Content-Length here (no chunking for these small replies).
-        let body = serde_json::from_str(rest).unwrap_or(Value::String(rest.to_owned()));
-        Reply {
-            status,
-            headers: head.to_lowercase(),
-            body,
-        }
-    }
-
-    async fn post(&self, path: &str, body: Value) -> Reply {
-        self.request("POST", path, Some(&body.to_string()), &[])
-            .await
-    }
-
-    async fn authed(&self, method: &str, path: &str, token: &str, body: Option<Value>) -> Reply {
-        let body = body.map(|b| b.to_string());
-        self.request(
-            method,
-            path,
-            body.as_deref(),
-            &[("Authorization", &format!("Bearer {token}"))],
-        )
-        .await
-    }
-
-    fn pool(&self) -> &sqlx::PgPool {
-        &self.db.as_ref().unwrap().pool
-    }
-
-    async fn me(&self, token: &str) -> Reply {
-        self.request(
-            "GET",
-            "/v1/me",
-            None,
-            &[("Authorization", &format!("Bearer {token}"))],
-        )
-        .await
-    }
-
-    async fn signup(&self, email: &str) -> Value {
-        let r = self
-            .post(
-                "/v1/auth/signup",
-                json!({"email": email, "password": "Correct horse 42", "tenant_name": "Acme Lab"}),
-            )
-            .await;
-        assert_eq!(r.status, 201, "{}", r.body);
-        r.body
-    }
-
-    async fn audit_actions(&self) -> Vec<String> {
-        sqlx::query_scalar("SELECT action FROM audit_log ORDER BY id")
-            .fetch_all(&self.db.as_ref().unwrap().pool)
-            .await
-            .unwrap()
-    }
-
-    async fn stop(mut self) {
-        self.stop.cancel();
-        if let Some(db) = self.db.take() {
-            db.drop_now().await;
-        }
-    }
-}
-
-fn assert_error(r: &Reply, status: u16, code: &str) {
-    assert_eq!(r.status, status, "{}", r.body);
-    assert_eq!(r.body["error"]["code"], code, "{}", r.body);
-    let id = r.body["error"]["request_id"].as_str().unwrap();
-    assert!(
-        !id.is_empty() && r.headers.contains(&format!("x-request-id: {id}")),
-        "{}",
-        r.headers
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sign_up_log_in_refresh_and_log_out() {
@@ -451,10 +305,6 @@ fn base64url_decode(text: &str) -> Vec<u8> {
         }
     }
     out
-}
-
-fn token(v: &Value) -> String {
-    v["access_token"].as_str().unwrap().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -908,6 +758,11 @@ async fn the_openapi_document_describes_every_route() {
         "GET /v1/sessions/{id}/features",
         "GET /v1/sessions/{id}/audio",
         "GET /v1/sessions/{id}/live",
+        "GET /v1/plans",
+        "GET /v1/subscription",
+        "PUT /v1/subscription",
+        "GET /v1/usage",
+        "GET /v1/usage/sessions/{id}",
         "GET /health",
         "GET /ready",
         "GET /metrics",
