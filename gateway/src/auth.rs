@@ -12,7 +12,6 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::config::Config;
@@ -180,9 +179,7 @@ pub fn new_refresh_token() -> (String, Vec<u8>) {
     (token, hash)
 }
 
-pub fn token_hash(token: &str) -> Vec<u8> {
-    Sha256::digest(token.as_bytes()).to_vec()
-}
+pub use clisonix_tenancy::keys::token_hash;
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

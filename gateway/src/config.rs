@@ -3,30 +3,13 @@
 //! the gateway refuses a missing or default secret. Every invalid setting is reported
 //! at once.
 
+pub use clisonix_service::config::{ConfigError, Secret};
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 /// The development signing secret; refused in production mode.
 pub const DEV_JWT_SECRET: &str = "clisonix-development-secret-do-not-use-in-production";
-
-/// A value that must not appear in logs.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -51,11 +34,6 @@ pub struct Config {
     pub requests_per_minute_member: u32,
     pub requests_per_minute_premium: u32,
 }
-
-/// Every invalid setting at once.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid configuration:\n  {}", .0.join("\n  "))]
-pub struct ConfigError(pub Vec<String>);
 
 impl Config {
     /// Development defaults (no database URL).

@@ -5,8 +5,6 @@
 pub mod accounts;
 pub mod auth;
 pub mod config;
-pub mod error;
-pub mod keys;
 pub mod limits;
 pub mod live;
 pub mod members;
@@ -17,5 +15,7 @@ pub mod startup;
 pub mod tenant;
 pub mod usage;
 
+pub use clisonix_service::error;
+pub use clisonix_tenancy::keys;
 pub use config::Config;
 pub use startup::{router, AppState, Application};

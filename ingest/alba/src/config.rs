@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clisonix_gateway::config::{ConfigError, Secret};
 use clisonix_ingest_protocol::Limits;
+use clisonix_service::config::{ConfigError, Secret};
 use clisonix_topics::client::DEFAULT_BOOTSTRAP;
 use clisonix_topics::KafkaSettings;
 

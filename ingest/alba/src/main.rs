@@ -36,7 +36,7 @@ async fn serve() -> ExitCode {
         }
     };
     info!(port = app.port(), "ingest listening");
-    let shutdown = clisonix_gateway::startup::shutdown_on_signal(
+    let shutdown = clisonix_service::http::shutdown_on_signal(
         "stopping: finishing requests and streams in flight",
     );
     match app.run_until_stopped(shutdown).await {

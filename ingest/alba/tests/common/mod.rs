@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use clisonix_alba::{Application, Config};
 use clisonix_e2e::{TestDatabase, TestEnv};
-use clisonix_gateway::keys::new_key;
 use clisonix_player::http::{Client, Format};
 use clisonix_schemas::{decode, Frame, SessionId, TenantId, Timestamp};
+use clisonix_tenancy::keys::new_key;
 use clisonix_topics::catalog::{EEG_FRAMES, USAGE_EVENTS};
 use clisonix_topics::{KafkaSettings, Topics};
 use rdkafka::consumer::StreamConsumer;
@@ -199,7 +199,7 @@ impl Instance {
     ) -> Instance {
         let mut config = Config::defaults();
         config.listen = "127.0.0.1:0".parse().unwrap();
-        config.database_url = clisonix_gateway::config::Secret::new(db.url());
+        config.database_url = clisonix_service::config::Secret::new(db.url());
         config.kafka = KafkaSettings::new(env.kafka.bootstrap.clone(), "alba-test");
         config.topic_prefix = topics.prefix().to_owned();
         config.usage_interval = Duration::from_millis(300);

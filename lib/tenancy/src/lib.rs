@@ -1,7 +1,9 @@
 //! What the gateway and ingest share about tenants, so that neither service depends on
-//! the other: the meters usage is counted in ([`meter`]), and the plan catalog and
-//! tenants' subscriptions as the database holds them ([`plans`]).
+//! the other: API keys and their verification ([`keys`]), the meters usage is counted
+//! in ([`meter`]), and the plan catalog and tenants' subscriptions as the database
+//! holds them ([`plans`]).
 
+pub mod keys;
 pub mod meter;
 pub mod plans;
 

@@ -10,7 +10,13 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::auth::token_hash;
+use sha2::{Digest, Sha256};
+
+/// The SHA-256 of a token: what is stored of API keys (and of the gateway's refresh
+/// tokens and invitations) instead of the token itself.
+pub fn token_hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
 
 /// What a key may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
