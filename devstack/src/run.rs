@@ -254,6 +254,29 @@ pub async fn sign_up(gateway: &str, name: &str) -> anyhow::Result<Tenant> {
     })
 }
 
+/// Moves the tenant whose admin holds `access_token` to the plan `plan_id`, the way
+/// an admin would (`PUT /v1/subscription`).
+pub async fn choose_plan(gateway: &str, access_token: &str, plan_id: &str) -> anyhow::Result<()> {
+    let mut c = Client::new(gateway, "")?;
+    let a = c
+        .send(
+            "PUT",
+            "/v1/subscription",
+            Some("application/json"),
+            json!({ "plan_id": plan_id }).to_string().into_bytes(),
+            Some(access_token),
+        )
+        .await?;
+    if a.status != 200 {
+        bail!(
+            "choosing the plan {plan_id} failed: {} {}",
+            a.status,
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+    Ok(())
+}
+
 /// Runs the main job until it is done (with `exit_when_done`) or `stop` is cancelled.
 pub async fn run_pipeline(
     stack: &Stack,

@@ -9,7 +9,7 @@
 -- in it. One row; an operator changes it with UPDATE (tests use minutes).
 CREATE TABLE billing_settings (
     id            boolean  PRIMARY KEY DEFAULT true CHECK (id),
-    period_length interval NOT NULL DEFAULT '1 month' CHECK (period_length >= interval '1 minute'),
+    period_length interval NOT NULL DEFAULT '1 month' CHECK (period_length >= interval '1 second'),
     close_after   interval NOT NULL DEFAULT '1 hour' CHECK (close_after >= interval '0'),
     -- How long a past_due tenant keeps streaming before it is refused (402).
     past_due_grace interval NOT NULL DEFAULT '7 days' CHECK (past_due_grace >= interval '0')

@@ -417,6 +417,8 @@ pub enum UsageKind {
     ApiRequests,
     /// A kind added by a newer writer than this reader.
     Unknown,
+    /// Recordings uploaded.
+    RecordingUploads,
 }
 
 /// A metered quantity used by a tenant.
@@ -430,6 +432,9 @@ pub struct UsageEvent {
     pub source: String,
     pub session_id: Option<SessionId>,
     pub device_id: Option<DeviceId>,
+    /// What the quantity is of within its kind, where a kind has parts (the audio
+    /// preset of audio milliseconds).
+    pub detail: Option<String>,
 }
 
 impl UsageEvent {

@@ -151,6 +151,7 @@ pub fn usage_event(seed: u64) -> UsageEvent {
         source: "ingest".into(),
         session_id: Some(session(seed)),
         device_id: Some(device()),
+        detail: None,
     }
 }
 

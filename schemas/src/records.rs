@@ -979,13 +979,14 @@ impl AvroRecord for SessionState {
 // ---------------------------------------------------------------------------------
 // Usage
 
-const USAGE_KINDS: [(UsageKind, &str); 6] = [
+const USAGE_KINDS: [(UsageKind, &str); 7] = [
     (UsageKind::FramesIngested, "FRAMES_INGESTED"),
     (UsageKind::BytesIngested, "BYTES_INGESTED"),
     (UsageKind::FeatureWindows, "FEATURE_WINDOWS"),
     (UsageKind::AudioMilliseconds, "AUDIO_MILLISECONDS"),
     (UsageKind::ApiRequests, "API_REQUESTS"),
     (UsageKind::Unknown, "UNKNOWN"),
+    (UsageKind::RecordingUploads, "RECORDING_UPLOADS"),
 ];
 
 impl AvroRecord for UsageEvent {
@@ -1013,6 +1014,7 @@ impl AvroRecord for UsageEvent {
                 "device_id",
                 opt(self.device_id.as_ref(), |d| string(d.as_str())),
             ),
+            ("detail", opt(self.detail.as_ref(), |d| string(d.clone()))),
         ]))
     }
 
@@ -1043,6 +1045,7 @@ impl AvroRecord for UsageEvent {
                 Some(DeviceId::parse(&s).map_err(|e| f.invalid("device_id", e.to_string()))?)
             }
         };
+        let detail = f.opt_string("detail")?;
         Ok(UsageEvent {
             event_id,
             tenant_id,
@@ -1052,6 +1055,7 @@ impl AvroRecord for UsageEvent {
             source,
             session_id,
             device_id,
+            detail,
         })
     }
 }

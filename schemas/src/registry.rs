@@ -88,7 +88,10 @@ impl Family {
             Family::AudioChunk => &[include_str!("../avro/audio_chunk/v1.avsc")],
             Family::SessionState => &[include_str!("../avro/session_state/v1.avsc")],
             Family::TenantKey => &[include_str!("../avro/tenant_key/v1.avsc")],
-            Family::UsageEvent => &[include_str!("../avro/usage_event/v1.avsc")],
+            Family::UsageEvent => &[
+                include_str!("../avro/usage_event/v1.avsc"),
+                include_str!("../avro/usage_event/v2.avsc"),
+            ],
             Family::DeadLetterKey => &[include_str!("../avro/dead_letter_key/v1.avsc")],
             Family::DeadLetter => &[include_str!("../avro/dead_letter/v1.avsc")],
         }

@@ -41,6 +41,9 @@ pub struct Config {
     pub retry_after: Duration,
     /// How often per-tenant usage is emitted to `usage.events`.
     pub usage_interval: Duration,
+    /// How often the tenants' quota standing (plan limits, metered usage) is read
+    /// again from the database.
+    pub quota_refresh: Duration,
     /// How often the producer's statistics update its metrics (`alba_producer_*`);
     /// zero turns them off.
     pub producer_stats_interval: Duration,
@@ -92,6 +95,7 @@ impl Config {
             publish_timeout: Duration::from_secs(10),
             retry_after: Duration::from_secs(2),
             usage_interval: Duration::from_secs(5),
+            quota_refresh: Duration::from_secs(1),
             producer_stats_interval: Duration::from_secs(5),
             recording_frame_ms: 125,
             session_lease: Duration::from_secs(15),
@@ -160,6 +164,10 @@ impl Config {
         });
         parse("CLISONIX_INGEST_USAGE_INTERVAL_MS", &mut |v| {
             c.usage_interval = Duration::from_millis(number(v)?);
+            Ok(())
+        });
+        parse("CLISONIX_INGEST_QUOTA_REFRESH_MS", &mut |v| {
+            c.quota_refresh = Duration::from_millis(number(v)?.max(1));
             Ok(())
         });
         parse("CLISONIX_INGEST_PRODUCER_STATS_MS", &mut |v| {

@@ -17,6 +17,7 @@ use clisonix_ingest_protocol::{binary, BatchAnswer, Limits, Reason, Rejection};
 use clisonix_schemas::{DeviceId, Frame, SampleUnit, SessionId, TenantId, Timestamp};
 use clisonix_service::error::{ApiError, REQUEST_ID};
 use clisonix_tenancy::keys::{KeyError, KeyVerifier, Scope, VerifiedKey};
+use clisonix_tenancy::Meter;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -179,6 +180,15 @@ pub fn rejection_error(r: &Rejection) -> ApiError {
     );
     e.field = r.field.clone();
     e.retry_after = r.retry_after_ms.map(|ms| ms.div_ceil(1000).max(1));
+    if let Some(q) = &r.quota {
+        e = e
+            .with("meter", q.meter.clone())
+            .with("limit", q.limit)
+            .with("used", q.used);
+        if let Some(at) = &q.resets_at {
+            e = e.with("resets_at", at.clone());
+        }
+    }
     e
 }
 
@@ -227,7 +237,14 @@ pub async fn post_frames(
             .publish(tenant, Transport::Http, ready, Numbering::Device)
             .await,
     );
-    Ok(answer(BatchAnswer::from_results(results)))
+    let mut response = answer(BatchAnswer::from_results(results));
+    // What remains of the tenant's frame quota, when its plan limits frames.
+    if !response.headers().contains_key("ratelimit-limit") {
+        if let Some(headroom) = ingest.quotas.headroom(tenant.as_uuid(), Meter::Frames) {
+            rate_limit_headers(&mut response, headroom);
+        }
+    }
+    Ok(response)
 }
 
 /// The batch answer with its status, `Retry-After`, and the error object when the
@@ -242,7 +259,10 @@ pub fn answer(answer: BatchAnswer) -> Response {
         error: Option<serde_json::Value>,
     }
     let status = StatusCode::from_u16(answer.status()).unwrap_or(StatusCode::OK);
-    let retry = answer.retry_after_ms().filter(|_| status.as_u16() >= 429);
+    // 402: a quota, which resets then; 429 and 5xx: retry then.
+    let retry = answer
+        .retry_after_ms()
+        .filter(|_| status.as_u16() == 402 || status.as_u16() >= 429);
     let error = (status.is_client_error() || status.is_server_error())
         .then(|| answer.first_error())
         .flatten()
@@ -255,8 +275,22 @@ pub fn answer(answer: BatchAnswer) -> Response {
             if let Some(f) = &e.field {
                 error["field"] = json!(f);
             }
+            if let Some(q) = &e.quota {
+                error["meter"] = json!(q.meter);
+                error["limit"] = json!(q.limit);
+                error["used"] = json!(q.used);
+                if let Some(at) = &q.resets_at {
+                    error["resets_at"] = json!(at);
+                }
+            }
             error
         });
+    let quota = answer
+        .results
+        .iter()
+        .filter_map(|r| r.error.as_ref()?.quota.as_ref().zip(r.error.as_ref()))
+        .next()
+        .map(|(q, e)| (q.limit, 0, e.retry_after_ms.unwrap_or(0)));
     let body = Body {
         answer: &answer,
         error,
@@ -267,7 +301,19 @@ pub fn answer(answer: BatchAnswer) -> Response {
             .headers_mut()
             .insert(RETRY_AFTER, ms.div_ceil(1000).max(1).into());
     }
+    if let Some(headroom) = quota {
+        rate_limit_headers(&mut response, headroom);
+    }
     response
+}
+
+/// `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` (seconds) of a
+/// quota: `(limit, remaining, milliseconds until the reset)`.
+pub fn rate_limit_headers(response: &mut Response, (limit, remaining, reset_ms): (i64, i64, u64)) {
+    let headers = response.headers_mut();
+    headers.insert("ratelimit-limit", limit.into());
+    headers.insert("ratelimit-remaining", remaining.max(0).into());
+    headers.insert("ratelimit-reset", reset_ms.div_ceil(1000).into());
 }
 
 /// The legacy session of a key, device, rate and channel count: stable, so an old

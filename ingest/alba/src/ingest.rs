@@ -28,8 +28,9 @@ use bytes::{Bytes, BytesMut};
 use clisonix_ingest_protocol::answer::{FrameResult, FrameStatus};
 use clisonix_ingest_protocol::binary::{self, Stamps};
 use clisonix_ingest_protocol::validate::{validate, validate_view};
-use clisonix_ingest_protocol::{Limits, Reason, Rejection};
+use clisonix_ingest_protocol::{Limits, QuotaDetail, Reason, Rejection};
 use clisonix_schemas::{encode, DeviceId, Frame, SampleUnit, SessionId, TenantId, Timestamp};
+use clisonix_tenancy::quota::{Amounts, QuotaBook, Refusal};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -63,6 +64,7 @@ pub struct Head {
     pub markers: usize,
     /// The frame carries the session's end marker.
     pub ends_session: bool,
+    pub samples_per_channel: u32,
 }
 
 impl Head {
@@ -77,7 +79,21 @@ impl Head {
             received_at: frame.received_at,
             markers: frame.markers.len(),
             ends_session: frame.ends_session(),
+            samples_per_channel: frame.samples_per_channel,
         }
+    }
+}
+
+impl Prepared {
+    /// What accepting this frame uses of the tenant's quotas.
+    pub fn amounts(&self) -> Amounts {
+        Amounts::frames(
+            1,
+            self.value.len() as i64,
+            u64::from(self.head.samples_per_channel),
+            self.head.channel_labels.len(),
+            self.head.sample_rate_hz,
+        )
     }
 }
 
@@ -282,6 +298,7 @@ fn prepare_binary<'a>(
             unit: view.unit,
             channel_labels,
             received_at: now,
+            samples_per_channel: view.samples_per_channel,
         },
     })
 }
@@ -298,6 +315,33 @@ pub fn rejected(
         seq,
         status: FrameStatus::Rejected,
         error: Some(error),
+    }
+}
+
+/// The refusal of frames beyond a tenant's quota.
+pub fn quota_rejection(refusal: &Refusal) -> Rejection {
+    match refusal {
+        Refusal::QuotaExceeded {
+            meter,
+            limit,
+            used,
+            resets_at,
+        } => {
+            let wait = (*resets_at - chrono::Utc::now())
+                .num_milliseconds()
+                .max(1000);
+            Rejection::new(Reason::QuotaExceeded, refusal.to_string())
+                .retry_after_ms(wait as u64)
+                .quota(QuotaDetail {
+                    meter: meter.as_str().to_owned(),
+                    limit: *limit,
+                    used: *used,
+                    resets_at: Some(resets_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+                })
+        }
+        Refusal::PaymentRequired { .. } => {
+            Rejection::new(Reason::PaymentRequired, refusal.to_string())
+        }
     }
 }
 
@@ -346,6 +390,8 @@ pub struct Ingest {
     pub frames_topic: String,
     pub limits: Limits,
     pub usage: Arc<Usage>,
+    /// The tenants' quotas, checked before a frame is published.
+    pub quotas: Arc<QuotaBook>,
     pub metrics: Metrics,
     pub retry_after: Duration,
 }
@@ -371,7 +417,26 @@ impl Ingest {
             ClaimError::Forbidden(s) => forbidden(s),
             ClaimError::Busy(_) => Rejection::new(Reason::SessionBusy, e.to_string())
                 .retry_after_ms(self.retry_after.as_millis() as u64),
+            ClaimError::SessionLimit { limit, active } => {
+                Rejection::new(Reason::ConcurrentSessionsExceeded, e.to_string()).quota(
+                    QuotaDetail {
+                        meter: "concurrent_sessions".into(),
+                        limit: i64::from(limit),
+                        used: active,
+                        resets_at: None,
+                    },
+                )
+            }
             ClaimError::Database(e) => self.unavailable(e),
+        }
+    }
+
+    /// Loads the tenant's quota standing when this instance does not have it yet (one
+    /// query on its first request here). Without the database the frames are not
+    /// refused for it: quotas are checked again at the next request.
+    pub async fn load_quota(&self, tenant: TenantId) {
+        if let Err(error) = self.quotas.ensure(tenant.as_uuid()).await {
+            tracing::warn!(%error, %tenant, "reading the tenant's quotas failed");
         }
     }
 
@@ -428,6 +493,7 @@ impl Ingest {
         let Some(first) = frames.first() else {
             return Vec::new();
         };
+        self.load_quota(tenant).await;
         let session = first.head.session_id;
         let session_text = session.to_string();
         let fail_all = |frames: &[Prepared], error: Rejection| -> Vec<FrameResult> {
@@ -500,6 +566,21 @@ impl Ingest {
             ended |= p.head.ends_session;
             to_publish.push(p);
         }
+        // The tenant's quotas: the frames that fit are reserved; the rest are refused.
+        let (reservation, fit, refusal) = self
+            .quotas
+            .reserve_prefix(tenant.as_uuid(), to_publish.iter().map(Prepared::amounts));
+        if let Some(refusal) = refusal {
+            let rejection = quota_rejection(&refusal);
+            for p in to_publish.drain(fit..) {
+                results.push(rejected(
+                    p.index,
+                    Some(session),
+                    Some(p.head.seq),
+                    rejection.clone(),
+                ));
+            }
+        }
         let key = Bytes::from(
             encode(&clisonix_schemas::SessionKey {
                 tenant_id: tenant,
@@ -518,6 +599,7 @@ impl Ingest {
         let outcome = self.publisher.publish(&self.frames_topic, records).await;
         let mut confirmed = 0usize;
         let mut bytes = 0usize;
+        let mut used = Amounts::default();
         let mut last = None;
         // The session ends once a frame with the end marker is confirmed.
         let mut ended_now = false;
@@ -527,6 +609,7 @@ impl Ingest {
                     confirmed += 1;
                     ended_now |= p.head.ends_session;
                     bytes += p.value.len();
+                    used.add(&p.amounts());
                     last = Some(p.head.seq);
                     results.push(done(p, &session_text, FrameStatus::Accepted));
                 }
@@ -545,6 +628,7 @@ impl Ingest {
                 }
             }
         }
+        self.quotas.settle(reservation, used);
         if let Some(last) = last {
             held.confirmed(last, confirmed, ended_now);
             self.metrics

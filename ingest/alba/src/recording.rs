@@ -9,6 +9,8 @@
 //! broken or abandoned upload leaves nothing visible to the stages (which read
 //! committed), and a retried upload of the same `session_id` fences an earlier,
 //! stuck one. The answer (201) gives the session, the frame count and the timing.
+//! The upload is the whole session: its last frame carries the end marker, so the
+//! stages close it as soon as they read it, and later frames of it are refused.
 //!
 //! An upload must finish within the broker's transaction limit (15 minutes by
 //! default); [`MAX_CONCURRENT_UPLOADS`] run at once, more get 429.
@@ -23,7 +25,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use clisonix_edf::{Format, FrameSpec, Framer, Reader};
 use clisonix_ingest_protocol::{Reason, Rejection};
-use clisonix_schemas::{encode, DeviceId, Frame, SessionId, Timestamp};
+use clisonix_schemas::{encode, DeviceId, Frame, Marker, SessionId, Timestamp, SESSION_END_MARKER};
 use clisonix_service::error::ApiError;
 use futures::StreamExt;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -33,8 +35,9 @@ use tokio::sync::mpsc;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use crate::http::{rejection_error, AppState, DeviceKey};
-use crate::ingest::{forbidden, prepare, SessionRow};
+use crate::ingest::{forbidden, prepare, quota_rejection, SessionRow};
 use crate::metrics::Transport;
+use clisonix_tenancy::quota::Amounts;
 
 /// Uploads processed at once.
 pub const MAX_CONCURRENT_UPLOADS: usize = 4;
@@ -77,6 +80,8 @@ enum Read {
         sample_rate_hz: f64,
         samples_per_frame: u32,
         start_us: i64,
+        /// Samples per channel the header announces (None: it does not say).
+        samples: Option<u64>,
     },
     Frames(Vec<Frame>),
     Failed(ApiError),
@@ -196,22 +201,31 @@ pub async fn upload(
         read_recording(bridge, spec, frame_ms, received_at, max_bytes, &tx)
     });
 
-    let (format, labels, sample_rate_hz, samples_per_frame, start_us) = match rx.recv().await {
-        Some(Read::Header {
-            format,
-            labels,
-            sample_rate_hz,
-            samples_per_frame,
-            start_us,
-        }) => (format, labels, sample_rate_hz, samples_per_frame, start_us),
-        other => {
-            let _ = reading.await;
-            return Err(match other {
-                Some(Read::Failed(e)) => e,
-                _ => bad_recording("the recording has no readable header"),
-            });
-        }
-    };
+    let (format, labels, sample_rate_hz, samples_per_frame, start_us, samples) =
+        match rx.recv().await {
+            Some(Read::Header {
+                format,
+                labels,
+                sample_rate_hz,
+                samples_per_frame,
+                start_us,
+                samples,
+            }) => (
+                format,
+                labels,
+                sample_rate_hz,
+                samples_per_frame,
+                start_us,
+                samples,
+            ),
+            other => {
+                let _ = reading.await;
+                return Err(match other {
+                    Some(Read::Failed(e)) => e,
+                    _ => bad_recording("the recording has no readable header"),
+                });
+            }
+        };
 
     // Refuse a session that exists before reading any further (checked again, under
     // the session's lock, when the first frame is published).
@@ -223,11 +237,27 @@ pub async fn upload(
         Ok(Some(row)) => taken(session, &row)?,
         Ok(None) => {}
     }
-    let mut tx_db = ingest
-        .pool
-        .begin()
-        .await
-        .map_err(|e| unavailable(&state, e))?;
+    // The upload must fit the tenant's quotas as a whole, as far as its header tells:
+    // one upload, its frames, their time, and at least their samples' bytes. It is
+    // refused before anything is published; what it really used is settled after.
+    ingest.load_quota(tenant).await;
+    let announced = upload_amounts(samples, samples_per_frame, labels.len(), sample_rate_hz);
+    let reservation = match ingest.quotas.reserve(tenant.as_uuid(), announced) {
+        Ok(r) => r,
+        Err(refusal) => {
+            // The reader stops at its next hand-over.
+            drop(rx);
+            let _ = reading.await;
+            return Err(rejection_error(&quota_rejection(&refusal)));
+        }
+    };
+    let mut tx_db = match ingest.pool.begin().await {
+        Ok(tx) => tx,
+        Err(e) => {
+            ingest.quotas.settle(reservation, Amounts::default());
+            return Err(unavailable(&state, e));
+        }
+    };
     let mut producer: Option<FutureProducer> = None;
     let key_bytes = encode(&clisonix_schemas::SessionKey {
         tenant_id: tenant,
@@ -264,7 +294,8 @@ pub async fn upload(
                 }
             }
             let pr = producer.as_ref().expect("begun");
-            markers += p.head.markers as u64;
+            // The annotations' markers (not the end marker ingest adds).
+            markers += (p.head.markers - usize::from(p.head.ends_session)) as u64;
             bytes += p.value.len();
             let mut record = FutureRecord::to(&topic)
                 .key(&key_bytes)
@@ -309,6 +340,7 @@ pub async fn upload(
         }
     };
     if let Some(e) = failure {
+        ingest.quotas.settle(reservation, Amounts::default());
         if let Some(p) = producer {
             let _ = tokio::task::spawn_blocking(move || {
                 p.abort_transaction(Timeout::After(Duration::from_secs(30)))
@@ -319,14 +351,26 @@ pub async fn upload(
     }
     let producer = producer.expect("a frame was sent, so the transaction began");
     let p = producer.clone();
-    tokio::task::spawn_blocking(move || {
+    let committed = tokio::task::spawn_blocking(move || {
         p.commit_transaction(Timeout::After(Duration::from_secs(60)))
     })
     .await
-    .map_err(ApiError::internal)?
-    .map_err(|e| broker(&state, e))?;
+    .map_err(ApiError::internal)
+    .and_then(|r| r.map_err(|e| broker(&state, e)));
+    if let Err(e) = committed {
+        ingest.quotas.settle(reservation, Amounts::default());
+        return Err(e);
+    }
+    let mut used = upload_amounts(
+        Some(frames * u64::from(samples_per_frame)),
+        samples_per_frame,
+        labels.len(),
+        sample_rate_hz,
+    );
+    used.0[1] = bytes as i64;
+    ingest.quotas.settle(reservation, used);
     let recorded = sqlx::query(
-        "UPDATE ingest_sessions SET last_seq = $2, frames = $3, last_frame_at = now() WHERE session_id = $1",
+        "UPDATE ingest_sessions SET last_seq = $2, frames = $3, last_frame_at = now(), ended_at = now() WHERE session_id = $1",
     )
     .bind(session.as_uuid())
     .bind(frames as i64 - 1)
@@ -347,6 +391,7 @@ pub async fn upload(
     ingest
         .usage
         .record(tenant, session, &device, frames as usize, bytes);
+    ingest.usage.record_upload(tenant, session, &device);
     let duration_s = frames as f64 * f64::from(samples_per_frame) / sample_rate_hz;
     tracing::info!(%session, %tenant, frames, duration_s, "recording ingested");
     let start = chrono::DateTime::from_timestamp_micros(start_us).unwrap_or_default();
@@ -365,6 +410,29 @@ pub async fn upload(
             markers,
         }),
     ))
+}
+
+/// What an upload of `samples` samples per channel uses of the quotas: one upload, its
+/// frames, its device and channel time, and at least its samples' bytes (the records
+/// add their headers). An upload whose header does not give its length counts as
+/// one upload and one frame until it is read.
+fn upload_amounts(
+    samples: Option<u64>,
+    samples_per_frame: u32,
+    channels: usize,
+    rate_hz: f64,
+) -> Amounts {
+    let samples = samples.unwrap_or(0);
+    let frames = samples.div_ceil(u64::from(samples_per_frame.max(1))).max(1);
+    let mut amounts = Amounts::frames(
+        frames as i64,
+        (samples * channels as u64 * 4) as i64,
+        samples,
+        channels,
+        rate_hz,
+    );
+    amounts.add(&Amounts::upload());
+    amounts
 }
 
 async fn confirmed(d: DeliveryFuture) -> Result<(), rdkafka::error::KafkaError> {
@@ -497,6 +565,9 @@ fn read_recording(
         sample_rate_hz: fs,
         samples_per_frame: spec.samples_per_frame,
         start_us: header.start.unix_micros(),
+        samples: header
+            .record_count
+            .map(|n| n * header.signals[first].samples_per_record as u64),
     };
     if tx.blocking_send(announced).is_err() {
         return;
@@ -507,7 +578,14 @@ fn read_recording(
             Ok(Some(record)) => framer.push(&record, received_at, &mut out),
             Ok(None) => {
                 framer.finish(received_at, &mut out);
-                if !out.is_empty() {
+                // The upload is the whole session: its last frame ends it, so every
+                // stage sees a finished session at once.
+                if let Some(last) = out.last_mut() {
+                    last.markers.push(Marker {
+                        sample_offset: last.samples_per_channel.saturating_sub(1),
+                        duration_us: None,
+                        label: SESSION_END_MARKER.to_owned(),
+                    });
                     let _ = tx.blocking_send(Read::Frames(out));
                 }
                 return;
@@ -517,12 +595,15 @@ fn read_recording(
                 return;
             }
         }
-        if out.len() >= 64
-            && tx
-                .blocking_send(Read::Frames(std::mem::take(&mut out)))
+        // The newest frame stays behind: it may be the last, which gets the end marker.
+        if out.len() > 64 {
+            let newest = out.pop().expect("more than 64");
+            if tx
+                .blocking_send(Read::Frames(std::mem::replace(&mut out, vec![newest])))
                 .is_err()
-        {
-            return;
+            {
+                return;
+            }
         }
     }
 }

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clisonix_schemas::{SessionId, TenantId};
+use clisonix_tenancy::quota::QuotaBook;
 use prometheus::{IntCounter, IntGauge};
 use sqlx::PgPool;
 use tokio::sync::OwnedMutexGuard;
@@ -62,6 +63,8 @@ pub enum ClaimError {
         "session {0} is served by another ingest instance, which did not hand it over in time"
     )]
     Busy(SessionId),
+    #[error("the tenant has {active} sessions open, as many as its plan allows ({limit}): end one first")]
+    SessionLimit { limit: i32, active: i64 },
     #[error("the database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -70,6 +73,8 @@ pub enum ClaimError {
 #[derive(Debug)]
 pub struct Sessions {
     pool: PgPool,
+    /// The tenants' plans: how many sessions each may have open.
+    quotas: Arc<QuotaBook>,
     /// This instance's id, written as the owner of the sessions it claims.
     instance: Uuid,
     leases: Leases,
@@ -212,9 +217,57 @@ pub(crate) async fn create(
     Ok(created.map(row))
 }
 
+/// A session is open, for the plan's concurrent-session limit, from its first frame
+/// until it ends (its end marker, or an upload's last frame) or has had no frame for
+/// this long: the stages' idle timeout, after which they close it too.
+pub const OPEN_FOR: Duration = Duration::from_secs(900);
+
+/// As [`create`], unless the tenant already has `limit` sessions open: then
+/// [`ClaimError::SessionLimit`]. The tenant's new sessions are counted and created
+/// one at a time (a lock per tenant, for the transaction), so two cannot both take
+/// the last place.
+pub(crate) async fn create_within(
+    pool: &PgPool,
+    tenant: TenantId,
+    transport: Transport,
+    first: &Head,
+    owner: Option<(Uuid, Duration)>,
+    limit: i32,
+) -> Result<Option<SessionRow>, ClaimError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 2024))")
+        .bind(tenant.as_uuid())
+        .execute(&mut *tx)
+        .await?;
+    let (exists, active): (bool, i64) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM ingest_sessions WHERE session_id = $1),                 (SELECT count(*) FROM ingest_sessions WHERE tenant_id = $2 AND ended_at IS NULL                    AND coalesce(last_frame_at, created_at) > now() - $3 * interval '1 millisecond')",
+    )
+    .bind(first.session_id.as_uuid())
+    .bind(tenant.as_uuid())
+    .bind(OPEN_FOR.as_millis() as i64)
+    .fetch_one(&mut *tx)
+    .await?;
+    if exists {
+        // Not new: the caller claims it as any existing session.
+        return Ok(None);
+    }
+    if active >= i64::from(limit) {
+        return Err(ClaimError::SessionLimit { limit, active });
+    }
+    let created = create(&mut *tx, tenant, transport, first, owner).await?;
+    tx.commit().await?;
+    Ok(created)
+}
+
 impl Sessions {
-    pub fn new(pool: PgPool, leases: Leases, metrics: &Metrics) -> Sessions {
+    pub fn new(
+        pool: PgPool,
+        leases: Leases,
+        metrics: &Metrics,
+        quotas: Arc<QuotaBook>,
+    ) -> Sessions {
         Sessions {
+            quotas,
             pool,
             instance: Uuid::new_v4(),
             leases,
@@ -342,7 +395,13 @@ impl Sessions {
                 if let Some((transport, first)) = create_from {
                     sent = Instant::now();
                     let owner = Some((self.instance, self.leases.lease));
-                    claimed = create(&self.pool, tenant, transport, first, owner).await?;
+                    claimed = match self.quotas.max_concurrent_sessions(tenant.as_uuid()) {
+                        None => create(&self.pool, tenant, transport, first, owner).await?,
+                        Some(limit) => {
+                            create_within(&self.pool, tenant, transport, first, owner, limit)
+                                .await?
+                        }
+                    };
                     may_be_new = false;
                 }
             }

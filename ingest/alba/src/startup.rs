@@ -30,6 +30,7 @@ use crate::recording::{self, UploadSlots};
 use crate::sessions::Sessions;
 use crate::usage::Usage;
 use crate::ws;
+use clisonix_tenancy::quota::QuotaBook;
 
 pub fn router(state: AppState) -> Router {
     let max_body = state.config.max_body_bytes;
@@ -110,7 +111,13 @@ impl Application {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
-        let sessions = Arc::new(Sessions::new(pool.clone(), config.leases(), &metrics));
+        let quotas = Arc::new(QuotaBook::new(pool.clone()));
+        let sessions = Arc::new(Sessions::new(
+            pool.clone(),
+            config.leases(),
+            &metrics,
+            quotas.clone(),
+        ));
         let ingest = Ingest {
             pool: pool.clone(),
             sessions,
@@ -118,6 +125,7 @@ impl Application {
             frames_topic,
             limits: config.limits.clone(),
             usage: Arc::new(Usage::default()),
+            quotas,
             metrics,
             retry_after: config.retry_after,
         };
@@ -157,7 +165,13 @@ impl Application {
             ingest.publisher.clone(),
             self.usage_topic,
             ingest.metrics.clone(),
+            ingest.quotas.clone(),
             state.config.usage_interval,
+            background.clone(),
+        ));
+        let quotas = tokio::spawn(refresh_quotas(
+            ingest.quotas.clone(),
+            state.config.quota_refresh,
             background.clone(),
         ));
         // Streams watch the state's token; requests finish on their own.
@@ -186,6 +200,7 @@ impl Application {
         let (served, ()) = tokio::join!(serve, sessions);
         let _ = probe.await;
         let _ = usage.await;
+        let _ = quotas.await;
         let publisher = ingest.publisher.clone();
         let flushed =
             tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(10))).await;
@@ -194,5 +209,18 @@ impl Application {
         }
         tracing::info!("ingest stopped");
         served
+    }
+}
+
+/// Reads the tenants' quota standing again every `every`, until `stop`.
+async fn refresh_quotas(quotas: Arc<QuotaBook>, every: Duration, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if let Err(error) = quotas.refresh().await {
+            tracing::warn!(%error, "refreshing the tenants' quotas failed; trying again");
+        }
     }
 }

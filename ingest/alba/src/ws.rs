@@ -377,6 +377,7 @@ pub fn answers(results: &[FrameResult]) -> Vec<ServerMessage> {
                     message: e.message,
                     field: e.field,
                     retry_after_ms: e.retry_after_ms,
+                    quota: e.quota,
                 });
             }
         }

@@ -231,6 +231,13 @@ async fn a_recording_uploaded_yields_its_frames_with_the_original_timestamps() {
         framer.push(&r, Timestamp::now(), &mut expected);
     }
     framer.finish(Timestamp::now(), &mut expected);
+    // The upload is the whole session: its last frame ends it.
+    let last = expected.last_mut().unwrap();
+    last.markers.push(Marker {
+        sample_offset: last.samples_per_channel - 1,
+        duration_us: None,
+        label: SESSION_END_MARKER.into(),
+    });
     let got = t.read_frames(&consumer, expected.len()).await;
     assert_eq!(expected.len(), 1904);
     let start = header.start.unix_micros();

@@ -343,6 +343,7 @@ pub async fn stream_frames(
                     field,
                     retryable,
                     retry_after_ms,
+                    quota,
                 } => {
                     let i = pop(1)?[0];
                     if retryable {
@@ -358,6 +359,7 @@ pub async fn stream_frames(
                                 message,
                                 field,
                                 retry_after_ms,
+                                quota,
                             },
                         ));
                         count(&progress, 0, 1);

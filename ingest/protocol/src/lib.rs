@@ -18,4 +18,4 @@ pub mod validate;
 pub mod ws;
 
 pub use answer::{BatchAnswer, FrameResult, FrameStatus};
-pub use validate::{Limits, Reason, Rejection};
+pub use validate::{Limits, QuotaDetail, Reason, Rejection};

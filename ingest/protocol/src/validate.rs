@@ -49,10 +49,17 @@ pub enum Reason {
     /// Another ingest instance serves the session and did not hand it over in time:
     /// retry after a pause (or send the session's frames to the instance serving it).
     SessionBusy,
+    /// A hard limit of the tenant's plan is used up for this billing period: not
+    /// retryable before the period resets (`resets_at`).
+    QuotaExceeded,
+    /// The tenant's subscription is past due beyond its grace period, or canceled.
+    PaymentRequired,
+    /// The tenant has as many sessions open as its plan allows: end one first.
+    ConcurrentSessionsExceeded,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 21] = [
         Reason::MalformedFrame,
         Reason::InvalidField,
         Reason::NonFiniteSample,
@@ -71,6 +78,9 @@ impl Reason {
         Reason::Unavailable,
         Reason::SessionEnded,
         Reason::SessionBusy,
+        Reason::QuotaExceeded,
+        Reason::PaymentRequired,
+        Reason::ConcurrentSessionsExceeded,
     ];
 
     pub fn code(self) -> &'static str {
@@ -93,6 +103,9 @@ impl Reason {
             Reason::Unavailable => "unavailable",
             Reason::SessionEnded => "session_ended",
             Reason::SessionBusy => "session_busy",
+            Reason::QuotaExceeded => "quota_exceeded",
+            Reason::PaymentRequired => "payment_required",
+            Reason::ConcurrentSessionsExceeded => "concurrent_sessions_exceeded",
         }
     }
 
@@ -112,6 +125,9 @@ impl Reason {
             | Reason::SessionEnded => 409,
             Reason::BrokerUnavailable | Reason::Unavailable | Reason::SessionBusy => 503,
             Reason::Overloaded => 429,
+            Reason::QuotaExceeded
+            | Reason::PaymentRequired
+            | Reason::ConcurrentSessionsExceeded => 402,
             _ => 422,
         }
     }
@@ -135,9 +151,27 @@ pub struct Rejection {
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
-    /// Set for retryable reasons: resend the frame after this long.
+    /// Set for retryable reasons: resend the frame after this long. Also set for a
+    /// used-up quota: nothing is accepted before then (the period's reset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
+    /// Which quota refused the frame (`quota_exceeded`, and the session count of
+    /// `concurrent_sessions_exceeded`), beside the code.
+    #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Box<QuotaDetail>>,
+}
+
+/// The quota behind a `quota_exceeded` or `concurrent_sessions_exceeded` refusal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuotaDetail {
+    /// The meter (`frames`, `bytes`, `device_ms`, `channel_ms`, `recording_uploads`),
+    /// or `concurrent_sessions`.
+    pub meter: String,
+    pub limit: i64,
+    pub used: i64,
+    /// When the period resets (RFC 3339); absent for the concurrent-session limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<String>,
 }
 
 impl Rejection {
@@ -147,7 +181,13 @@ impl Rejection {
             message: message.into(),
             field: None,
             retry_after_ms: None,
+            quota: None,
         }
+    }
+
+    pub fn quota(mut self, quota: QuotaDetail) -> Rejection {
+        self.quota = Some(Box::new(quota));
+        self
     }
 
     pub fn field(mut self, field: impl Into<String>) -> Rejection {

@@ -12,7 +12,10 @@
 //!    confirmed by the broker), `duplicate` (already published earlier, not published
 //!    again) — both for a run of consecutive frames `first_seq ..= last_seq` — or
 //!    `reject` for one frame, with a reason. A `reject` with `retryable: true` (broker
-//!    unavailable, overloaded) means "send it again after `retry_after_ms`".
+//!    unavailable, overloaded) means "send it again after `retry_after_ms`". A
+//!    `quota_exceeded` reject is not retryable: it names the used-up quota (`meter`,
+//!    `limit`, `used`, `resets_at`), and `retry_after_ms` says when the period resets,
+//!    before which every frame of the tenant is refused the same way.
 //! 4. Flow control: the server reads the next message only when it has room, so a
 //!    client that outruns the broker is slowed down by TCP itself; no frame is dropped.
 //!
@@ -22,6 +25,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::json::JsonFrame;
+use crate::validate::QuotaDetail;
 
 /// What a client sends as text.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,6 +66,10 @@ pub enum ServerMessage {
         retryable: bool,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
+        /// The quota behind a `quota_exceeded` (or `concurrent_sessions_exceeded`)
+        /// refusal: `meter`, `limit`, `used`, `resets_at`.
+        #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
+        quota: Option<Box<QuotaDetail>>,
     },
     /// The connection cannot go on; a close follows.
     Error { code: String, message: String },

@@ -20,6 +20,9 @@ pub struct ApiError {
     pub field: Option<String>,
     /// Seconds to wait, sent as `Retry-After` (429).
     pub retry_after: Option<u64>,
+    /// More members of the error object, beside `code` and `message` (a quota's
+    /// `meter`, `limit`, `used`, `resets_at`).
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ApiError {
@@ -30,7 +33,14 @@ impl ApiError {
             message: message.into(),
             field: None,
             retry_after: None,
+            extra: serde_json::Map::new(),
         }
+    }
+
+    /// Adds a member to the error object.
+    pub fn with(mut self, name: &str, value: impl Into<serde_json::Value>) -> ApiError {
+        self.extra.insert(name.to_owned(), value.into());
+        self
     }
 
     /// 429 with `Retry-After`.
@@ -105,6 +115,9 @@ impl IntoResponse for ApiError {
         });
         if let Some(field) = self.field {
             body["field"] = json!(field);
+        }
+        for (name, value) in self.extra {
+            body[name] = value;
         }
         let mut response = (self.status, axum::Json(json!({ "error": body }))).into_response();
         if let Some(wait) = self.retry_after {

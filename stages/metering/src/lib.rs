@@ -49,6 +49,7 @@ pub fn event_meter(kind: UsageKind) -> Option<Meter> {
         UsageKind::BytesIngested => Some(Meter::Bytes),
         UsageKind::AudioMilliseconds => Some(Meter::AudioMs),
         UsageKind::ApiRequests => Some(Meter::ApiRequests),
+        UsageKind::RecordingUploads => Some(Meter::RecordingUploads),
         UsageKind::FeatureWindows | UsageKind::Unknown => None,
     }
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clisonix_albi::{Albi, AlbiConfig};
-use clisonix_dev::run::{sign_up, Tenant};
+use clisonix_dev::run::{choose_plan, sign_up, Tenant};
 use clisonix_e2e::{TestDatabase, TestEnv};
 use clisonix_jona::{Jona, JonaConfig};
 use clisonix_player::http::{Answer, Client};
@@ -135,6 +135,12 @@ impl Pipeline {
         }
         pipeline.tenant = sign_up(&pipeline.gateway, "alpha").await.unwrap();
         pipeline.other = sign_up(&pipeline.gateway, "beta").await.unwrap();
+        // Tests stream many sessions at once: a plan without a session limit.
+        for t in [&pipeline.tenant, &pipeline.other] {
+            choose_plan(&pipeline.gateway, &t.access_token, "enterprise")
+                .await
+                .unwrap();
+        }
         pipeline
     }
 

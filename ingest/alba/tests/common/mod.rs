@@ -48,6 +48,9 @@ async fn tenant(db: &TestDatabase, name: &str) -> Tenant {
         .execute(&db.pool)
         .await
         .unwrap();
+    // Tests stream many sessions at once: a plan without a session limit or hard
+    // quotas (the quota tests choose their own).
+    set_plan(db, TenantId::new(id), "enterprise").await;
     let make = async |scopes: &[&str], revoked: bool| {
         let k = new_key();
         sqlx::query(
@@ -70,6 +73,19 @@ async fn tenant(db: &TestDatabase, name: &str) -> Tenant {
         read_key: make(&["read"], false).await,
         revoked_key: make(&["ingest"], true).await,
     }
+}
+
+/// Puts `tenant` on the newest version of `plan`.
+pub async fn set_plan(db: &TestDatabase, tenant: TenantId, plan: &str) {
+    let done = sqlx::query(
+        "UPDATE subscriptions SET plan_id = $2, plan_version = (SELECT max(version) FROM plans WHERE plan_id = $2) WHERE tenant_id = $1",
+    )
+    .bind(tenant.as_uuid())
+    .bind(plan)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(done.rows_affected(), 1);
 }
 
 impl TestIngest {
