@@ -71,3 +71,21 @@ SELECT tenant_id, meter, period_start, sum(quantity)::bigint AS quantity
         UNION ALL
         SELECT tenant_id, meter, period_start, quantity FROM usage_carried) u
  GROUP BY tenant_id, meter, period_start;
+
+-- A tenant's usage of a meter crossed 80% or 100% of what its plan includes in the
+-- period: written once per (tenant, period, meter, threshold) by the metering
+-- transaction that crossed it. For a soft limit this is the warning that overage
+-- begins; for a hard one, that refusals do. The billing issue turns these into
+-- webhooks.
+CREATE TABLE usage_alerts (
+    tenant_id     uuid        NOT NULL,
+    period_start  timestamptz NOT NULL,
+    meter         text        NOT NULL,
+    threshold     smallint    NOT NULL CHECK (threshold IN (80, 100)),
+    used          bigint      NOT NULL,
+    included      bigint      NOT NULL,
+    limit_kind    text        NOT NULL,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, period_start, meter, threshold)
+);
+CREATE INDEX usage_alerts_time ON usage_alerts (created_at);

@@ -11,7 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -36,6 +37,11 @@ pub struct ApiMetrics {
     registry: Registry,
     requests: IntCounterVec,
     latency: HistogramVec,
+    /// The seed's business metrics, read from the database at each scrape: users with
+    /// a live session (an unexpired, unrevoked refresh token), and subscriptions in
+    /// force (active or trialing) per plan.
+    active_users: IntGauge,
+    subscriptions: IntGaugeVec,
 }
 
 impl ApiMetrics {
@@ -53,16 +59,37 @@ impl ApiMetrics {
             &labels,
         )
         .expect("valid metric");
+        let active_users = IntGauge::new(
+            "clisonix_active_users",
+            "Users with a live session (an unexpired, unrevoked refresh token)",
+        )
+        .expect("valid metric");
+        let subscriptions = IntGaugeVec::new(
+            Opts::new(
+                "clisonix_subscriptions_active",
+                "Subscriptions in force (active or trialing), by plan",
+            ),
+            &["plan"],
+        )
+        .expect("valid metric");
         registry
             .register(Box::new(requests.clone()))
             .expect("registered once");
         registry
             .register(Box::new(latency.clone()))
             .expect("registered once");
+        registry
+            .register(Box::new(active_users.clone()))
+            .expect("registered once");
+        registry
+            .register(Box::new(subscriptions.clone()))
+            .expect("registered once");
         ApiMetrics {
             registry,
             requests,
             latency,
+            active_users,
+            subscriptions,
         }
     }
 }
@@ -178,6 +205,9 @@ pub async fn ready(State(state): State<AppState>) -> Result<&'static str, ApiErr
 /// `GET /metrics`: Prometheus text format.
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus metrics", body = String)))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    if let Err(error) = business_metrics(&state).await {
+        tracing::warn!(%error, "reading the business metrics failed (the last values stay)");
+    }
     let mut buf = Vec::new();
     TextEncoder::new()
         .encode(&state.metrics.registry.gather(), &mut buf)
@@ -189,6 +219,32 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         )],
         buf,
     )
+}
+
+/// Sets `clisonix_active_users` and `clisonix_subscriptions_active{plan}` from the
+/// database.
+async fn business_metrics(state: &AppState) -> Result<(), sqlx::Error> {
+    let users: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT user_id) FROM refresh_tokens \
+         WHERE revoked_at IS NULL AND replaced_at IS NULL AND expires_at > now()",
+    )
+    .fetch_one(&state.pool)
+    .await?;
+    let plans: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT plan_id, count(*) FROM subscriptions WHERE status IN ('active', 'trialing') GROUP BY plan_id",
+    )
+    .fetch_all(&state.pool)
+    .await?;
+    state.metrics.active_users.set(users);
+    state.metrics.subscriptions.reset();
+    for (plan, n) in plans {
+        state
+            .metrics
+            .subscriptions
+            .with_label_values(&[&plan])
+            .set(n);
+    }
+    Ok(())
 }
 
 /// A built gateway, bound and ready to serve.

@@ -266,6 +266,30 @@ async fn health_ready_and_metrics() {
         text.contains("clisonix_api_latency_seconds_bucket"),
         "{text}"
     );
+    assert!(text.contains("clisonix_active_users 0"), "{text}");
+    // Business metrics: two signed-up users on the free plan, one moved to pro.
+    let a = app.signup("a@example.org").await;
+    app.signup("b@example.org").await;
+    let r = app
+        .authed(
+            "PUT",
+            "/v1/subscription",
+            &token(&a),
+            Some(json!({"plan_id": "pro"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let text = app.request("GET", "/metrics", None, &[]).await.body;
+    let text = text.as_str().unwrap_or_default();
+    assert!(text.contains("clisonix_active_users 2"), "{text}");
+    assert!(
+        text.contains(r#"clisonix_subscriptions_active{plan="free"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"clisonix_subscriptions_active{plan="pro"} 1"#),
+        "{text}"
+    );
     app.stop().await;
 }
 

@@ -43,6 +43,8 @@ pub struct Applied {
     pub usage: BTreeMap<Meter, i64>,
     /// Quantities carried out of a closed period into the open one, per meter.
     pub carried: BTreeMap<Meter, i64>,
+    /// Thresholds (80 or 100 percent of the included quantity) crossed now, per meter.
+    pub alerts: Vec<(Meter, i16)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -396,6 +398,12 @@ async fn write_usage(
     }
     upsert(tx, "usage_hourly", "hour", &hourly).await?;
     upsert(tx, "usage_carried", "occurred_hour", &carried).await?;
+    let periods: BTreeSet<(Uuid, DateTime<Utc>)> = hourly
+        .keys()
+        .chain(carried.keys())
+        .map(|k| (k.0, k.3))
+        .collect();
+    applied.alerts = alerts(tx, &periods).await?;
     if !per_session.is_empty() {
         let sessions: Vec<Uuid> = per_session.keys().map(|(s, _)| *s).collect();
         let meters: Vec<&str> = per_session.keys().map(|(_, m)| m.as_str()).collect();
@@ -415,6 +423,30 @@ async fn write_usage(
         .await?;
     }
     Ok(())
+}
+
+/// Records the 80% and 100% thresholds of the plans' included quantities that the
+/// `periods`' usage has crossed and that were not recorded yet.
+async fn alerts(
+    tx: &mut Transaction<'_, Postgres>,
+    periods: &BTreeSet<(Uuid, DateTime<Utc>)>,
+) -> Result<Vec<(Meter, i16)>, StoreError> {
+    if periods.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tenants: Vec<Uuid> = periods.iter().map(|p| p.0).collect();
+    let starts: Vec<DateTime<Utc>> = periods.iter().map(|p| p.1).collect();
+    let crossed: Vec<(String, i16)> = sqlx::query_as(
+        "INSERT INTO usage_alerts (tenant_id, period_start, meter, threshold, used, included, limit_kind)          SELECT u.tenant_id, u.period_start, u.meter, t.threshold, u.quantity, m.included, m.limit_kind          FROM unnest($1::uuid[], $2::timestamptz[]) AS p(tenant_id, period_start)          JOIN usage_periods u USING (tenant_id, period_start)          JOIN billing_periods b USING (tenant_id, period_start)          JOIN plan_meters m ON m.plan_id = b.plan_id AND m.version = b.plan_version AND m.meter = u.meter          CROSS JOIN (VALUES (80::smallint), (100::smallint)) AS t(threshold)          WHERE m.included > 0 AND u.quantity * 100 >= m.included * t.threshold          ON CONFLICT DO NOTHING          RETURNING meter, threshold",
+    )
+    .bind(&tenants)
+    .bind(&starts)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(crossed
+        .into_iter()
+        .filter_map(|(m, t)| Some((Meter::parse(&m)?, t)))
+        .collect())
 }
 
 /// Adds quantities to `usage_hourly` or `usage_carried` (whose hour column is `hour`).

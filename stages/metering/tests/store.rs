@@ -309,7 +309,7 @@ async fn sessions_count_their_time_by_difference_and_features_their_windows_and_
     clean.quality.line_noise_60hz = Some(1.0);
     let mut noisy = clean.clone();
     noisy.channel_index += 1;
-    noisy.quality.line_noise_50hz = Some(80.0);
+    noisy.quality.line_noise_50hz = Some(800.0);
     let batch = vec![
         (at("s", 0, 0), Some(Input::Session(earlier.clone()))),
         (at("s", 0, 1), Some(Input::Session(state.clone()))),
@@ -379,6 +379,44 @@ async fn usage_of_a_tenant_without_a_subscription_is_kept_apart() {
     assert_eq!(
         hourly(&db, stranger, Meter::Frames).await,
         vec![(hour(now), DateTime::<Utc>::UNIX_EPOCH, 9)]
+    );
+    db.drop_now().await;
+}
+
+#[tokio::test]
+async fn crossing_80_and_100_percent_of_an_included_quantity_raises_one_alert_each() {
+    let (db, store) = database().await;
+    let tenant = new_tenant(&db).await;
+    let now = now_ms();
+    // The free plan includes 288,000 frames a period.
+    let batch = |offset: i64, frames: i64| {
+        vec![(
+            at("u", 0, offset),
+            Some(event(tenant, UsageKind::FramesIngested, frames, now)),
+        )]
+    };
+    let a = store.apply(&batch(0, 230_399), now).await.unwrap();
+    assert!(a.alerts.is_empty(), "{:?}", a.alerts);
+    let a = store.apply(&batch(1, 1), now).await.unwrap();
+    assert_eq!(a.alerts, vec![(Meter::Frames, 80)]);
+    let a = store.apply(&batch(2, 10), now).await.unwrap();
+    assert!(a.alerts.is_empty(), "once per threshold and period");
+    let a = store.apply(&batch(3, 100_000), now).await.unwrap();
+    assert_eq!(a.alerts, vec![(Meter::Frames, 100)]);
+    let rows: Vec<(String, i16, i64, i64, String)> = sqlx::query_as(
+        "SELECT meter, threshold, used, included, limit_kind FROM usage_alerts \
+         WHERE tenant_id = $1 ORDER BY threshold",
+    )
+    .bind(tenant.as_uuid())
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            ("frames".into(), 80, 230_400, 288_000, "hard".into()),
+            ("frames".into(), 100, 330_410, 288_000, "hard".into()),
+        ]
     );
     db.drop_now().await;
 }

@@ -118,6 +118,17 @@ impl TableWriter for Metering {
                 .with_label_values(&[meter.as_str()])
                 .inc_by(*quantity as u64);
         }
+        for (meter, threshold) in &applied.alerts {
+            tracing::info!(
+                meter = meter.as_str(),
+                threshold,
+                "a tenant's usage crossed a threshold of its plan"
+            );
+            self.metrics
+                .usage_alerts
+                .with_label_values(&[meter.as_str(), &threshold.to_string()])
+                .inc();
+        }
         for (reason, n) in [
             ("offset_applied", applied.already_applied),
             ("duplicate_event", applied.duplicate_events),

@@ -29,6 +29,9 @@ pub struct StageMetrics {
     pub usage: IntCounterVec,
     /// Metering: quantities of closed periods carried into the open one, by meter.
     pub usage_carried: IntCounterVec,
+    /// Metering: 80% and 100% thresholds of plans' included quantities crossed, by
+    /// meter and threshold.
+    pub usage_alerts: IntCounterVec,
     /// Metering: records not counted again, by reason (`offset_applied`: read again
     /// after a restart, rebalance or replay; `duplicate_event`: an event id seen before).
     pub metering_skipped: IntCounterVec,
@@ -97,6 +100,11 @@ impl StageMetrics {
             "Usage of closed billing periods carried into the open period",
             &["meter"],
         );
+        let usage_alerts = counter(
+            "clisonix_usage_alerts_total",
+            "Thresholds (80 or 100 percent) of a plan's included quantity crossed",
+            &["meter", "threshold"],
+        );
         let metering_skipped = counter(
             "clisonix_metering_skipped_total",
             "Records metering did not count again",
@@ -125,6 +133,7 @@ impl StageMetrics {
             lag,
             usage,
             usage_carried,
+            usage_alerts,
             metering_skipped,
         }
     }
