@@ -107,7 +107,7 @@ pub enum Refusal {
 
 /// How a tenant stands, as of the last refresh.
 #[derive(Debug, Clone)]
-struct Standing {
+pub struct Standing {
     period_start: DateTime<Utc>,
     period_end: DateTime<Utc>,
     /// Hard limits per enforced meter (None: not limited).
@@ -128,6 +128,27 @@ struct TenantBook {
     /// Emitted events not yet seen counted: id -> amounts.
     pending: HashMap<Uuid, Amounts>,
     last_used: Instant,
+}
+
+impl Standing {
+    /// A tenant in its period `period_start..period_end` with these hard limits (per
+    /// [`ENFORCED`] meter) and metered usage, not blocked.
+    pub fn new(
+        period_start: DateTime<Utc>,
+        period_end: DateTime<Utc>,
+        limits: [Option<i64>; 5],
+        metered: Amounts,
+        max_concurrent_sessions: Option<i32>,
+    ) -> Standing {
+        Standing {
+            period_start,
+            period_end,
+            limits,
+            metered,
+            max_concurrent_sessions,
+            blocked: None,
+        }
+    }
 }
 
 impl TenantBook {
@@ -268,6 +289,16 @@ impl Ledger {
         if let Some(book) = tenants.get_mut(&tenant) {
             book.pending.entry(event_id).or_default().0[i] += quantity;
         }
+    }
+
+    /// Sets a tenant's standing as a refresh would (for tools and benchmarks that run
+    /// without the database).
+    pub fn set_standing(&self, tenant: Uuid, standing: Standing) {
+        let mut tenants = self.tenants.lock().expect("not poisoned");
+        tenants
+            .entry(tenant)
+            .or_insert_with(TenantBook::new)
+            .standing = Some(standing);
     }
 
     /// A hard-limited meter's `(limit, remaining, milliseconds until the reset)` for
