@@ -52,14 +52,16 @@ CREATE TABLE usage_carried (
 );
 
 -- Usage per session and meter (sessions' device and channel time are counted from the
--- session's cumulative state, so this row is also what has been counted so far).
+-- session's cumulative state, so this row is also what has been counted so far);
+-- `detail` splits a meter where its events do (audio by preset), '' otherwise.
 CREATE TABLE usage_sessions (
     session_id uuid        NOT NULL,
     meter      text        NOT NULL,
+    detail     text        NOT NULL DEFAULT '',
     tenant_id  uuid        NOT NULL,
     quantity   bigint      NOT NULL CHECK (quantity >= 0),
     updated_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (session_id, meter)
+    PRIMARY KEY (session_id, meter, detail)
 );
 CREATE INDEX usage_sessions_tenant ON usage_sessions (tenant_id, session_id);
 

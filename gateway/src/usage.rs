@@ -224,6 +224,10 @@ pub async fn usage(
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SessionMeter {
     pub meter: String,
+    /// What the quantity is of within its meter, where the meter is split (the audio
+    /// preset of `audio_ms`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
     pub unit: String,
     pub quantity: i64,
 }
@@ -253,8 +257,9 @@ pub async fn session(
         )
     };
     let session = Uuid::parse_str(&id).map_err(|_| not_found())?;
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT meter, quantity FROM usage_sessions WHERE session_id = $1 AND tenant_id = $2 ORDER BY meter",
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT meter, detail, quantity FROM usage_sessions WHERE session_id = $1 AND tenant_id = $2 \
+         ORDER BY meter, detail",
     )
     .bind(session)
     .bind(caller.0.tid)
@@ -278,9 +283,10 @@ pub async fn session(
         session_id: session,
         meters: rows
             .into_iter()
-            .map(|(meter, quantity)| SessionMeter {
+            .map(|(meter, detail, quantity)| SessionMeter {
                 unit: Meter::parse(&meter).map_or("", Meter::unit).to_owned(),
                 meter,
+                detail: Some(detail).filter(|d| !d.is_empty()),
                 quantity,
             })
             .collect(),

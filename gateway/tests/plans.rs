@@ -278,8 +278,9 @@ async fn usage_by_hour_day_and_period_with_what_remains_and_per_session() {
     // One session's usage, to its tenant only.
     let session = Uuid::new_v4();
     sqlx::query(
-        "INSERT INTO usage_sessions (session_id, meter, tenant_id, quantity) \
-         VALUES ($1, 'frames', $2, 1904), ($1, 'device_ms', $2, 238000)",
+        "INSERT INTO usage_sessions (session_id, meter, detail, tenant_id, quantity) \
+         VALUES ($1, 'frames', '', $2, 1904), ($1, 'device_ms', '', $2, 238000), \
+                ($1, 'audio_ms', 'audification', $2, 3967), ($1, 'audio_ms', 'parameter_mapping', $2, 238000)",
     )
     .bind(session)
     .bind(ta)
@@ -291,6 +292,8 @@ async fn usage_by_hour_day_and_period_with_what_remains_and_per_session() {
     assert_eq!(
         mine.body["meters"],
         json!([
+            {"meter": "audio_ms", "detail": "audification", "unit": "milliseconds", "quantity": 3967},
+            {"meter": "audio_ms", "detail": "parameter_mapping", "unit": "milliseconds", "quantity": 238000},
             {"meter": "device_ms", "unit": "milliseconds", "quantity": 238000},
             {"meter": "frames", "unit": "frames", "quantity": 1904}
         ])

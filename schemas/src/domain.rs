@@ -438,6 +438,24 @@ pub struct UsageEvent {
 }
 
 impl UsageEvent {
+    /// An event id derived from what the event counts (`parts`, e.g. a session, a
+    /// preset and a chunk index), so that a stage that replays its input emits the
+    /// same events with the same ids. A UUID of version 8 from the first 16 bytes of
+    /// the SHA-256 of the parts, each length-prefixed.
+    pub fn derived_id(parts: &[&[u8]]) -> Uuid {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for part in parts {
+            hash.update((part.len() as u64).to_le_bytes());
+            hash.update(part);
+        }
+        let digest = hash.finalize();
+        let mut bytes: [u8; 16] = digest[..16].try_into().expect("16 bytes");
+        bytes[6] = (bytes[6] & 0x0F) | 0x80;
+        bytes[8] = (bytes[8] & 0x3F) | 0x80;
+        Uuid::from_bytes(bytes)
+    }
+
     pub fn key(&self) -> TenantKey {
         TenantKey {
             tenant_id: self.tenant_id,

@@ -158,6 +158,7 @@ async fn kill_9_of_jona_and_the_sink_leaves_no_gap_and_no_duplicate() {
         }
         let want: Vec<u8> = out
             .iter()
+            .filter(|o| o.topic == clisonix_stage::OutputTopic::AudioChunks)
             .map(|o| decode::<AudioChunk>(&o.value).unwrap())
             .filter(|c| c.preset == preset)
             .flat_map(|c| clisonix_sink::pcm_bytes(&c.pcm))

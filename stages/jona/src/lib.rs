@@ -21,7 +21,9 @@
 pub mod dsp;
 pub mod presets;
 
-use clisonix_schemas::{AudioChunk, Frame, SampleUnit, Timestamp, AUDIO_PRESETS_MARKER};
+use clisonix_schemas::{
+    AudioChunk, Frame, SampleUnit, Timestamp, UsageEvent, UsageKind, AUDIO_PRESETS_MARKER,
+};
 use clisonix_stage::{
     check_same_stream, check_samples, Arrival, Output, OutputTopic, Placement, RecordMeta,
     Rejection, SeqTracker, SessionRef, SessionTable, Stage, Tracked,
@@ -148,7 +150,7 @@ impl Jona {
             .take_idle(partition, now_ms, self.config.idle_ms)
         {
             if !session.ended {
-                close(key, &mut session, emit, out);
+                close(key, &mut session, emit, now_ms, out);
             }
         }
     }
@@ -167,8 +169,18 @@ fn time_of(frame: &Frame, i: usize) -> Timestamp {
     Timestamp::from_micros(frame.device_time.as_micros() + offset)
 }
 
-/// Emits the chunk each voice is filling (if it holds audio) and starts the next.
-fn flush(key: SessionRef, session: &mut Session, emit: bool, out: &mut Vec<Output>) {
+/// Milliseconds of `frames` audio frames at `rate`, rounded down.
+fn audio_ms(frames: u64, rate: u32) -> i64 {
+    (u128::from(frames) * 1000 / u128::from(rate.max(1))) as i64
+}
+
+/// Emits the chunk each voice is filling (if it holds audio) and starts the next,
+/// with a usage event of the audio it adds (metering's `audio_ms`, per preset in
+/// `detail`): the difference of the session's audio time, in whole milliseconds,
+/// before and after it, so a session's total is exact to the millisecond. The event's
+/// id is derived from the chunk's key, so a replay emits the same event; its time is
+/// the record time of the frame that completed the chunk (`now_ms`).
+fn flush(key: SessionRef, session: &mut Session, emit: bool, now_ms: i64, out: &mut Vec<Output>) {
     let Some(start) = session.chunk_start.take() else {
         return;
     };
@@ -194,6 +206,27 @@ fn flush(key: SessionRef, session: &mut Session, emit: bool, out: &mut Vec<Outpu
                 source_last_seq: session.last_seq,
             };
             out.push(Output::new(OutputTopic::AudioChunks, &chunk.key(), &chunk));
+            let rendered = audio_ms(voice.frames_out + frames, session.rate)
+                - audio_ms(voice.frames_out, session.rate);
+            if rendered > 0 {
+                let event = UsageEvent {
+                    event_id: UsageEvent::derived_id(&[
+                        b"jona.audio",
+                        key.session.as_uuid().as_bytes(),
+                        voice.preset.name().as_bytes(),
+                        &voice.chunk_index.to_le_bytes(),
+                    ]),
+                    tenant_id: key.tenant,
+                    kind: UsageKind::AudioMilliseconds,
+                    quantity: rendered,
+                    occurred_at: Timestamp::from_micros(now_ms * 1000),
+                    source: NAME.to_owned(),
+                    session_id: Some(key.session),
+                    device_id: None,
+                    detail: Some(voice.preset.name().to_owned()),
+                };
+                out.push(Output::new(OutputTopic::UsageEvents, &event.key(), &event));
+            }
         }
         voice.chunk_index += 1;
         voice.frames_out += frames;
@@ -202,7 +235,7 @@ fn flush(key: SessionRef, session: &mut Session, emit: bool, out: &mut Vec<Outpu
 }
 
 /// Ends a session: the renderers finish (pending audio and a fade) into the last chunk.
-fn close(key: SessionRef, session: &mut Session, emit: bool, out: &mut Vec<Output>) {
+fn close(key: SessionRef, session: &mut Session, emit: bool, now_ms: i64, out: &mut Vec<Output>) {
     for voice in &mut session.voices {
         voice.synth.finish(&mut voice.pcm);
     }
@@ -213,7 +246,7 @@ fn close(key: SessionRef, session: &mut Session, emit: bool, out: &mut Vec<Outpu
             first_seq: session.last_seq,
         });
     }
-    flush(key, session, emit, out);
+    flush(key, session, emit, now_ms, out);
     session.voices.clear();
     session.ended = true;
 }
@@ -329,12 +362,12 @@ impl Stage for Jona {
             session.end_time = time_of(&frame, i + 1);
             session.in_chunk += 1;
             if session.in_chunk == session.chunk_samples {
-                flush(key, session, emit, out);
+                flush(key, session, emit, now_ms, out);
             }
         }
         session.last_seq = frame.seq;
         if frame.ends_session() {
-            close(key, session, emit, out);
+            close(key, session, emit, now_ms, out);
         }
         Ok(())
     }

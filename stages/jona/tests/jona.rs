@@ -7,7 +7,7 @@ use clisonix_edf::{FrameSpec, Framer, Reader};
 use clisonix_jona::{Jona, JonaConfig, Preset};
 use clisonix_schemas::{
     decode, AudioChunk, AudioChunkKey, DeviceId, Frame, Marker, SampleUnit, SessionId, TenantId,
-    Timestamp, AUDIO_PRESETS_MARKER, SESSION_END_MARKER,
+    Timestamp, UsageEvent, UsageKind, AUDIO_PRESETS_MARKER, SESSION_END_MARKER,
 };
 use clisonix_stage::{Output, OutputTopic, RecordMeta, Stage};
 
@@ -90,8 +90,8 @@ fn meta(offset: i64) -> RecordMeta {
 
 fn chunks(out: &[Output]) -> Vec<AudioChunk> {
     out.iter()
+        .filter(|o| o.topic == OutputTopic::AudioChunks)
         .map(|o| {
-            assert_eq!(o.topic, OutputTopic::AudioChunks);
             let key: AudioChunkKey = decode(&o.key).unwrap();
             let c: AudioChunk = decode(&o.value).unwrap();
             assert_eq!(
@@ -453,4 +453,58 @@ fn poison_frames_are_rejected_and_the_session_goes_on() {
         .unwrap();
     let clean = run(JonaConfig::default(), &frames);
     assert_eq!(chunks(&out), clean);
+}
+
+#[test]
+fn each_chunk_reports_the_audio_it_adds_as_usage_per_preset_with_an_id_a_replay_repeats() {
+    let mut frames = recording(16);
+    frames.truncate(160);
+    frames.last_mut().unwrap().markers.push(Marker {
+        sample_offset: 15,
+        duration_us: None,
+        label: SESSION_END_MARKER.into(),
+    });
+    let mut jona = Jona::new(with_presets(&Preset::ALL));
+    let mut out = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        jona.process(f.clone(), meta(i as i64), &mut out).unwrap();
+    }
+    let audio = chunks(&out);
+    let events: Vec<UsageEvent> = out
+        .iter()
+        .filter(|o| o.topic == OutputTopic::UsageEvents)
+        .map(|o| decode(&o.value).unwrap())
+        .collect();
+    for preset in Preset::ALL {
+        let frames: u64 = audio
+            .iter()
+            .filter(|c| c.preset == preset.name())
+            .map(|c| (c.pcm.len() / usize::from(c.channels)) as u64)
+            .sum();
+        let ms: i64 = events
+            .iter()
+            .filter(|e| e.detail.as_deref() == Some(preset.name()))
+            .map(|e| e.quantity)
+            .sum();
+        assert_eq!(ms, (frames * 1000 / 44_100) as i64, "{}", preset.name());
+    }
+    assert!(events.iter().all(|e| e.kind == UsageKind::AudioMilliseconds
+        && e.source == "jona"
+        && e.session_id == Some(frames[0].session_id)
+        && e.tenant_id == frames[0].tenant_id));
+    // The same input gives the same events, ids included.
+    let mut again = Jona::new(with_presets(&Preset::ALL));
+    let mut out2 = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        again.process(f.clone(), meta(i as i64), &mut out2).unwrap();
+    }
+    let ids = |out: &[Output]| -> Vec<uuid::Uuid> {
+        out.iter()
+            .filter(|o| o.topic == OutputTopic::UsageEvents)
+            .map(|o| decode::<UsageEvent>(&o.value).unwrap().event_id)
+            .collect()
+    };
+    assert_eq!(ids(&out), ids(&out2));
+    let unique: std::collections::BTreeSet<_> = ids(&out).into_iter().collect();
+    assert_eq!(unique.len(), events.len());
 }

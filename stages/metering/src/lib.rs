@@ -31,13 +31,15 @@ pub enum Input {
 
 /// A quantity a tenant used at a moment (milliseconds since the epoch), in a session
 /// when the usage belongs to one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Usage {
     pub tenant: TenantId,
     pub session: Option<SessionId>,
     pub meter: Meter,
     pub at_ms: i64,
     pub quantity: i64,
+    /// What the quantity is of within its meter (the audio preset), kept per session.
+    pub detail: Option<String>,
 }
 
 /// The meter a usage event counts in, or `None` for kinds metering counts from
@@ -63,6 +65,7 @@ pub fn from_event(event: &UsageEvent) -> Option<Usage> {
         meter,
         at_ms: event.occurred_at.as_millis(),
         quantity: event.quantity,
+        detail: event.detail.clone().filter(|_| meter == Meter::AudioMs),
     })
 }
 
@@ -94,12 +97,13 @@ pub fn samples_ms(samples: u64, rate_hz: f64) -> i64 {
 /// clean channel time when [`CLEAN_RULE`] finds it usable. `at_ms` is when it was
 /// computed (the record's Kafka timestamp).
 pub fn from_features(f: &Features, at_ms: i64) -> impl Iterator<Item = Usage> {
-    let usage = |meter, quantity| Usage {
+    let usage = move |meter, quantity| Usage {
         tenant: f.tenant_id,
         session: Some(f.session_id),
         meter,
         at_ms,
         quantity,
+        detail: None,
     };
     let windows = usage(Meter::FeatureWindows, 1);
     let clean = CLEAN_RULE

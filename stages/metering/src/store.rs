@@ -227,7 +227,7 @@ async fn usages(
     if !sessions.is_empty() {
         let rows = sqlx::query(
             "SELECT session_id, meter, quantity FROM usage_sessions \
-             WHERE session_id = ANY($1) AND meter IN ('device_ms', 'channel_ms') \
+             WHERE session_id = ANY($1) AND meter IN ('device_ms', 'channel_ms') AND detail = '' \
              ORDER BY session_id, meter FOR UPDATE",
         )
         .bind(&sessions)
@@ -262,6 +262,7 @@ async fn usages(
                             meter,
                             at_ms,
                             quantity: total - *so_far,
+                            detail: None,
                         });
                         *so_far = total;
                     }
@@ -367,7 +368,7 @@ async fn write_usage(
 
     let mut hourly: BTreeMap<(Uuid, Meter, i64, DateTime<Utc>), i64> = BTreeMap::new();
     let mut carried: BTreeMap<(Uuid, Meter, i64, DateTime<Utc>), i64> = BTreeMap::new();
-    let mut per_session: BTreeMap<(Uuid, Meter), (Uuid, i64)> = BTreeMap::new();
+    let mut per_session: BTreeMap<(Uuid, Meter, &str), (Uuid, i64)> = BTreeMap::new();
     for u in usage {
         let tenant = u.tenant.as_uuid();
         let hour = hour_of(u.at_ms);
@@ -390,8 +391,9 @@ async fn write_usage(
         }
         *applied.usage.entry(u.meter).or_default() += u.quantity;
         if let Some(session) = u.session {
+            let detail = u.detail.as_deref().unwrap_or("");
             per_session
-                .entry((session.as_uuid(), u.meter))
+                .entry((session.as_uuid(), u.meter, detail))
                 .or_insert((tenant, 0))
                 .1 += u.quantity;
         }
@@ -405,18 +407,20 @@ async fn write_usage(
         .collect();
     applied.alerts = alerts(tx, &periods).await?;
     if !per_session.is_empty() {
-        let sessions: Vec<Uuid> = per_session.keys().map(|(s, _)| *s).collect();
-        let meters: Vec<&str> = per_session.keys().map(|(_, m)| m.as_str()).collect();
+        let sessions: Vec<Uuid> = per_session.keys().map(|k| k.0).collect();
+        let meters: Vec<&str> = per_session.keys().map(|k| k.1.as_str()).collect();
+        let details: Vec<&str> = per_session.keys().map(|k| k.2).collect();
         let tenants: Vec<Uuid> = per_session.values().map(|(t, _)| *t).collect();
         let quantities: Vec<i64> = per_session.values().map(|(_, q)| *q).collect();
         sqlx::query(
-            "INSERT INTO usage_sessions (session_id, meter, tenant_id, quantity) \
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::bigint[]) \
-             ON CONFLICT (session_id, meter) DO UPDATE \
+            "INSERT INTO usage_sessions (session_id, meter, detail, tenant_id, quantity) \
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::bigint[]) \
+             ON CONFLICT (session_id, meter, detail) DO UPDATE \
              SET quantity = usage_sessions.quantity + EXCLUDED.quantity, updated_at = now()",
         )
         .bind(&sessions)
         .bind(&meters)
+        .bind(&details)
         .bind(&tenants)
         .bind(&quantities)
         .execute(&mut **tx)

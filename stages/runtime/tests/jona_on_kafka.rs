@@ -10,7 +10,7 @@ use std::time::Duration;
 use clisonix_e2e::TestEnv;
 use clisonix_jona::{Jona, JonaConfig, Preset};
 use clisonix_schemas::{Frame, Marker, SessionId, TenantId, SESSION_END_MARKER};
-use clisonix_stage::{RecordMeta, Stage};
+use clisonix_stage::{OutputTopic, RecordMeta, Stage};
 use clisonix_topics::catalog::AUDIO_CHUNKS;
 
 use common::{assert_same_set, http_get, produce_frames, read_all, recording, StageProcess};
@@ -33,7 +33,10 @@ fn expected(frames: &[Frame]) -> BTreeMap<Vec<u8>, Vec<u8>> {
         };
         jona.process(f.clone(), meta, &mut out).unwrap();
     }
-    out.into_iter().map(|o| (o.key, o.value)).collect()
+    out.into_iter()
+        .filter(|o| o.topic == OutputTopic::AudioChunks)
+        .map(|o| (o.key, o.value))
+        .collect()
 }
 
 fn ended(mut frames: Vec<Frame>) -> Vec<Frame> {

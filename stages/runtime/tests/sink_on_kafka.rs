@@ -43,6 +43,8 @@ fn outputs(frames: &[Frame]) -> (Vec<Output>, Vec<Output>, Vec<Output>) {
         jona.process(frame.clone(), meta, &mut a).unwrap();
         sessions.process(frame.clone(), meta, &mut s).unwrap();
     }
+    // Jona's usage events go to usage.events, not to the sink.
+    a.retain(|o| o.topic == clisonix_stage::OutputTopic::AudioChunks);
     (f, a, s)
 }
 
