@@ -107,6 +107,8 @@ CREATE TABLE subscriptions (
     FOREIGN KEY (plan_id, plan_version) REFERENCES plans (plan_id, version)
 );
 CREATE INDEX subscriptions_plan ON subscriptions (plan_id, status);
+-- The periods due to start (clisonix_roll_periods runs every few seconds).
+CREATE INDEX subscriptions_period_end ON subscriptions (period_end);
 
 -- Every period a tenant has had. Usage counts in the period its hour falls in until the
 -- period is closed (closed_at, set close_after past its end); after that the period's

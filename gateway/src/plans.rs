@@ -36,10 +36,20 @@ pub struct SubscriptionView {
     pub plan: Plan,
 }
 
-async fn view(state: &AppState, tenant: uuid::Uuid) -> Result<SubscriptionView, ApiError> {
-    sqlx::query("SELECT clisonix_roll_periods(now())")
+/// Starts the billing periods that are due (metering does it every few seconds; a
+/// read does not wait for it). A failure here (a lock conflict with a concurrent
+/// roll) is not the reader's: the answer is then at most one roll behind.
+pub(crate) async fn roll_periods(state: &AppState) {
+    if let Err(error) = sqlx::query("SELECT clisonix_roll_periods(now())")
         .execute(&state.pool)
-        .await?;
+        .await
+    {
+        tracing::warn!(%error, "starting due billing periods failed; answering as they are");
+    }
+}
+
+async fn view(state: &AppState, tenant: uuid::Uuid) -> Result<SubscriptionView, ApiError> {
+    roll_periods(state).await;
     let subscription = plans::subscription(&state.pool, tenant)
         .await?
         .ok_or_else(|| ApiError::internal(format!("tenant {tenant} has no subscription")))?;

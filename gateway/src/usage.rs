@@ -119,9 +119,7 @@ pub async fn usage(
         _ => return Err(invalid("granularity", "granularity: hour, day or period")),
     };
     let meters = meters_of(q.meters.as_deref())?;
-    sqlx::query("SELECT clisonix_roll_periods(now())")
-        .execute(&state.pool)
-        .await?;
+    crate::plans::roll_periods(&state).await;
     let subscription = plans::subscription(&state.pool, tenant)
         .await?
         .ok_or_else(|| ApiError::internal(format!("tenant {tenant} has no subscription")))?;
