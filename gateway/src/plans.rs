@@ -48,7 +48,11 @@ pub(crate) async fn roll_periods(state: &AppState) {
     }
 }
 
-async fn view(state: &AppState, tenant: uuid::Uuid) -> Result<SubscriptionView, ApiError> {
+/// The tenant's subscription, with its periods brought up to now, and its plan.
+pub(crate) async fn view(
+    state: &AppState,
+    tenant: uuid::Uuid,
+) -> Result<SubscriptionView, ApiError> {
     roll_periods(state).await;
     let subscription = plans::subscription(&state.pool, tenant)
         .await?

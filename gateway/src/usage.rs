@@ -7,13 +7,14 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::Json;
 use chrono::{DateTime, Duration, Utc};
-use clisonix_tenancy::plans::{self, LimitKind};
+use clisonix_tenancy::plans::LimitKind;
 use clisonix_tenancy::Meter;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::plans::SubscriptionView;
 use crate::results::{invalid, parse_time, query_error};
 use crate::startup::AppState;
 
@@ -119,17 +120,7 @@ pub async fn usage(
         _ => return Err(invalid("granularity", "granularity: hour, day or period")),
     };
     let meters = meters_of(q.meters.as_deref())?;
-    crate::plans::roll_periods(&state).await;
-    let subscription = plans::subscription(&state.pool, tenant)
-        .await?
-        .ok_or_else(|| ApiError::internal(format!("tenant {tenant} has no subscription")))?;
-    let plan = plans::plan(
-        &state.pool,
-        &subscription.plan_id,
-        Some(subscription.plan_version),
-    )
-    .await?
-    .ok_or_else(|| ApiError::internal("a subscription names a missing plan"))?;
+    let SubscriptionView { subscription, plan } = crate::plans::view(&state, tenant).await?;
     let from = parse_time("from", q.from.as_deref())?.unwrap_or(subscription.period_start);
     let to = parse_time("to", q.to.as_deref())?.unwrap_or_else(Utc::now);
     if from >= to {

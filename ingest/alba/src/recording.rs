@@ -201,31 +201,22 @@ pub async fn upload(
         read_recording(bridge, spec, frame_ms, received_at, max_bytes, &tx)
     });
 
-    let (format, labels, sample_rate_hz, samples_per_frame, start_us, samples) =
-        match rx.recv().await {
-            Some(Read::Header {
-                format,
-                labels,
-                sample_rate_hz,
-                samples_per_frame,
-                start_us,
-                samples,
-            }) => (
-                format,
-                labels,
-                sample_rate_hz,
-                samples_per_frame,
-                start_us,
-                samples,
-            ),
-            other => {
-                let _ = reading.await;
-                return Err(match other {
-                    Some(Read::Failed(e)) => e,
-                    _ => bad_recording("the recording has no readable header"),
-                });
-            }
-        };
+    let first = rx.recv().await;
+    let Some(Read::Header {
+        format,
+        labels,
+        sample_rate_hz,
+        samples_per_frame,
+        start_us,
+        samples,
+    }) = first
+    else {
+        let _ = reading.await;
+        return Err(match first {
+            Some(Read::Failed(e)) => e,
+            _ => bad_recording("the recording has no readable header"),
+        });
+    };
 
     // Refuse a session that exists before reading any further (checked again, under
     // the session's lock, when the first frame is published).
