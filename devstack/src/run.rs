@@ -63,6 +63,8 @@ impl Services {
         let mut config = clisonix_gateway::Config::defaults();
         config.database_url = clisonix_gateway::config::Secret::new(database.clone());
         config.listen = options.gateway;
+        config.kafka_bootstrap = Some(stack.bootstrap());
+        config.topic_prefix = stack.topics.prefix().to_owned();
         let gateway = clisonix_gateway::Application::build(config)
             .await
             .with_context(|| format!("starting the gateway on {}", options.gateway))?;

@@ -33,6 +33,12 @@ pub struct Config {
     /// admin and owner roles).
     pub requests_per_minute_member: u32,
     pub requests_per_minute_premium: u32,
+    /// Kafka, where requests on the results API are reported to metering as usage
+    /// events (`usage.events`); without it they are not metered.
+    pub kafka_bootstrap: Option<String>,
+    pub topic_prefix: String,
+    /// How often the counted requests are emitted.
+    pub usage_interval: Duration,
 }
 
 impl Config {
@@ -53,6 +59,9 @@ impl Config {
             login_attempts_per_ip: 100,
             requests_per_minute_member: 120,
             requests_per_minute_premium: 1200,
+            kafka_bootstrap: None,
+            topic_prefix: String::new(),
+            usage_interval: Duration::from_secs(5),
         }
     }
 
@@ -130,6 +139,19 @@ impl Config {
         });
         parse("CLISONIX_MIGRATE", &mut |v| {
             c.migrate = v.parse().map_err(|_| "expected true or false".to_owned())?;
+            Ok(())
+        });
+        parse("CLISONIX_KAFKA_BOOTSTRAP", &mut |v| {
+            c.kafka_bootstrap = Some(v.to_owned());
+            Ok(())
+        });
+        parse("CLISONIX_TOPIC_PREFIX", &mut |v| {
+            c.topic_prefix = v.to_owned();
+            Ok(())
+        });
+        parse("CLISONIX_GATEWAY_USAGE_INTERVAL_MS", &mut |v| {
+            let ms: u64 = v.parse().map_err(|e| format!("{e}"))?;
+            c.usage_interval = Duration::from_millis(ms.max(10));
             Ok(())
         });
         if c.database_url.expose().is_empty() {

@@ -3,6 +3,7 @@
 //! the results API (sessions, features, audio), and plans, subscriptions and usage.
 
 pub mod accounts;
+pub mod api_usage;
 pub mod auth;
 pub mod config;
 pub mod limits;

@@ -36,6 +36,17 @@ pub struct Reader {
     pub tenant: Uuid,
 }
 
+impl Reader {
+    /// The reader of an authenticated request on the results API, which counts in the
+    /// tenant's `api_requests` meter.
+    fn counted(state: &AppState, tenant: Uuid) -> Reader {
+        if let Some(usage) = &state.api_usage {
+            usage.record(tenant);
+        }
+        Reader { tenant }
+    }
+}
+
 /// The credential a request carries: `X-API-Key`, or the `Authorization` bearer.
 pub(crate) fn credential(headers: &HeaderMap) -> Option<&str> {
     let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
@@ -72,9 +83,7 @@ async fn key_reader(state: &AppState, key: &str) -> Result<Reader, ApiError> {
                 wait,
             )
         })?;
-    Ok(Reader {
-        tenant: verified.tenant_id,
-    })
+    Ok(Reader::counted(state, verified.tenant_id))
 }
 
 /// A reader from a token given outside the headers (a WebSocket's query string).
@@ -83,7 +92,7 @@ pub(crate) async fn reader_from(state: &AppState, token: &str) -> Result<Reader,
         return key_reader(state, token).await;
     }
     let claims = state.keys.verify(token)?;
-    Ok(Reader { tenant: claims.tid })
+    Ok(Reader::counted(state, claims.tid))
 }
 
 impl FromRequestParts<AppState> for Reader {
@@ -94,9 +103,7 @@ impl FromRequestParts<AppState> for Reader {
             Some(key) if key.starts_with("ck_") => key_reader(state, key).await,
             _ => {
                 let caller = crate::auth::Caller::from_request_parts(parts, state).await?;
-                Ok(Reader {
-                    tenant: caller.0.tid,
-                })
+                Ok(Reader::counted(state, caller.0.tid))
             }
         }
     }

@@ -18,7 +18,11 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use clisonix_topics::catalog::USAGE_EVENTS;
+use clisonix_topics::{KafkaSettings, Topics};
+
 use crate::accounts;
+use crate::api_usage::ApiUsage;
 use crate::auth::Keys;
 use crate::config::Config;
 pub use clisonix_service::http::{observed, shutdown_on_signal};
@@ -104,6 +108,8 @@ pub struct AppState {
     pub request_limits: Arc<RequestLimiter>,
     pub api_keys: Arc<KeyVerifier>,
     pub live: LiveHub,
+    /// Requests on the results API, reported to metering (when Kafka is configured).
+    pub api_usage: Option<Arc<ApiUsage>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -271,7 +277,22 @@ impl Application {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
+        let api_usage = match &config.kafka_bootstrap {
+            Some(bootstrap) => {
+                let producer = KafkaSettings::new(bootstrap, "clisonix-gateway")
+                    .producer()
+                    .create()
+                    .context("creating the Kafka producer for API usage")?;
+                let topic = Topics::new(config.topic_prefix.clone()).name(&USAGE_EVENTS);
+                Some(Arc::new(ApiUsage::new(producer, topic)))
+            }
+            None => {
+                tracing::warn!("CLISONIX_KAFKA_BOOTSTRAP is not set: requests on the results API are not metered");
+                None
+            }
+        };
         let state = AppState {
+            api_usage,
             api_keys: Arc::new(KeyVerifier::new(pool.clone())),
             login_limits: Arc::new(AttemptLimiter::new(
                 std::time::Duration::from_secs(300),
@@ -296,6 +317,13 @@ impl Application {
     /// waited for.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
         let live = self.state.live.clone();
+        // API usage goes out every interval, and once more after the last request.
+        let usage_stop = CancellationToken::new();
+        let usage = self
+            .state
+            .api_usage
+            .clone()
+            .map(|u| tokio::spawn(u.run(self.state.config.usage_interval, usage_stop.clone())));
         let app = router(self.state).into_make_service_with_connect_info::<std::net::SocketAddr>();
         let stop_live = live.stop.clone();
         let served = axum::serve(self.listener, app)
@@ -307,6 +335,10 @@ impl Application {
         live.stop.cancel();
         live.streams.close();
         live.streams.wait().await;
+        usage_stop.cancel();
+        if let Some(usage) = usage {
+            let _ = usage.await;
+        }
         served
     }
 }

@@ -307,3 +307,72 @@ async fn usage_by_hour_day_and_period_with_what_remains_and_per_session() {
     }
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_on_the_results_api_are_reported_to_metering_as_usage_events() {
+    use clisonix_schemas::{decode, UsageEvent, UsageKind};
+    let env = clisonix_e2e::TestEnv::get();
+    let topics = env.topics();
+    env.create_catalog(&topics).await;
+    let (bootstrap, prefix) = (env.kafka.bootstrap.clone(), topics.prefix().to_owned());
+    let app = TestApp::spawn_with(move |c| {
+        c.kafka_bootstrap = Some(bootstrap);
+        c.topic_prefix = prefix;
+        c.usage_interval = std::time::Duration::from_millis(200);
+    })
+    .await;
+    let a = app.signup("a@example.org").await;
+    let key = app
+        .authed(
+            "POST",
+            "/v1/api-keys",
+            &token(&a),
+            Some(json!({"name": "reader", "scopes": ["read"]})),
+        )
+        .await;
+    let key = key.body["key"].as_str().unwrap().to_owned();
+    for _ in 0..3 {
+        let r = app
+            .request(
+                "GET",
+                "/v1/sessions",
+                None,
+                &[("Authorization", &format!("Bearer {key}"))],
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    for path in ["/v1/sessions", &format!("/v1/sessions/{}", Uuid::new_v4())] {
+        app.authed("GET", path, &token(&a), None).await;
+    }
+    // Not on the results API, or not authenticated: not counted.
+    app.request("GET", "/v1/plans", None, &[]).await;
+    app.request("GET", "/v1/sessions", None, &[]).await;
+    app.authed("GET", "/v1/usage", &token(&a), None).await;
+
+    let consumer = env.consumer(&[&topics.name(&clisonix_topics::catalog::USAGE_EVENTS)]);
+    let mut counted = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while counted < 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{counted} of 5 requests reported"
+        );
+        let got = env
+            .consume(&consumer, 1, std::time::Duration::from_secs(30))
+            .await;
+        let e: UsageEvent = decode(&got[0].value).unwrap();
+        assert_eq!(
+            (e.kind, e.source.as_str()),
+            (UsageKind::ApiRequests, "gateway")
+        );
+        assert_eq!(e.tenant_id.as_uuid(), tenant(&a));
+        counted += e.quantity;
+    }
+    assert_eq!(
+        counted, 5,
+        "each request on the results API once, the 404 included"
+    );
+    app.stop().await;
+    env.delete_topics(topics.prefix()).await;
+}

@@ -81,6 +81,8 @@ impl Pipeline {
         let mut config = clisonix_gateway::Config::defaults();
         config.database_url = clisonix_gateway::config::Secret::new(db.url());
         config.listen = "127.0.0.1:0".parse().unwrap();
+        config.kafka_bootstrap = Some(env.kafka.bootstrap.clone());
+        config.topic_prefix = topics.prefix().to_owned();
         let app = clisonix_gateway::Application::build(config)
             .await
             .expect("the gateway starts");
