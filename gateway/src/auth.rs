@@ -202,10 +202,14 @@ impl FromRequestParts<AppState> for Caller {
             .strip_prefix("Bearer ")
             .ok_or_else(|| ApiError::unauthorized("expected a Bearer token"))?;
         let claims = state.keys.verify(token)?;
-        // Premium tenants' users (and admins) get the higher rate.
+        // The tenant's plan sets the rates; premium users (and admins) get its higher one.
+        let (member, premium) = state
+            .plan_rates
+            .of(&state.pool, claims.tid, state.config.rates())
+            .await;
         let per_minute = match claims.role.as_str() {
-            "member" => state.config.requests_per_minute_member,
-            _ => state.config.requests_per_minute_premium,
+            "member" => member,
+            _ => premium,
         };
         state
             .request_limits

@@ -30,7 +30,8 @@ pub struct Config {
     pub login_attempts_per_account: usize,
     pub login_attempts_per_ip: usize,
     /// Authenticated requests per minute per caller: members, and premium (premium,
-    /// admin and owner roles).
+    /// admin and owner roles), for a tenant whose plan cannot be read; the plan's
+    /// rates apply otherwise.
     pub requests_per_minute_member: u32,
     pub requests_per_minute_premium: u32,
     /// Kafka, where requests on the results API are reported to metering as usage
@@ -42,6 +43,15 @@ pub struct Config {
 }
 
 impl Config {
+    /// The configured request rates `(member, premium)`: for tenants whose plan cannot
+    /// be read (the plan's rates apply otherwise).
+    pub fn rates(&self) -> (u32, u32) {
+        (
+            self.requests_per_minute_member,
+            self.requests_per_minute_premium,
+        )
+    }
+
     /// Development defaults (no database URL).
     pub fn defaults() -> Config {
         Config {

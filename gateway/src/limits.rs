@@ -89,6 +89,61 @@ impl RequestLimiter {
     }
 }
 
+/// Each tenant's request rates from its plan (`requests_per_minute_member`,
+/// `_premium`), read from the database at most every [`PlanRates::TTL`] per tenant, so
+/// a plan change applies within that. A tenant without a plan (no subscription) gets
+/// the configured rates.
+#[derive(Debug, Default)]
+pub struct PlanRates {
+    rates: Mutex<HashMap<uuid::Uuid, ((u32, u32), Instant)>>,
+}
+
+impl PlanRates {
+    pub const TTL: Duration = Duration::from_secs(30);
+
+    /// `(member, premium)` requests per minute for `tenant`; `fallback` when its plan
+    /// cannot be read.
+    pub async fn of(
+        &self,
+        pool: &sqlx::PgPool,
+        tenant: uuid::Uuid,
+        fallback: (u32, u32),
+    ) -> (u32, u32) {
+        let cached = {
+            let rates = self.rates.lock().expect("not poisoned");
+            rates
+                .get(&tenant)
+                .filter(|(_, at)| at.elapsed() < Self::TTL)
+                .map(|(r, _)| *r)
+        };
+        if let Some(r) = cached {
+            return r;
+        }
+        let read: Result<Option<(i32, i32)>, sqlx::Error> = sqlx::query_as(
+            "SELECT p.requests_per_minute_member, p.requests_per_minute_premium \
+             FROM subscriptions s JOIN plans p ON p.plan_id = s.plan_id AND p.version = s.plan_version \
+             WHERE s.tenant_id = $1",
+        )
+        .bind(tenant)
+        .fetch_optional(pool)
+        .await;
+        let r = match read {
+            Ok(Some((member, premium))) => (member.max(1) as u32, premium.max(1) as u32),
+            Ok(None) => fallback,
+            Err(error) => {
+                tracing::warn!(%error, %tenant, "reading the plan's request rates failed");
+                return fallback;
+            }
+        };
+        let mut rates = self.rates.lock().expect("not poisoned");
+        if rates.len() > 100_000 {
+            rates.clear();
+        }
+        rates.insert(tenant, (r, Instant::now()));
+        r
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -69,13 +69,14 @@ async fn key_reader(state: &AppState, key: &str) -> Result<Reader, ApiError> {
             "this key has no read scope",
         ));
     }
+    // Keys are programs (dashboards, exports): the plan's higher rate.
+    let (_, premium) = state
+        .plan_rates
+        .of(&state.pool, verified.tenant_id, state.config.rates())
+        .await;
     state
         .request_limits
-        .take(
-            (verified.tenant_id, verified.key_id),
-            // Keys are programs (dashboards, exports): the higher rate.
-            state.config.requests_per_minute_premium,
-        )
+        .take((verified.tenant_id, verified.key_id), premium)
         .map_err(|wait| {
             ApiError::too_many(
                 "rate_limited",

@@ -29,7 +29,7 @@ pub use clisonix_service::http::{observed, shutdown_on_signal};
 
 use crate::error::ApiError;
 use crate::keys::KeyVerifier;
-use crate::limits::{AttemptLimiter, RequestLimiter};
+use crate::limits::{AttemptLimiter, PlanRates, RequestLimiter};
 use crate::live::LiveHub;
 use crate::members;
 use crate::results;
@@ -106,6 +106,8 @@ pub struct AppState {
     pub metrics: ApiMetrics,
     pub login_limits: Arc<AttemptLimiter>,
     pub request_limits: Arc<RequestLimiter>,
+    /// Each tenant's request rates, from its plan.
+    pub plan_rates: Arc<PlanRates>,
     pub api_keys: Arc<KeyVerifier>,
     pub live: LiveHub,
     /// Requests on the results API, reported to metering (when Kafka is configured).
@@ -300,6 +302,7 @@ impl Application {
                 config.login_attempts_per_ip,
             )),
             request_limits: Arc::new(RequestLimiter::default()),
+            plan_rates: Arc::new(PlanRates::default()),
             live: LiveHub::start(pool.clone()),
             pool,
             keys: Keys::new(&config),

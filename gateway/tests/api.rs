@@ -811,14 +811,23 @@ async fn the_openapi_document_describes_every_route() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn premium_callers_get_a_higher_request_rate() {
-    let app = TestApp::spawn_with(|c| {
-        c.requests_per_minute_member = 5;
-        c.requests_per_minute_premium = 50;
-    })
-    .await;
+async fn premium_callers_get_a_higher_request_rate_within_their_plan() {
+    let app = TestApp::spawn().await;
     let owner = app.signup("rich@example.org").await;
     let basic = app.signup("basic@example.org").await;
+    // The tenants' plan sets the rates: 5 a minute for members, 50 for premium callers.
+    sqlx::query(
+        "INSERT INTO plans (plan_id, version, name, currency, base_fee_minor, requests_per_minute_member, \
+         requests_per_minute_premium, audio_presets, retention_days, public) \
+         VALUES ('slow', 1, 'Slow', 'EUR', 0, 5, 50, '{}', 1, false)",
+    )
+    .execute(app.pool())
+    .await
+    .unwrap();
+    sqlx::query("UPDATE subscriptions SET plan_id = 'slow', plan_version = 1")
+        .execute(app.pool())
+        .await
+        .unwrap();
     // Make "basic" a plain member of its own tenant.
     sqlx::query("UPDATE memberships SET role = 'member' WHERE user_id = $1::uuid")
         .bind(basic["user_id"].as_str().unwrap())
