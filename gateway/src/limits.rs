@@ -95,8 +95,12 @@ impl RequestLimiter {
 /// the configured rates.
 #[derive(Debug, Default)]
 pub struct PlanRates {
-    rates: Mutex<HashMap<uuid::Uuid, ((u32, u32), Instant)>>,
+    /// Per tenant: (member, premium) per minute, and when they were read.
+    rates: Mutex<HashMap<uuid::Uuid, (Rates, Instant)>>,
 }
+
+/// Requests per minute: (member, premium).
+type Rates = (u32, u32);
 
 impl PlanRates {
     pub const TTL: Duration = Duration::from_secs(30);
