@@ -390,3 +390,49 @@ async fn watch(url: String) -> (Vec<i64>, Vec<(i64, Vec<u8>)>, Value) {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_frames_is_reflected_in_its_session_when_nothing_follows() {
+    let p = Pipeline::start_with(common::Parts {
+        jona: false,
+        sink: true,
+    })
+    .await;
+    // Three seconds of EEG sent at once, then nothing (no end marker).
+    let mut recording = load(&recording_path(), 125).unwrap();
+    recording.frames.truncate(24);
+    let report = play(
+        &recording,
+        &PlayOptions {
+            url: p.ingest.clone(),
+            key: p.tenant.ingest_key.clone(),
+            transport: Transport::Http,
+            format: Format::Binary,
+            speed: 0.0,
+            end_sessions: false,
+            ..PlayOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.acked, 24, "{}", report.summary());
+    let session = report.sessions[0].1;
+    let mut reader = p.reader(&p.tenant.read_key);
+    // Within the sessions stage's update interval (5 s) and the sink's delay.
+    let started = std::time::Instant::now();
+    let state = p
+        .wait_for(
+            &mut reader,
+            &format!("/v1/sessions/{session}"),
+            Duration::from_secs(30),
+            |v| v["frames"] == 24,
+        )
+        .await;
+    assert_eq!(state["status"], "active");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    p.stop().await;
+}

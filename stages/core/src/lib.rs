@@ -137,4 +137,14 @@ pub trait Stage: Send {
 
     /// Drops all state of a partition (it was revoked, or is about to be re-read).
     fn forget(&mut self, partition: i32);
+
+    /// The partition has had no record for a while: `now_ms` is its last record's time
+    /// moved on by the wall time since. A stage that reports state at intervals writes
+    /// what a later record would have made it write by now (the sessions stage: a state
+    /// that changed since it was last written). The outputs go out in a transaction of
+    /// their own. Called only once the partition is caught up (not while replaying).
+    /// By default, nothing.
+    fn idle(&mut self, partition: i32, now_ms: i64, out: &mut Vec<Output>) {
+        let _ = (partition, now_ms, out);
+    }
 }

@@ -178,6 +178,13 @@ impl<S: Tracked> SessionTable<S> {
         self.sessions.is_empty()
     }
 
+    /// The sessions of `partition`, in key order.
+    pub fn on_partition_mut(&mut self, partition: i32) -> impl Iterator<Item = &mut S> {
+        self.sessions
+            .values_mut()
+            .filter(move |s| s.placement().partition == partition)
+    }
+
     /// The oldest first offset of the sessions open on `partition`.
     pub fn needed_from(&self, partition: i32) -> Option<i64> {
         self.sessions

@@ -39,6 +39,8 @@ const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 const METADATA_KEY: &str = "emitted_through=";
 const LAG_EVERY: Duration = Duration::from_secs(5);
 const IDLE_TICK: Duration = Duration::from_millis(250);
+/// How often the stage gets its idle call ([`Stage::idle`]).
+const IDLE_EVERY: Duration = Duration::from_secs(1);
 
 /// How a stage connects and batches.
 #[derive(Debug, Clone)]
@@ -117,6 +119,9 @@ struct PartitionState {
     emitted_through: i64,
     /// The last record processed in this incarnation.
     last: Option<i64>,
+    /// That record's time (its Kafka timestamp) and when it was processed, from which
+    /// an idle partition's record time moves on ([`Stage::idle`]).
+    last_time: Option<(i64, Instant)>,
 }
 
 struct Loop<S: Stage> {
@@ -194,7 +199,13 @@ pub async fn run<S: Stage + 'static>(
 impl<S: Stage> Loop<S> {
     async fn run(&mut self, shutdown: CancellationToken) -> Result<(), RuntimeError> {
         let mut last_lag = Instant::now();
+        let mut last_idle = Instant::now();
         loop {
+            // Every second, busy or not: a session quiet on a busy partition is due too.
+            if last_idle.elapsed() >= IDLE_EVERY {
+                last_idle = Instant::now();
+                self.idle()?;
+            }
             let first = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
@@ -254,6 +265,49 @@ impl<S: Stage> Loop<S> {
                 block_in_place(|| update_lag(&self.consumer, self.stage.name(), &self.health));
             }
         }
+    }
+
+    /// Gives the stage its idle call on every caught-up partition, and produces what
+    /// it writes in a transaction of its own (no offsets move).
+    fn idle(&mut self) -> Result<(), RuntimeError> {
+        let mut buf = Vec::new();
+        let ps: Vec<(i32, i64)> = self
+            .parts
+            .iter()
+            .filter(|(_, st)| st.last.is_some_and(|last| last > st.emitted_through))
+            .filter_map(|(p, st)| {
+                let (t, at) = st.last_time?;
+                Some((*p, t + at.elapsed().as_millis() as i64))
+            })
+            .collect();
+        for (p, now_ms) in ps {
+            self.stage.idle(p, now_ms, &mut buf);
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let stage = self.stage.name();
+        let outputs: Vec<(String, Vec<u8>, Vec<u8>)> = buf
+            .into_iter()
+            .map(|o| {
+                let topic = self.output_topic(o.topic);
+                self.health
+                    .metrics
+                    .records_out
+                    .with_label_values(&[stage, &topic])
+                    .inc();
+                (topic, o.key, o.value)
+            })
+            .collect();
+        match block_in_place(|| self.commit(&[], &outputs)) {
+            Ok(()) => self.metric_transaction("committed"),
+            Err(error) => {
+                self.metric_transaction("aborted");
+                warn!(%error, "an idle transaction failed; rewinding to the committed offsets");
+                block_in_place(|| self.abort_and_rewind())?;
+            }
+        }
+        Ok(())
     }
 
     fn metric_transaction(&self, outcome: &str) {
@@ -321,6 +375,7 @@ impl<S: Stage> Loop<S> {
                 let state = PartitionState {
                     emitted_through,
                     last: None,
+                    last_time: None,
                 };
                 (e.partition(), e.offset(), state)
             })
@@ -338,9 +393,13 @@ impl<S: Stage> Loop<S> {
             let state = self.parts.entry(p).or_insert(PartitionState {
                 emitted_through: -1,
                 last: None,
+                last_time: None,
             });
             let replaying = m.offset() <= state.emitted_through;
             state.last = Some(m.offset());
+            if let Some(t) = m.timestamp().to_millis() {
+                state.last_time = Some((t, Instant::now()));
+            }
             metrics.records_in.with_label_values(&[stage_name]).inc();
             if replaying {
                 metrics.replayed.with_label_values(&[stage_name]).inc();
@@ -445,12 +504,14 @@ impl<S: Stage> Loop<S> {
                 e.set_metadata(format!("{METADATA_KEY}{}", last.max(state.emitted_through)));
             }
         }
-        // A consumer that returned records has joined its group, so this is always set.
-        let Some(group) = self.consumer.group_metadata() else {
-            return Err(KafkaError::Canceled);
-        };
-        self.producer
-            .send_offsets_to_transaction(&offsets, &group, KAFKA_TIMEOUT)?;
+        if offsets.count() > 0 {
+            // A consumer that returned records has joined its group, so this is set.
+            let Some(group) = self.consumer.group_metadata() else {
+                return Err(KafkaError::Canceled);
+            };
+            self.producer
+                .send_offsets_to_transaction(&offsets, &group, KAFKA_TIMEOUT)?;
+        }
         self.producer.commit_transaction(KAFKA_TIMEOUT)?;
         Ok(())
     }

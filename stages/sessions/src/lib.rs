@@ -48,6 +48,8 @@ impl Default for SessionsConfig {
 struct Open {
     placed: Placement,
     last_written_ms: i64,
+    /// The state changed since it was last written.
+    unwritten: bool,
     seqs: SeqTracker,
     lowest_seq: u64,
     highest_seq: u64,
@@ -63,6 +65,7 @@ impl Tracked for Open {
 impl Open {
     fn write(&mut self, now_ms: i64, emit: bool, out: &mut Vec<Output>) {
         self.last_written_ms = now_ms;
+        self.unwritten = false;
         if emit {
             out.push(Output::new(
                 OutputTopic::EegSessions,
@@ -157,6 +160,7 @@ impl Stage for Sessions {
             let mut open = Open {
                 placed: Placement::first(&meta, now_ms),
                 last_written_ms: now_ms,
+                unwritten: false,
                 seqs,
                 lowest_seq: frame.seq,
                 highest_seq: frame.seq,
@@ -221,8 +225,25 @@ impl Stage for Sessions {
             open.end(frame.received_at, EndReason::Explicit, now_ms, emit, out);
         } else if now_ms - open.last_written_ms >= self.config.update_ms {
             open.write(now_ms, emit, out);
+        } else {
+            open.unwritten = true;
         }
         Ok(())
+    }
+
+    /// A burst of frames followed by nothing is reflected within the update interval:
+    /// a session whose state changed since it was last written is written once the
+    /// interval has passed (at the partition's record time moved on by the wall time).
+    fn idle(&mut self, partition: i32, now_ms: i64, out: &mut Vec<Output>) {
+        let update_ms = self.config.update_ms;
+        for open in self.sessions.on_partition_mut(partition) {
+            if open.unwritten
+                && open.state.status == SessionStatus::Active
+                && now_ms - open.last_written_ms >= update_ms
+            {
+                open.write(now_ms, true, out);
+            }
+        }
     }
 
     fn needed_from(&self, partition: i32) -> Option<i64> {

@@ -258,3 +258,37 @@ fn replaying_rebuilds_counts_so_the_rest_equals_a_clean_run() {
     assert!(replayed.is_empty());
     assert_eq!(before, clean);
 }
+
+#[test]
+fn a_burst_followed_by_nothing_is_written_once_the_update_interval_has_passed() {
+    let mut stage = Sessions::new(SessionsConfig::default());
+    let session = SessionId::random();
+    // Two seconds of frames: the first is written, the rest wait for the interval.
+    let burst: Vec<Frame> = (0..16).map(|seq| frame(session, seq)).collect();
+    let written = feed(&mut stage, &burst);
+    assert_eq!(written.len(), 1);
+    assert_eq!(written[0].frames, 1);
+    let last_ms = burst.last().unwrap().received_at.as_millis();
+    let idle = |stage: &mut Sessions, now_ms: i64| {
+        let mut out = Vec::new();
+        stage.idle(0, now_ms, &mut out);
+        states(&out)
+    };
+    // Before the interval since the last write: nothing; on another partition: nothing.
+    assert!(idle(&mut stage, last_ms + 1_000).is_empty());
+    let mut out = Vec::new();
+    stage.idle(1, last_ms + 60_000, &mut out);
+    assert!(out.is_empty());
+    // Once it has passed: the whole burst, once.
+    let later = idle(&mut stage, last_ms + 5_000);
+    assert_eq!(later.len(), 1);
+    assert_eq!(
+        (later[0].frames, later[0].status),
+        (16, SessionStatus::Active)
+    );
+    assert_eq!(later[0].samples_per_channel, 16 * 32);
+    assert!(
+        idle(&mut stage, last_ms + 60_000).is_empty(),
+        "nothing changed since"
+    );
+}
