@@ -427,6 +427,14 @@ impl Ingest {
                     },
                 )
             }
+            ClaimError::DeviceLimit { limit, devices } => {
+                Rejection::new(Reason::DevicesExceeded, e.to_string()).quota(QuotaDetail {
+                    meter: "devices".into(),
+                    limit: i64::from(limit),
+                    used: devices,
+                    resets_at: None,
+                })
+            }
             ClaimError::Database(e) => self.unavailable(e),
         }
     }
@@ -437,6 +445,30 @@ impl Ingest {
     pub async fn load_quota(&self, tenant: TenantId) {
         if let Err(error) = self.quotas.ensure(tenant.as_uuid()).await {
             tracing::warn!(%error, %tenant, "reading the tenant's quotas failed");
+        }
+    }
+
+    /// Refuses `device` when it is new to the tenant and the tenant's plan allows no
+    /// more devices (recording uploads; streamed sessions check it as they are created).
+    pub async fn check_device(&self, tenant: TenantId, device: &DeviceId) -> Result<(), Rejection> {
+        let Some(limit) = self.quotas.session_limits(tenant.as_uuid()).devices else {
+            return Ok(());
+        };
+        let counted: Result<(bool, i64), sqlx::Error> = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM devices WHERE tenant_id = $1 AND device_id = $2), \
+                    (SELECT count(*) FROM devices WHERE tenant_id = $1)",
+        )
+        .bind(tenant.as_uuid())
+        .bind(device.as_str())
+        .fetch_one(&self.pool)
+        .await;
+        match counted {
+            Err(e) => Err(self.unavailable(e)),
+            Ok((true, _)) => Ok(()),
+            Ok((false, devices)) if devices < i64::from(limit) => Ok(()),
+            Ok((false, devices)) => {
+                Err(self.claim_refusal(ClaimError::DeviceLimit { limit, devices }))
+            }
         }
     }
 

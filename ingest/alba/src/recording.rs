@@ -242,6 +242,12 @@ pub async fn upload(
             return Err(rejection_error(&quota_rejection(&refusal)));
         }
     };
+    if let Err(refusal) = ingest.check_device(tenant, &device).await {
+        ingest.quotas.settle(reservation, Amounts::default());
+        drop(rx);
+        let _ = reading.await;
+        return Err(rejection_error(&refusal));
+    }
     let mut tx_db = match ingest.pool.begin().await {
         Ok(tx) => tx,
         Err(e) => {

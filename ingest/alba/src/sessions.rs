@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clisonix_schemas::{SessionId, TenantId};
-use clisonix_tenancy::quota::QuotaBook;
+use clisonix_tenancy::quota::{QuotaBook, SessionLimits};
 use prometheus::{IntCounter, IntGauge};
 use sqlx::PgPool;
 use tokio::sync::OwnedMutexGuard;
@@ -65,6 +65,8 @@ pub enum ClaimError {
     Busy(SessionId),
     #[error("the tenant has {active} sessions open, as many as its plan allows ({limit}): end one first")]
     SessionLimit { limit: i32, active: i64 },
+    #[error("the tenant streams from {devices} devices, as many as its plan allows ({limit})")]
+    DeviceLimit { limit: i32, devices: i64 },
     #[error("the database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -222,37 +224,50 @@ pub(crate) async fn create(
 /// this long: the stages' idle timeout, after which they close it too.
 pub const OPEN_FOR: Duration = Duration::from_secs(900);
 
-/// As [`create`], unless the tenant already has `limit` sessions open: then
-/// [`ClaimError::SessionLimit`]. The tenant's new sessions are counted and created
-/// one at a time (a lock per tenant, for the transaction), so two cannot both take
-/// the last place.
+/// As [`create`], unless the tenant already has as many sessions open as `limits`
+/// allow ([`ClaimError::SessionLimit`]) or the session's device would be one more
+/// than they allow ([`ClaimError::DeviceLimit`]). The tenant's new sessions are
+/// counted and created one at a time (a lock per tenant, for the transaction), so two
+/// cannot both take the last place.
 pub(crate) async fn create_within(
     pool: &PgPool,
     tenant: TenantId,
     transport: Transport,
     first: &Head,
     owner: Option<(Uuid, Duration)>,
-    limit: i32,
+    limits: SessionLimits,
 ) -> Result<Option<SessionRow>, ClaimError> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 2024))")
         .bind(tenant.as_uuid())
         .execute(&mut *tx)
         .await?;
-    let (exists, active): (bool, i64) = sqlx::query_as(
-        "SELECT EXISTS (SELECT 1 FROM ingest_sessions WHERE session_id = $1),                 (SELECT count(*) FROM ingest_sessions WHERE tenant_id = $2 AND ended_at IS NULL                    AND coalesce(last_frame_at, created_at) > now() - $3 * interval '1 millisecond')",
+    let (exists, active, known_device, devices): (bool, i64, bool, i64) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM ingest_sessions WHERE session_id = $1), \
+                (SELECT count(*) FROM ingest_sessions WHERE tenant_id = $2 AND ended_at IS NULL \
+                   AND coalesce(last_frame_at, created_at) > now() - $3 * interval '1 millisecond'), \
+                EXISTS (SELECT 1 FROM devices WHERE tenant_id = $2 AND device_id = $4), \
+                (SELECT count(*) FROM devices WHERE tenant_id = $2)",
     )
     .bind(first.session_id.as_uuid())
     .bind(tenant.as_uuid())
     .bind(OPEN_FOR.as_millis() as i64)
+    .bind(first.device_id.as_str())
     .fetch_one(&mut *tx)
     .await?;
     if exists {
         // Not new: the caller claims it as any existing session.
         return Ok(None);
     }
-    if active >= i64::from(limit) {
-        return Err(ClaimError::SessionLimit { limit, active });
+    if let Some(limit) = limits.devices {
+        if !known_device && devices >= i64::from(limit) {
+            return Err(ClaimError::DeviceLimit { limit, devices });
+        }
+    }
+    if let Some(limit) = limits.sessions {
+        if active >= i64::from(limit) {
+            return Err(ClaimError::SessionLimit { limit, active });
+        }
     }
     let created = create(&mut *tx, tenant, transport, first, owner).await?;
     tx.commit().await?;
@@ -395,12 +410,11 @@ impl Sessions {
                 if let Some((transport, first)) = create_from {
                     sent = Instant::now();
                     let owner = Some((self.instance, self.leases.lease));
-                    claimed = match self.quotas.max_concurrent_sessions(tenant.as_uuid()) {
-                        None => create(&self.pool, tenant, transport, first, owner).await?,
-                        Some(limit) => {
-                            create_within(&self.pool, tenant, transport, first, owner, limit)
-                                .await?
-                        }
+                    let limits = self.quotas.session_limits(tenant.as_uuid());
+                    claimed = if limits.any() {
+                        create_within(&self.pool, tenant, transport, first, owner, limits).await?
+                    } else {
+                        create(&self.pool, tenant, transport, first, owner).await?
                     };
                     may_be_new = false;
                 }

@@ -21,14 +21,14 @@ const FRAME_QUOTA: i64 = 1904 + 40;
 const PERIOD: Duration = Duration::from_secs(40);
 
 /// Puts the test's tenant on a plan of its own: `FRAME_QUOTA` frames and one upload
-/// per period (hard), one session at a time; its period starts now and lasts
-/// `PERIOD`.
+/// per period (hard), one session at a time, two devices; its period starts now and
+/// lasts `PERIOD`.
 async fn tiny_plan(t: &TestIngest) {
     let pool = &t.db.pool;
     for sql in [
         "INSERT INTO plans (plan_id, version, name, currency, base_fee_minor, max_concurrent_sessions, \
-         requests_per_minute_member, requests_per_minute_premium, audio_presets, retention_days, public) \
-         VALUES ('tiny', 1, 'Tiny', 'EUR', 0, 1, 60, 60, '{}', 1, false)",
+         max_devices, requests_per_minute_member, requests_per_minute_premium, audio_presets, retention_days, public) \
+         VALUES ('tiny', 1, 'Tiny', 'EUR', 0, 1, 2, 60, 60, '{}', 1, false)",
         "INSERT INTO plan_meters (plan_id, version, meter, included, price_minor, limit_kind) VALUES \
          ('tiny', 1, 'frames', 1944, 0, 'hard'), ('tiny', 1, 'recording_uploads', 1, 0, 'hard'), \
          ('tiny', 1, 'bytes', 1, 0, 'soft')",
@@ -126,6 +126,18 @@ async fn a_tiny_plan_takes_exactly_its_quota_and_refuses_the_rest_until_the_peri
     assert_eq!(
         (e["meter"].as_str(), e["limit"].as_i64(), e["used"].as_i64()),
         (Some("concurrent_sessions"), Some(1), Some(1))
+    );
+
+    // A third device (after the upload's and the stream's): refused.
+    let mut c = frames(SessionId::random(), 1, 4, 32);
+    c[0].device_id = clisonix_schemas::DeviceId::parse("third-device").unwrap();
+    let a = t.post(&c, Format::Binary).await;
+    assert_eq!(a.status, 402, "{}", String::from_utf8_lossy(&a.body));
+    let e = &a.json()["error"];
+    assert_eq!(e["code"], "devices_exceeded");
+    assert_eq!(
+        (e["meter"].as_str(), e["limit"].as_i64(), e["used"].as_i64()),
+        (Some("devices"), Some(2), Some(2))
     );
 
     // Past the quota: the first 10 of 20 are accepted, the rest refused (207).

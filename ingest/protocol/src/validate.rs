@@ -56,10 +56,12 @@ pub enum Reason {
     PaymentRequired,
     /// The tenant has as many sessions open as its plan allows: end one first.
     ConcurrentSessionsExceeded,
+    /// A new device would be one more than the tenant's plan allows.
+    DevicesExceeded,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 22] = [
         Reason::MalformedFrame,
         Reason::InvalidField,
         Reason::NonFiniteSample,
@@ -81,6 +83,7 @@ impl Reason {
         Reason::QuotaExceeded,
         Reason::PaymentRequired,
         Reason::ConcurrentSessionsExceeded,
+        Reason::DevicesExceeded,
     ];
 
     pub fn code(self) -> &'static str {
@@ -106,6 +109,7 @@ impl Reason {
             Reason::QuotaExceeded => "quota_exceeded",
             Reason::PaymentRequired => "payment_required",
             Reason::ConcurrentSessionsExceeded => "concurrent_sessions_exceeded",
+            Reason::DevicesExceeded => "devices_exceeded",
         }
     }
 
@@ -127,7 +131,8 @@ impl Reason {
             Reason::Overloaded => 429,
             Reason::QuotaExceeded
             | Reason::PaymentRequired
-            | Reason::ConcurrentSessionsExceeded => 402,
+            | Reason::ConcurrentSessionsExceeded
+            | Reason::DevicesExceeded => 402,
             _ => 422,
         }
     }

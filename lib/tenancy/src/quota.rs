@@ -115,6 +115,7 @@ pub struct Standing {
     /// Metered usage this period.
     metered: Amounts,
     max_concurrent_sessions: Option<i32>,
+    max_devices: Option<i32>,
     /// Refused outright (past due beyond the grace, or canceled).
     blocked: Option<&'static str>,
 }
@@ -146,6 +147,7 @@ impl Standing {
             limits,
             metered,
             max_concurrent_sessions,
+            max_devices: None,
             blocked: None,
         }
     }
@@ -189,6 +191,21 @@ impl TenantBook {
             }
         }
         Ok(())
+    }
+}
+
+/// What a plan allows of a tenant's sessions and devices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Sessions open at once.
+    pub sessions: Option<i32>,
+    /// Devices the tenant streams from.
+    pub devices: Option<i32>,
+}
+
+impl SessionLimits {
+    pub fn any(&self) -> bool {
+        self.sessions.is_some() || self.devices.is_some()
     }
 }
 
@@ -319,13 +336,15 @@ impl Ledger {
         Some((limit, (limit - metered - book.local.0[i]).max(0), reset))
     }
 
-    /// The plan's concurrent-session limit of `tenant` (None: none, or not loaded).
-    pub fn max_concurrent_sessions(&self, tenant: Uuid) -> Option<i32> {
+    /// The plan's limits on `tenant`'s sessions open at once and devices (None: none,
+    /// or not loaded).
+    pub fn session_limits(&self, tenant: Uuid) -> SessionLimits {
         let tenants = self.tenants.lock().expect("not poisoned");
-        tenants
-            .get(&tenant)
-            .and_then(|b| b.standing.as_ref())
-            .and_then(|s| s.max_concurrent_sessions)
+        let standing = tenants.get(&tenant).and_then(|b| b.standing.as_ref());
+        SessionLimits {
+            sessions: standing.and_then(|s| s.max_concurrent_sessions),
+            devices: standing.and_then(|s| s.max_devices),
+        }
     }
 }
 
@@ -386,7 +405,7 @@ impl QuotaBook {
             "SELECT s.tenant_id, s.status, s.period_start, s.period_end, \
                     (s.status = 'canceled' OR (s.status = 'past_due' AND \
                         coalesce(s.past_due_since, now()) + (SELECT past_due_grace FROM billing_settings) <= now())) AS blocked, \
-                    p.max_concurrent_sessions, \
+                    p.max_concurrent_sessions, p.max_devices, \
                     ARRAY(SELECT coalesce((SELECT m.included FROM plan_meters m \
                                             WHERE m.plan_id = s.plan_id AND m.version = s.plan_version \
                                               AND m.meter = e.meter AND m.limit_kind = 'hard'), -1) \
@@ -421,6 +440,7 @@ impl QuotaBook {
                 limits: std::array::from_fn(|i| limits.get(i).copied().filter(|l| *l >= 0)),
                 metered: Amounts(std::array::from_fn(|i| used.get(i).copied().unwrap_or(0))),
                 max_concurrent_sessions: row.get("max_concurrent_sessions"),
+                max_devices: row.get("max_devices"),
                 blocked: row.get::<bool, _>("blocked").then_some(match status {
                     Some(SubscriptionStatus::Canceled) => "canceled",
                     _ => "past_due",
@@ -467,6 +487,7 @@ mod tests {
             limits,
             metered: Amounts(metered),
             max_concurrent_sessions: Some(2),
+            max_devices: Some(3),
             blocked: None,
         });
         book.tenants.lock().unwrap().insert(tenant, t);
@@ -544,7 +565,13 @@ mod tests {
             book.reserve(t, frames(1)).unwrap_err(),
             Refusal::PaymentRequired { status: "past_due" }
         );
-        assert_eq!(book.max_concurrent_sessions(t), Some(2));
+        assert_eq!(
+            book.session_limits(t),
+            SessionLimits {
+                sessions: Some(2),
+                devices: Some(3)
+            }
+        );
     }
 
     #[test]
