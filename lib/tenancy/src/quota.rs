@@ -19,9 +19,9 @@
 //!   delivered in the sessions stage's update interval plus metering's delay plus
 //!   one refresh interval (about 7 s of each stream with the defaults).
 //!
-//! Accepting takes a reservation first ([`QuotaBook::reserve`]), which is confirmed
-//! with what the broker took and releases the rest ([`Reservation::settle`]), so
-//! concurrent requests of a tenant cannot both take the last of its quota.
+//! Accepting takes a reservation first ([`Ledger::reserve_prefix`]), which is settled
+//! with what the broker took, releasing the rest ([`Ledger::settle`]), so concurrent
+//! requests of a tenant cannot both take the last of its quota.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
