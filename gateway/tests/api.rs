@@ -816,14 +816,7 @@ async fn premium_callers_get_a_higher_request_rate_within_their_plan() {
     let owner = app.signup("rich@example.org").await;
     let basic = app.signup("basic@example.org").await;
     // The tenants' plan sets the rates: 5 a minute for members, 50 for premium callers.
-    sqlx::query(
-        "INSERT INTO plans (plan_id, version, name, currency, base_fee_minor, requests_per_minute_member, \
-         requests_per_minute_premium, audio_presets, retention_days, public) \
-         VALUES ('slow', 1, 'Slow', 'EUR', 0, 5, 50, '{}', 1, false)",
-    )
-    .execute(app.pool())
-    .await
-    .unwrap();
+    app.add_private_plan("slow", 5, 50).await;
     sqlx::query("UPDATE subscriptions SET plan_id = 'slow', plan_version = 1")
         .execute(app.pool())
         .await

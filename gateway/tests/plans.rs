@@ -92,14 +92,7 @@ async fn the_catalog_is_public_new_tenants_are_on_free_and_admins_change_plans()
         422,
         "invalid_field",
     );
-    sqlx::query(
-        "INSERT INTO plans (plan_id, version, name, currency, base_fee_minor, requests_per_minute_member, \
-         requests_per_minute_premium, audio_presets, retention_days, public) \
-         VALUES ('internal', 1, 'Internal', 'EUR', 0, 10, 10, '{}', 1, false)",
-    )
-    .execute(app.pool())
-    .await
-    .unwrap();
+    app.add_private_plan("internal", 10, 10).await;
     assert_error(
         &change(json!({"plan_id": "internal"})).await,
         422,

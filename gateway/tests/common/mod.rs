@@ -136,6 +136,22 @@ impl TestApp {
         r.body
     }
 
+    /// Adds a plan that is not public, with these request rates (members, premium)
+    /// and no meters.
+    pub async fn add_private_plan(&self, plan_id: &str, member: i32, premium: i32) {
+        sqlx::query(
+            "INSERT INTO plans (plan_id, version, name, currency, base_fee_minor, requests_per_minute_member, \
+             requests_per_minute_premium, audio_presets, retention_days, public) \
+             VALUES ($1, 1, $1, 'EUR', 0, $2, $3, '{}', 1, false)",
+        )
+        .bind(plan_id)
+        .bind(member)
+        .bind(premium)
+        .execute(self.pool())
+        .await
+        .unwrap();
+    }
+
     pub async fn audit_actions(&self) -> Vec<String> {
         sqlx::query_scalar("SELECT action FROM audit_log ORDER BY id")
             .fetch_all(&self.db.as_ref().unwrap().pool)

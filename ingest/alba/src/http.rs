@@ -180,16 +180,17 @@ pub fn rejection_error(r: &Rejection) -> ApiError {
     );
     e.field = r.field.clone();
     e.retry_after = r.retry_after_ms.map(|ms| ms.div_ceil(1000).max(1));
-    if let Some(q) = &r.quota {
-        e = e
-            .with("meter", q.meter.clone())
-            .with("limit", q.limit)
-            .with("used", q.used);
-        if let Some(at) = &q.resets_at {
-            e = e.with("resets_at", at.clone());
-        }
-    }
+    e.extra.extend(quota_members(r));
     e
+}
+
+/// A refusal's quota (`meter`, `limit`, `used`, `resets_at`) as members of its error
+/// object.
+fn quota_members(r: &Rejection) -> serde_json::Map<String, serde_json::Value> {
+    match r.quota.as_deref().map(serde_json::to_value) {
+        Some(Ok(serde_json::Value::Object(members))) => members,
+        _ => serde_json::Map::new(),
+    }
 }
 
 /// `POST /v1/frames`: one frame or a batch, JSON or binary. See
@@ -275,22 +276,21 @@ pub fn answer(answer: BatchAnswer) -> Response {
             if let Some(f) = &e.field {
                 error["field"] = json!(f);
             }
-            if let Some(q) = &e.quota {
-                error["meter"] = json!(q.meter);
-                error["limit"] = json!(q.limit);
-                error["used"] = json!(q.used);
-                if let Some(at) = &q.resets_at {
-                    error["resets_at"] = json!(at);
-                }
+            for (name, value) in quota_members(e) {
+                error[name] = value;
             }
             error
         });
+    // A used-up quota of the period (one that resets; not a count of sessions or
+    // devices): its RateLimit headers.
     let quota = answer
         .results
         .iter()
-        .filter_map(|r| r.error.as_ref()?.quota.as_ref().zip(r.error.as_ref()))
-        .next()
-        .map(|(q, e)| (q.limit, 0, e.retry_after_ms.unwrap_or(0)));
+        .filter_map(|r| r.error.as_ref())
+        .find_map(|e| {
+            let q = e.quota.as_ref().filter(|q| q.resets_at.is_some())?;
+            Some((q.limit, 0, e.retry_after_ms.unwrap_or(0)))
+        });
     let body = Body {
         answer: &answer,
         error,

@@ -454,21 +454,10 @@ impl Ingest {
         let Some(limit) = self.quotas.session_limits(tenant.as_uuid()).devices else {
             return Ok(());
         };
-        let counted: Result<(bool, i64), sqlx::Error> = sqlx::query_as(
-            "SELECT EXISTS (SELECT 1 FROM devices WHERE tenant_id = $1 AND device_id = $2), \
-                    (SELECT count(*) FROM devices WHERE tenant_id = $1)",
-        )
-        .bind(tenant.as_uuid())
-        .bind(device.as_str())
-        .fetch_one(&self.pool)
-        .await;
-        match counted {
+        match crate::sessions::device_refusal(&self.pool, tenant, device, limit).await {
             Err(e) => Err(self.unavailable(e)),
-            Ok((true, _)) => Ok(()),
-            Ok((false, devices)) if devices < i64::from(limit) => Ok(()),
-            Ok((false, devices)) => {
-                Err(self.claim_refusal(ClaimError::DeviceLimit { limit, devices }))
-            }
+            Ok(None) => Ok(()),
+            Ok(Some(refusal)) => Err(self.claim_refusal(refusal)),
         }
     }
 

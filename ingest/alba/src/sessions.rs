@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clisonix_schemas::{SessionId, TenantId};
+use clisonix_schemas::{DeviceId, SessionId, TenantId};
 use clisonix_tenancy::quota::{QuotaBook, SessionLimits};
 use prometheus::{IntCounter, IntGauge};
 use sqlx::PgPool;
@@ -242,17 +242,14 @@ pub(crate) async fn create_within(
         .bind(tenant.as_uuid())
         .execute(&mut *tx)
         .await?;
-    let (exists, active, known_device, devices): (bool, i64, bool, i64) = sqlx::query_as(
+    let (exists, active): (bool, i64) = sqlx::query_as(
         "SELECT EXISTS (SELECT 1 FROM ingest_sessions WHERE session_id = $1), \
                 (SELECT count(*) FROM ingest_sessions WHERE tenant_id = $2 AND ended_at IS NULL \
-                   AND coalesce(last_frame_at, created_at) > now() - $3 * interval '1 millisecond'), \
-                EXISTS (SELECT 1 FROM devices WHERE tenant_id = $2 AND device_id = $4), \
-                (SELECT count(*) FROM devices WHERE tenant_id = $2)",
+                   AND coalesce(last_frame_at, created_at) > now() - $3 * interval '1 millisecond')",
     )
     .bind(first.session_id.as_uuid())
     .bind(tenant.as_uuid())
     .bind(OPEN_FOR.as_millis() as i64)
-    .bind(first.device_id.as_str())
     .fetch_one(&mut *tx)
     .await?;
     if exists {
@@ -260,8 +257,8 @@ pub(crate) async fn create_within(
         return Ok(None);
     }
     if let Some(limit) = limits.devices {
-        if !known_device && devices >= i64::from(limit) {
-            return Err(ClaimError::DeviceLimit { limit, devices });
+        if let Some(refusal) = device_refusal(&mut *tx, tenant, &first.device_id, limit).await? {
+            return Err(refusal);
         }
     }
     if let Some(limit) = limits.sessions {
@@ -272,6 +269,26 @@ pub(crate) async fn create_within(
     let created = create(&mut *tx, tenant, transport, first, owner).await?;
     tx.commit().await?;
     Ok(created)
+}
+
+/// The refusal of `device` when it is new to the tenant and the tenant already streams
+/// from `limit` devices.
+pub(crate) async fn device_refusal(
+    conn: impl sqlx::PgExecutor<'_>,
+    tenant: TenantId,
+    device: &DeviceId,
+    limit: i32,
+) -> Result<Option<ClaimError>, sqlx::Error> {
+    let (known, devices): (bool, i64) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM devices WHERE tenant_id = $1 AND device_id = $2), \
+                (SELECT count(*) FROM devices WHERE tenant_id = $1)",
+    )
+    .bind(tenant.as_uuid())
+    .bind(device.as_str())
+    .fetch_one(conn)
+    .await?;
+    Ok((!known && devices >= i64::from(limit))
+        .then_some(ClaimError::DeviceLimit { limit, devices }))
 }
 
 impl Sessions {

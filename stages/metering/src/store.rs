@@ -150,12 +150,13 @@ async fn fresh_records<'b>(
     .bind(&partitions)
     .fetch_all(&mut **tx)
     .await?;
-    let mut from: HashMap<(String, i32), i64> = HashMap::with_capacity(rows.len());
+    // Keyed by the batch's own names, so a record's lookup allocates nothing.
+    let mut from: HashMap<(&str, i32), i64> = HashMap::with_capacity(rows.len());
     for row in rows {
-        from.insert(
-            (row.get("topic"), row.get("partition")),
-            row.get("next_offset"),
-        );
+        let (topic, partition): (&str, i32) = (row.get("topic"), row.get("partition"));
+        if let Some(&key) = ends.keys().find(|k| **k == (topic, partition)) {
+            from.insert(key, row.get("next_offset"));
+        }
     }
     sqlx::query(
         "UPDATE metering_offsets o SET next_offset = greatest(o.next_offset, b.next) \
@@ -170,7 +171,7 @@ async fn fresh_records<'b>(
     let mut fresh = Vec::with_capacity(batch.len());
     for (p, record) in batch {
         let done = from
-            .get(&(p.topic.clone(), p.partition))
+            .get(&(p.topic.as_str(), p.partition))
             .is_some_and(|next| p.offset < *next);
         if done {
             applied.already_applied += 1;
