@@ -309,6 +309,8 @@ async fn job(
     let gateway = format!("http://{}", options.gateway);
     let ingest = format!("http://{}", options.ingest);
     let tenant = sign_up(&gateway, "dev-run").await?;
+    // A new tenant starts on free, which renders one audio preset; the run shows both.
+    choose_plan(&gateway, &tenant.access_token, "pro").await?;
     let session = SessionId::random();
     let keys = options.out_dir.join("keys.env");
     std::fs::create_dir_all(&options.out_dir)

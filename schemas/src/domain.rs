@@ -160,6 +160,30 @@ pub const SESSION_END_MARKER: &str = "clisonix.end";
 /// `clisonix.audio=audification,parameter_mapping`, read from the session's first frame.
 pub const AUDIO_PRESETS_MARKER: &str = "clisonix.audio=";
 
+/// Prefix of the marker ingest puts on a session's first frame, listing the audio
+/// presets the tenant's plan renders, e.g. `clisonix.audio.plan=parameter_mapping`.
+/// Devices cannot send it (ingest refuses it as `bad_marker`). Jona renders only
+/// presets it lists, whether the session picked them or they are Jona's defaults.
+pub const AUDIO_PLAN_MARKER: &str = "clisonix.audio.plan=";
+
+/// The names a frame's markers list after `prefix` (comma-separated, empty names
+/// skipped), in order: the presets a session picks ([`AUDIO_PRESETS_MARKER`]) or its
+/// plan renders ([`AUDIO_PLAN_MARKER`]). `None` when no marker has the prefix.
+pub fn listed_in<'a, I>(labels: I, prefix: &str) -> Option<Vec<&'a str>>
+where
+    I: IntoIterator<Item = &'a str>,
+{
+    let mut found = None;
+    for label in labels {
+        if let Some(list) = label.strip_prefix(prefix) {
+            found
+                .get_or_insert_with(Vec::new)
+                .extend(list.split(',').map(str::trim).filter(|n| !n.is_empty()));
+        }
+    }
+    found
+}
+
 /// An event inside a frame: an annotation, a trigger.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Marker {

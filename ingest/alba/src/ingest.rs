@@ -29,7 +29,10 @@ use clisonix_ingest_protocol::answer::{FrameResult, FrameStatus};
 use clisonix_ingest_protocol::binary::{self, Stamps};
 use clisonix_ingest_protocol::validate::{validate, validate_view};
 use clisonix_ingest_protocol::{Limits, QuotaDetail, Reason, Rejection};
-use clisonix_schemas::{encode, DeviceId, Frame, SampleUnit, SessionId, TenantId, Timestamp};
+use clisonix_schemas::{
+    decode, encode, listed_in, DeviceId, Frame, Marker, SampleUnit, SessionId, TenantId, Timestamp,
+    AUDIO_PLAN_MARKER, AUDIO_PRESETS_MARKER,
+};
 use clisonix_tenancy::quota::{Amounts, QuotaBook, Refusal};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -65,6 +68,9 @@ pub struct Head {
     /// The frame carries the session's end marker.
     pub ends_session: bool,
     pub samples_per_channel: u32,
+    /// The audio presets the frame picks for its session (its `clisonix.audio=`
+    /// marker), checked against the tenant's plan.
+    pub audio_presets: Vec<String>,
 }
 
 impl Head {
@@ -80,6 +86,66 @@ impl Head {
             markers: frame.markers.len(),
             ends_session: frame.ends_session(),
             samples_per_channel: frame.samples_per_channel,
+            audio_presets: picked_presets(frame.markers.iter().map(|m| m.label.as_str())),
+        }
+    }
+}
+
+/// The presets a frame's markers pick (none, nearly always: no allocation then).
+fn picked_presets<'a>(labels: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    listed_in(labels, AUDIO_PRESETS_MARKER)
+        .map(|names| names.into_iter().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// The refusal of a frame picking an audio preset the tenant's plan does not render.
+pub fn preset_refusal(picked: &[String], plan: &[String]) -> Option<Rejection> {
+    let missing: Vec<&str> = picked
+        .iter()
+        .filter(|p| !plan.contains(p))
+        .map(String::as_str)
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let rendered = if plan.is_empty() {
+        "none".to_owned()
+    } else {
+        plan.join(", ")
+    };
+    Some(
+        Rejection::new(
+            Reason::PresetNotInPlan,
+            format!(
+                "the plan does not render the audio preset(s) {} (it renders: {rendered}); change plan or pick others",
+                missing.join(", ")
+            ),
+        )
+        .field("markers"),
+    )
+}
+
+/// The marker ingest puts on a session's first frame: the presets its plan renders,
+/// which Jona keeps to whatever the session picks or Jona's defaults are.
+pub fn plan_marker(plan: &[String]) -> Marker {
+    Marker {
+        sample_offset: 0,
+        duration_us: None,
+        label: format!("{AUDIO_PLAN_MARKER}{}", plan.join(",")),
+    }
+}
+
+impl Prepared {
+    /// Adds the marker listing the plan's presets (after the frame is checked: devices
+    /// cannot send it). The record is decoded and encoded again: once per session.
+    pub fn add_plan_marker(&mut self, plan: &[String]) {
+        let Ok(mut frame) = decode::<Frame>(&self.value) else {
+            return;
+        };
+        frame.markers.push(plan_marker(plan));
+        if let Ok(value) = encode(&frame) {
+            self.value = value.into();
+            self.head.markers += 1;
         }
     }
 }
@@ -293,6 +359,7 @@ fn prepare_binary<'a>(
             seq: view.seq,
             ends_session: view.ends_session(),
             markers: view.markers.len(),
+            audio_presets: picked_presets(view.markers.iter().map(|m| m.label)),
             device_id: view.device_id,
             sample_rate_hz: view.sample_rate_hz,
             unit: view.unit,
@@ -523,16 +590,32 @@ impl Ingest {
                 .map(|p| rejected(p.index, Some(session), Some(p.head.seq), error.clone()))
                 .collect()
         };
+        let mut results = Vec::with_capacity(frames.len());
+        // Presets the plan does not render are refused before the session is held, so
+        // a session none of whose frames can go out is not opened.
+        let plan_presets = self.quotas.audio_presets(tenant.as_uuid());
+        if let Some(plan) = plan_presets.as_deref() {
+            frames.retain(|p| match preset_refusal(&p.head.audio_presets, plan) {
+                None => true,
+                Some(refusal) => {
+                    results.push(rejected(p.index, Some(session), Some(p.head.seq), refusal));
+                    false
+                }
+            });
+        }
+        let Some(first) = frames.first() else {
+            self.count_rejections(&results);
+            return results;
+        };
         let held = match self.sessions.hold(tenant, transport, &first.head).await {
             Ok(held) => held,
             Err(e) => {
-                let out = fail_all(&frames, self.claim_refusal(e));
-                self.count_rejections(&out);
-                return out;
+                results.extend(fail_all(&frames, self.claim_refusal(e)));
+                self.count_rejections(&results);
+                return results;
             }
         };
         let locked = &held.row;
-        let mut results = Vec::with_capacity(frames.len());
         let mut to_publish = Vec::with_capacity(frames.len());
         let mut high = locked.last_seq;
         let mut ended = locked.ended;
@@ -585,6 +668,12 @@ impl Ingest {
             }
             high = p.head.seq as i64;
             ended |= p.head.ends_session;
+            // The session's first frame lists what its plan renders, for Jona.
+            if locked.last_seq < 0 && to_publish.is_empty() {
+                if let Some(plan) = plan_presets.as_deref() {
+                    p.add_plan_marker(plan);
+                }
+            }
             to_publish.push(p);
         }
         // The tenant's quotas: the frames that fit are reserved; the rest are refused.

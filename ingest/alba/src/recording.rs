@@ -25,7 +25,9 @@ use axum::http::StatusCode;
 use axum::Json;
 use clisonix_edf::{Format, FrameSpec, Framer, Reader};
 use clisonix_ingest_protocol::{Reason, Rejection};
-use clisonix_schemas::{encode, DeviceId, Frame, Marker, SessionId, Timestamp, SESSION_END_MARKER};
+use clisonix_schemas::{
+    encode, DeviceId, Frame, Marker, SessionId, Timestamp, AUDIO_PRESETS_MARKER, SESSION_END_MARKER,
+};
 use clisonix_service::error::ApiError;
 use futures::StreamExt;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -35,7 +37,7 @@ use tokio::sync::mpsc;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use crate::http::{rejection_error, AppState, DeviceKey};
-use crate::ingest::{forbidden, prepare, quota_rejection, SessionRow};
+use crate::ingest::{forbidden, prepare, preset_refusal, quota_rejection, SessionRow};
 use crate::metrics::Transport;
 use clisonix_tenancy::quota::Amounts;
 
@@ -54,6 +56,9 @@ pub struct UploadParams {
     pub session_id: Option<String>,
     /// Frame length in milliseconds (default 125).
     pub frame_ms: Option<u32>,
+    /// Audio presets to render, comma-separated (default: the audio stage's
+    /// defaults); each must be one the tenant's plan renders.
+    pub audio: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -228,10 +233,37 @@ pub async fn upload(
         Ok(Some(row)) => taken(session, &row)?,
         Ok(None) => {}
     }
+    // Presets the plan does not render are refused before anything is read further.
+    ingest.load_quota(tenant).await;
+    let plan_presets = ingest.quotas.audio_presets(tenant.as_uuid());
+    let picked: Vec<String> = params
+        .audio
+        .as_deref()
+        .map(|list| {
+            list.split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(refusal) = plan_presets
+        .as_deref()
+        .and_then(|plan| preset_refusal(&picked, plan))
+    {
+        drop(rx);
+        let _ = reading.await;
+        return Err(rejection_error(&refusal.field("audio")));
+    }
+    // The session's first frame carries the picked presets and the plan's.
+    let mut picked_marker = (!picked.is_empty()).then(|| Marker {
+        sample_offset: 0,
+        duration_us: None,
+        label: format!("{AUDIO_PRESETS_MARKER}{}", picked.join(",")),
+    });
     // The upload must fit the tenant's quotas as a whole, as far as its header tells:
     // one upload, its frames, their time, and at least their samples' bytes. It is
     // refused before anything is published; what it really used is settled after.
-    ingest.load_quota(tenant).await;
     let announced = upload_amounts(samples, samples_per_frame, labels.len(), sample_rate_hz);
     let reservation = match ingest.quotas.reserve(tenant.as_uuid(), announced) {
         Ok(r) => r,
@@ -273,9 +305,14 @@ pub async fn upload(
             Some(Read::Header { .. }) => continue,
             Some(Read::Frames(batch)) => batch,
         };
-        for frame in batch {
+        for mut frame in batch {
             let index = frames as usize;
-            let p = match prepare(index, Ok(frame), &ingest.limits, Timestamp::now()) {
+            let mut added = 0;
+            if let Some(m) = picked_marker.take() {
+                frame.markers.push(m);
+                added += 1;
+            }
+            let mut p = match prepare(index, Ok(frame), &ingest.limits, Timestamp::now()) {
                 Ok(p) => p,
                 Err(r) => {
                     let e = r.error.expect("a refusal has a reason");
@@ -284,6 +321,12 @@ pub async fn upload(
                     break 'publish Some(err);
                 }
             };
+            if index == 0 {
+                if let Some(plan) = plan_presets.as_deref() {
+                    p.add_plan_marker(plan);
+                    added += 1;
+                }
+            }
             if producer.is_none() {
                 match begin(&state, &mut tx_db, tenant, &p.head, session).await {
                     Ok(pr) => producer = Some(pr),
@@ -292,7 +335,7 @@ pub async fn upload(
             }
             let pr = producer.as_ref().expect("begun");
             // The annotations' markers (not the end marker ingest adds).
-            markers += (p.head.markers - usize::from(p.head.ends_session)) as u64;
+            markers += (p.head.markers - usize::from(p.head.ends_session) - added) as u64;
             bytes += p.value.len();
             let mut record = FutureRecord::to(&topic)
                 .key(&key_bytes)
@@ -321,6 +364,9 @@ pub async fn upload(
             }
         }
     };
+    // The reader may be waiting to hand over more frames: it stops at its next
+    // hand-over once nothing receives them.
+    drop(rx);
     let _ = reading.await;
     let failure = match failure {
         Some(e) => Some(e),

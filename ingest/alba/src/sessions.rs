@@ -224,6 +224,12 @@ pub(crate) async fn create(
 /// this long: the stages' idle timeout, after which they close it too.
 pub const OPEN_FOR: Duration = Duration::from_secs(900);
 
+/// A session none of whose frames went out (all refused: quota, mismatch) counts as
+/// open this long after it was created, then no more: long enough to cover its first
+/// frames' confirmation being written to its row (within a tick), short enough that a
+/// device retrying new sessions while refused does not use up the plan's sessions.
+pub const EMPTY_OPEN_FOR: Duration = Duration::from_secs(60);
+
 /// As [`create`], unless the tenant already has as many sessions open as `limits`
 /// allow ([`ClaimError::SessionLimit`]) or the session's device would be one more
 /// than they allow ([`ClaimError::DeviceLimit`]). The tenant's new sessions are
@@ -245,11 +251,13 @@ pub(crate) async fn create_within(
     let (exists, active): (bool, i64) = sqlx::query_as(
         "SELECT EXISTS (SELECT 1 FROM ingest_sessions WHERE session_id = $1), \
                 (SELECT count(*) FROM ingest_sessions WHERE tenant_id = $2 AND ended_at IS NULL \
-                   AND coalesce(last_frame_at, created_at) > now() - $3 * interval '1 millisecond')",
+                   AND coalesce(last_frame_at, created_at) > now() - $3 * interval '1 millisecond' \
+                   AND (last_seq >= 0 OR created_at > now() - $4 * interval '1 millisecond'))",
     )
     .bind(first.session_id.as_uuid())
     .bind(tenant.as_uuid())
     .bind(OPEN_FOR.as_millis() as i64)
+    .bind(EMPTY_OPEN_FOR.as_millis() as i64)
     .fetch_one(&mut *tx)
     .await?;
     if exists {

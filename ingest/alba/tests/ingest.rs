@@ -16,7 +16,7 @@ use clisonix_schemas::{
     decode, encode, DeviceId, Frame, Marker, SessionId, Timestamp, UsageEvent, UsageKind,
     SESSION_END_MARKER,
 };
-use common::{as_published, frames, metric, recording_path, TestIngest};
+use common::{as_published, frames, metric, recording_path, with_plan_list, TestIngest};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_posted_are_in_eeg_frames_in_order_and_byte_exact() {
@@ -40,7 +40,10 @@ async fn frames_posted_are_in_eeg_frames_in_order_and_byte_exact() {
     let got = t.read_frames(&consumer, 40).await;
     for (i, ((bytes, frame), sent)) in got.iter().zip(&sent).enumerate() {
         assert_eq!(frame.seq, i as u64, "in order");
-        let expected = as_published(sent, t.tenant.id, frame.received_at);
+        let mut expected = as_published(sent, t.tenant.id, frame.received_at);
+        if i == 0 {
+            expected = with_plan_list(expected);
+        }
         assert_eq!(frame, &expected, "frame {i}");
         // Byte-exact: the record is exactly the contract encoding of that frame, and
         // the samples' bits survive (JSON ones as f64 -> f32 of the same value).
@@ -238,6 +241,8 @@ async fn a_recording_uploaded_yields_its_frames_with_the_original_timestamps() {
         duration_us: None,
         label: SESSION_END_MARKER.into(),
     });
+    // Its first frame lists the audio presets of the tenant's plan.
+    expected[0] = with_plan_list(expected[0].clone());
     let got = t.read_frames(&consumer, expected.len()).await;
     assert_eq!(expected.len(), 1904);
     let start = header.start.unix_micros();
@@ -270,6 +275,44 @@ async fn a_recording_uploaded_yields_its_frames_with_the_original_timestamps() {
         String::from_utf8_lossy(&again.body)
     );
     assert_eq!(again.json()["error"]["code"], "session_exists");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_whose_frames_are_refused_is_answered_and_publishes_nothing() {
+    // The reference recording's 128 Hz is beyond this instance's bound: its first
+    // frame is refused while the file is still being read (it used to hang the
+    // upload: the reader waited to hand over frames nobody took).
+    let t = TestIngest::spawn_with(|c| c.limits.max_sample_rate_hz = 100.0).await;
+    let consumer = t.frames_consumer();
+    let bytes = std::fs::read(recording_path()).unwrap();
+    let session = SessionId::random();
+    let a = tokio::time::timeout(
+        Duration::from_secs(60),
+        t.client().post(
+            &format!("/v1/recordings?session_id={session}"),
+            "application/octet-stream",
+            bytes,
+        ),
+    )
+    .await
+    .expect("answered")
+    .unwrap();
+    assert_eq!(a.status, 422, "{}", String::from_utf8_lossy(&a.body));
+    let e = &a.json()["error"];
+    assert_eq!(e["code"], "bad_sample_rate");
+    assert!(
+        e["message"].as_str().unwrap().starts_with("frame 0:"),
+        "{e}"
+    );
+    // Nothing of it in eeg.frames: the next record there is a frame posted after.
+    let after = SessionId::random();
+    let f = frames(after, 1, 2, 8);
+    let mut f0 = f[0].clone();
+    f0.sample_rate_hz = 64.0;
+    assert_eq!(t.post(&[f0], Format::Binary).await.status, 200);
+    let got = t.read_frames(&consumer, 1).await;
+    assert_eq!(got[0].1.session_id, after);
     t.stop().await;
 }
 

@@ -2,7 +2,7 @@
 //! when one does not. Every rejection names a machine-readable code, an HTTP status,
 //! and (where one is at fault) the field.
 
-use clisonix_schemas::{Frame, Timestamp};
+use clisonix_schemas::{Frame, Timestamp, AUDIO_PLAN_MARKER, AUDIO_PRESETS_MARKER};
 use serde::{Deserialize, Serialize};
 
 use crate::binary::{FrameView, MarkerView};
@@ -58,10 +58,12 @@ pub enum Reason {
     ConcurrentSessionsExceeded,
     /// A new device would be one more than the tenant's plan allows.
     DevicesExceeded,
+    /// The frame asks for an audio preset the tenant's plan does not render.
+    PresetNotInPlan,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 23] = [
         Reason::MalformedFrame,
         Reason::InvalidField,
         Reason::NonFiniteSample,
@@ -84,6 +86,7 @@ impl Reason {
         Reason::PaymentRequired,
         Reason::ConcurrentSessionsExceeded,
         Reason::DevicesExceeded,
+        Reason::PresetNotInPlan,
     ];
 
     pub fn code(self) -> &'static str {
@@ -110,6 +113,7 @@ impl Reason {
             Reason::PaymentRequired => "payment_required",
             Reason::ConcurrentSessionsExceeded => "concurrent_sessions_exceeded",
             Reason::DevicesExceeded => "devices_exceeded",
+            Reason::PresetNotInPlan => "preset_not_in_plan",
         }
     }
 
@@ -132,7 +136,8 @@ impl Reason {
             Reason::QuotaExceeded
             | Reason::PaymentRequired
             | Reason::ConcurrentSessionsExceeded
-            | Reason::DevicesExceeded => 402,
+            | Reason::DevicesExceeded
+            | Reason::PresetNotInPlan => 402,
             _ => 422,
         }
     }
@@ -468,6 +473,13 @@ fn check(frame: &Fields<'_>, limits: &Limits, now: Timestamp) -> Result<(), Reje
             )
             .field(format!("markers[{i}].duration_us")));
         }
+        if m.label.starts_with(AUDIO_PLAN_MARKER) {
+            return Err(Rejection::new(
+                Reason::BadMarker,
+                format!("{AUDIO_PLAN_MARKER} markers are ingest's own (the plan's audio presets); pick presets with {AUDIO_PRESETS_MARKER}"),
+            )
+            .field(format!("markers[{i}].label")));
+        }
     }
     Ok(())
 }
@@ -581,6 +593,11 @@ mod tests {
             |f| f.markers[0].sample_offset = f.samples_per_channel,
             Reason::BadMarker,
             "markers[0].sample_offset",
+        );
+        check(
+            |f| f.markers[0].label = "clisonix.audio.plan=audification".into(),
+            Reason::BadMarker,
+            "markers[0].label",
         );
         check(
             |f| {

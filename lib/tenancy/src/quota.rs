@@ -24,7 +24,7 @@
 //! requests of a tenant cannot both take the last of its quota.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -116,6 +116,8 @@ pub struct Standing {
     metered: Amounts,
     max_concurrent_sessions: Option<i32>,
     max_devices: Option<i32>,
+    /// The audio presets the plan renders.
+    audio_presets: Arc<[String]>,
     /// Refused outright (past due beyond the grace, or canceled).
     blocked: Option<&'static str>,
 }
@@ -148,6 +150,7 @@ impl Standing {
             metered,
             max_concurrent_sessions,
             max_devices: None,
+            audio_presets: Arc::from([]),
             blocked: None,
         }
     }
@@ -346,6 +349,14 @@ impl Ledger {
             devices: standing.and_then(|s| s.max_devices),
         }
     }
+
+    /// The audio presets the tenant's plan renders; `None` while its standing is not
+    /// loaded (nothing is refused for it then).
+    pub fn audio_presets(&self, tenant: Uuid) -> Option<Arc<[String]>> {
+        let tenants = self.tenants.lock().expect("not poisoned");
+        let standing = tenants.get(&tenant).and_then(|b| b.standing.as_ref())?;
+        Some(standing.audio_presets.clone())
+    }
 }
 
 /// A tenant unused this long is forgotten (read again when it comes back).
@@ -405,7 +416,7 @@ impl QuotaBook {
             "SELECT s.tenant_id, s.status, s.period_start, s.period_end, \
                     (s.status = 'canceled' OR (s.status = 'past_due' AND \
                         coalesce(s.past_due_since, now()) + (SELECT past_due_grace FROM billing_settings) <= now())) AS blocked, \
-                    p.max_concurrent_sessions, p.max_devices, \
+                    p.max_concurrent_sessions, p.max_devices, p.audio_presets, \
                     ARRAY(SELECT coalesce((SELECT m.included FROM plan_meters m \
                                             WHERE m.plan_id = s.plan_id AND m.version = s.plan_version \
                                               AND m.meter = e.meter AND m.limit_kind = 'hard'), -1) \
@@ -441,6 +452,7 @@ impl QuotaBook {
                 metered: Amounts(std::array::from_fn(|i| used.get(i).copied().unwrap_or(0))),
                 max_concurrent_sessions: row.get("max_concurrent_sessions"),
                 max_devices: row.get("max_devices"),
+                audio_presets: row.get::<Vec<String>, _>("audio_presets").into(),
                 blocked: row.get::<bool, _>("blocked").then_some(match status {
                     Some(SubscriptionStatus::Canceled) => "canceled",
                     _ => "past_due",
@@ -488,6 +500,7 @@ mod tests {
             metered: Amounts(metered),
             max_concurrent_sessions: Some(2),
             max_devices: Some(3),
+            audio_presets: Arc::from(["parameter_mapping".to_owned()]),
             blocked: None,
         });
         book.tenants.lock().unwrap().insert(tenant, t);

@@ -1,7 +1,10 @@
 //! Jona: turns each session's EEG into audio, per preset, in chunks on `audio.chunks`.
 //!
 //! A session renders the presets named by its first frame's `clisonix.audio=` marker
-//! (see [`clisonix_schemas::AUDIO_PRESETS_MARKER`]), or the configured defaults. Each
+//! (see [`clisonix_schemas::AUDIO_PRESETS_MARKER`]), or the configured defaults; of
+//! those, only the ones its tenant's plan renders, which ingest lists on the session's
+//! first frame ([`clisonix_schemas::AUDIO_PLAN_MARKER`]; a frame without that list, as
+//! from before plans, renders them all). Each
 //! preset keeps its filters, envelopes and oscillator phases for the whole session, so
 //! the audio is continuous across frames and chunks. A chunk closes every
 //! `chunk_seconds` of EEG samples (by sample count, so chunking does not depend on how
@@ -22,7 +25,8 @@ pub mod dsp;
 pub mod presets;
 
 use clisonix_schemas::{
-    AudioChunk, Frame, SampleUnit, Timestamp, UsageEvent, UsageKind, AUDIO_PRESETS_MARKER,
+    listed_in, AudioChunk, Frame, SampleUnit, Timestamp, UsageEvent, UsageKind, AUDIO_PLAN_MARKER,
+    AUDIO_PRESETS_MARKER,
 };
 use clisonix_stage::{
     check_same_stream, check_samples, Arrival, Output, OutputTopic, Placement, RecordMeta,
@@ -126,22 +130,24 @@ impl Jona {
         self.sessions.values().filter(|s| !s.ended).count()
     }
 
-    /// The presets a session's first frame asks for, or the defaults.
+    /// The presets a session's first frame asks for, or the defaults; of those, only
+    /// the ones its plan renders when ingest listed them on the frame.
     fn presets_of(&self, frame: &Frame) -> Vec<Preset> {
-        let mut chosen: Vec<Preset> = frame
-            .markers
-            .iter()
-            .filter_map(|m| m.label.strip_prefix(AUDIO_PRESETS_MARKER))
-            .flat_map(|list| list.split(','))
+        let labels = || frame.markers.iter().map(|m| m.label.as_str());
+        let mut chosen: Vec<Preset> = listed_in(labels(), AUDIO_PRESETS_MARKER)
+            .unwrap_or_default()
+            .into_iter()
             .filter_map(Preset::parse)
             .collect();
         chosen.sort();
         chosen.dedup();
         if chosen.is_empty() {
-            self.config.presets.clone()
-        } else {
-            chosen
+            chosen = self.config.presets.clone();
         }
+        if let Some(plan) = listed_in(labels(), AUDIO_PLAN_MARKER) {
+            chosen.retain(|p| plan.contains(&p.name()));
+        }
+        chosen
     }
 
     fn sweep_idle(&mut self, partition: i32, now_ms: i64, emit: bool, out: &mut Vec<Output>) {

@@ -7,7 +7,7 @@ use clisonix_edf::{FrameSpec, Framer, Reader};
 use clisonix_jona::{Jona, JonaConfig, Preset};
 use clisonix_schemas::{
     decode, AudioChunk, AudioChunkKey, DeviceId, Frame, Marker, SampleUnit, SessionId, TenantId,
-    Timestamp, UsageEvent, UsageKind, AUDIO_PRESETS_MARKER, SESSION_END_MARKER,
+    Timestamp, UsageEvent, UsageKind, AUDIO_PLAN_MARKER, AUDIO_PRESETS_MARKER, SESSION_END_MARKER,
 };
 use clisonix_stage::{Output, OutputTopic, RecordMeta, Stage};
 
@@ -325,6 +325,41 @@ fn a_session_picks_its_presets_in_its_first_frame() {
     frames[0].markers[0].label = format!("{AUDIO_PRESETS_MARKER}audification");
     let one = run(JonaConfig::default(), &frames);
     assert!(one.iter().all(|c| c.preset == "audification"));
+}
+
+#[test]
+fn only_the_presets_the_plan_lists_are_rendered_picked_or_default() {
+    let mut frames = synthetic(&["Cz"], 128.0, 3.0, 16, |_, t| (TAU * 5.0 * t).sin());
+    let both = with_presets(&[Preset::Audification, Preset::ParameterMapping]);
+    let plan = |list: &str| Marker {
+        sample_offset: 0,
+        duration_us: None,
+        label: format!("{AUDIO_PLAN_MARKER}{list}"),
+    };
+    // Jona's defaults, narrowed to the plan's one preset.
+    frames[0].markers.push(plan("parameter_mapping"));
+    let out = run(both.clone(), &frames);
+    assert!(!out.is_empty());
+    assert!(out.iter().all(|c| c.preset == "parameter_mapping"));
+    // A plan without audio renders nothing, and meters no audio.
+    frames[0].markers[0] = plan("");
+    assert!(run(both.clone(), &frames).is_empty());
+    let mut jona = Jona::new(both.clone());
+    let mut all = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        jona.process(f.clone(), meta(i as i64), &mut all).unwrap();
+    }
+    assert!(all.is_empty(), "no chunks and no usage events");
+    // A preset the session picks that the plan does not list is not rendered.
+    frames[0].markers[0] = plan("audification");
+    frames[0].markers.push(Marker {
+        sample_offset: 0,
+        duration_us: None,
+        label: format!("{AUDIO_PRESETS_MARKER}audification,parameter_mapping"),
+    });
+    let out = run(both, &frames);
+    assert!(!out.is_empty());
+    assert!(out.iter().all(|c| c.preset == "audification"));
 }
 
 #[test]

@@ -267,6 +267,20 @@ pub fn frames(session: SessionId, n: u64, channels: usize, per_channel: u32) -> 
 
 /// What ingest must have published for a sent frame: the same frame, owned by the
 /// caller's tenant, stamped with ingest's receive time.
+/// What ingest adds to a session's first frame for the test tenants' plan
+/// (enterprise): the list of the audio presets it renders.
+pub fn with_plan_list(mut first: Frame) -> Frame {
+    first.markers.push(clisonix_schemas::Marker {
+        sample_offset: 0,
+        duration_us: None,
+        label: format!(
+            "{}audification,parameter_mapping",
+            clisonix_schemas::AUDIO_PLAN_MARKER
+        ),
+    });
+    first
+}
+
 pub fn as_published(sent: &Frame, tenant: TenantId, received_at: Timestamp) -> Frame {
     Frame {
         tenant_id: tenant,
