@@ -105,7 +105,8 @@ impl Services {
             .connect(&database)
             .await
             .context("connecting the sink and metering to Postgres")?;
-        let sink = Sink::new(clisonix_sink::Results::new(pool.clone()), &stack.topics);
+        let sink = Sink::new(clisonix_sink::Results::new(pool.clone()), &stack.topics)
+            .with_retention(Duration::from_secs(600), StageMetrics::default());
         services.tables(stack, sink);
         let metering = Metering::new(
             clisonix_metering::MeteringStore::new(pool),

@@ -113,6 +113,10 @@ enum StageCmd {
         /// Apply the database migrations at start
         #[arg(long, env = "CLISONIX_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
         migrate: bool,
+        /// Delete results past their tenant's plan's retention this often, in seconds
+        /// (0: never)
+        #[arg(long, env = "CLISONIX_RETENTION_SWEEP_SECONDS", default_value_t = 600)]
+        retention_sweep_seconds: u64,
     },
     /// Metering: usage.events, eeg.sessions and eeg.features -> usage per tenant,
     /// meter and hour in Postgres, exactly once
@@ -235,11 +239,18 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         StageCmd::Sink {
             database_url,
             migrate,
+            retention_sweep_seconds,
         } => {
             let pool = database(&database_url, migrate).await?;
             let topics = config.topics.clone();
             serve_with(cli.http_addr, |health, shutdown| {
-                let sink = Sink::new(clisonix_sink::Results::new(pool), &topics);
+                let mut sink = Sink::new(clisonix_sink::Results::new(pool), &topics);
+                if retention_sweep_seconds > 0 {
+                    sink = sink.with_retention(
+                        Duration::from_secs(retention_sweep_seconds),
+                        health.metrics.clone(),
+                    );
+                }
                 run_tables(sink, tables_config(config), health, shutdown)
             })
             .await

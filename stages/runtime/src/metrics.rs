@@ -35,6 +35,8 @@ pub struct StageMetrics {
     /// Metering: records not counted again, by reason (`offset_applied`: read again
     /// after a restart, rebalance or replay; `duplicate_event`: an event id seen before).
     pub metering_skipped: IntCounterVec,
+    /// Sink: rows deleted past their tenant's plan's retention, by table.
+    pub results_expired: IntCounterVec,
 }
 
 impl StageMetrics {
@@ -110,6 +112,11 @@ impl StageMetrics {
             "Records metering did not count again",
             &["reason"],
         );
+        let results_expired = counter(
+            "clisonix_results_expired_total",
+            "Result rows deleted past their tenant's plan's retention",
+            &["table"],
+        );
         let lag = IntGaugeVec::new(
             Opts::new(
                 "clisonix_stage_consumer_lag",
@@ -135,6 +142,7 @@ impl StageMetrics {
             usage_carried,
             usage_alerts,
             metering_skipped,
+            results_expired,
         }
     }
 

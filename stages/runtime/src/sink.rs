@@ -3,8 +3,13 @@
 //! ([`crate::tables`]): at least once with idempotent writes, which together give
 //! exactly-once rows (a batch re-read after a crash between its write and its offset
 //! commit is written again and changes nothing; see `clisonix-sink`).
+//!
+//! Between batches it deletes the results its tenants' plans no longer keep
+//! ([`Sink::with_retention`], [`clisonix_sink::retention`]).
 
 use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use clisonix_schemas::{decode, AudioChunk, Features, SessionState};
 use clisonix_sink::{Results, SinkRecord};
@@ -13,8 +18,13 @@ use clisonix_topics::catalog::{AUDIO_CHUNKS, EEG_FEATURES, EEG_SESSIONS};
 use clisonix_topics::Topics;
 use rdkafka::message::OwnedMessage;
 use rdkafka::Message;
+use tracing::{info, warn};
 
+use crate::metrics::StageMetrics;
 use crate::tables::TableWriter;
+
+/// Sessions deleted per transaction by a retention sweep.
+const EXPIRE_BATCH: i64 = 100;
 
 /// The sink's name: its consumer group and the `stage` of its dead letters.
 pub const NAME: &str = "sink";
@@ -31,6 +41,15 @@ enum Kind {
 pub struct Sink {
     results: Results,
     inputs: BTreeMap<String, Kind>,
+    retention: Option<Retention>,
+}
+
+/// The retention sweep's schedule and what it counts.
+#[derive(Debug)]
+struct Retention {
+    every: Duration,
+    metrics: StageMetrics,
+    swept: Mutex<Option<Instant>>,
 }
 
 impl Sink {
@@ -42,7 +61,22 @@ impl Sink {
         ]
         .into_iter()
         .collect();
-        Sink { results, inputs }
+        Sink {
+            results,
+            inputs,
+            retention: None,
+        }
+    }
+
+    /// Also deletes, every `every`, the sessions (with their features and audio) older
+    /// than their tenant's plan keeps, counting them in `metrics`.
+    pub fn with_retention(mut self, every: Duration, metrics: StageMetrics) -> Sink {
+        self.retention = Some(Retention {
+            every,
+            metrics,
+            swept: Mutex::new(None),
+        });
+        self
     }
 }
 
@@ -95,5 +129,48 @@ impl TableWriter for Sink {
             ("features", w.features),
             ("audio_chunks", w.audio_chunks),
         ])
+    }
+
+    async fn tick(&self) {
+        let Some(r) = &self.retention else { return };
+        let due = r
+            .swept
+            .lock()
+            .expect("not poisoned")
+            .is_none_or(|at| at.elapsed() >= r.every);
+        if !due {
+            return;
+        }
+        match self
+            .results
+            .expire(sqlx::types::chrono::Utc::now(), EXPIRE_BATCH)
+            .await
+        {
+            Ok(expired) => {
+                *r.swept.lock().expect("not poisoned") = Some(Instant::now());
+                let Some(e) = expired else { return };
+                for (table, n) in [
+                    ("sessions", e.sessions),
+                    ("features", e.features),
+                    ("audio_chunks", e.audio_chunks),
+                ] {
+                    r.metrics
+                        .results_expired
+                        .with_label_values(&[table])
+                        .inc_by(n);
+                }
+                if e.sessions > 0 {
+                    info!(
+                        sessions = e.sessions,
+                        features = e.features,
+                        audio_chunks = e.audio_chunks,
+                        "deleted results past their plans' retention"
+                    );
+                }
+            }
+            Err(error) => {
+                warn!(%error, "deleting results past their retention failed; trying again soon")
+            }
+        }
     }
 }

@@ -12,11 +12,16 @@
 //! - a session's row is replaced only by a state at least as far along (more frames
 //!   processed, or the same and ended), so an old state re-read cannot undo a newer one.
 //!
+//! Results are deleted when their tenant's plan no longer keeps them: see
+//! [`retention`].
+//!
 //! One batch is one transaction. On commit, Postgres delivers one notification per
 //! session and kind on [`CHANNEL`], which the gateway's live stream listens to: by then
 //! the rows are readable.
 
 use std::collections::BTreeSet;
+
+pub mod retention;
 
 use clisonix_schemas::{AudioChunk, Features, SessionState, SessionStatus};
 use sqlx::{PgPool, Postgres, QueryBuilder, Transaction};
