@@ -1,8 +1,8 @@
 //! Ingest's own work on a body, without HTTP or the broker: `prepare_body` (split,
 //! parse, check, stamp or encode) on 128-frame bodies of 32-channel 256 Hz frames of
 //! 1/8 s, binary and JSON, on one thread; and the quota check a group of them goes
-//! through before it is published (each frame's amounts, the reservation, the
-//! settlement). Prints microseconds (or nanoseconds) per frame.
+//! through before it is published (the plan's audio presets, each frame's amounts, the
+//! reservation, the settlement). Prints microseconds (or nanoseconds) per frame.
 //!
 //!     cargo bench -p clisonix-alba --bench prepare
 
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use clisonix_alba::http::{prepare_body, BodyKind};
-use clisonix_alba::ingest::Prepared;
+use clisonix_alba::ingest::{preset_refusal, Prepared};
 use clisonix_ingest_protocol::Limits;
 use clisonix_player::http::Format;
 use clisonix_schemas::{examples, TenantId, Timestamp};
@@ -42,6 +42,10 @@ fn per_frame(kind: BodyKind, body: &[u8], bodies: usize) -> f64 {
 fn quota_per_frame(ledger: &Ledger, tenant: uuid::Uuid, ready: &[Prepared], bodies: usize) -> f64 {
     let started = Instant::now();
     for _ in 0..bodies {
+        let plan = ledger.audio_presets(tenant).expect("loaded");
+        assert!(ready
+            .iter()
+            .all(|p| preset_refusal(&p.head.audio_presets, &plan).is_none()));
         let (reservation, fit, refusal) =
             ledger.reserve_prefix(tenant, ready.iter().map(Prepared::amounts));
         assert!(fit == ready.len() && refusal.is_none());
