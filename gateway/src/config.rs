@@ -40,6 +40,9 @@ pub struct Config {
     pub topic_prefix: String,
     /// How often the counted requests are emitted.
     pub usage_interval: Duration,
+    /// How often ended billing periods are invoiced (drafts recomputed, closed periods
+    /// finalized); zero: never (another gateway instance does it).
+    pub invoice_interval: Duration,
 }
 
 impl Config {
@@ -72,6 +75,7 @@ impl Config {
             kafka_bootstrap: None,
             topic_prefix: String::new(),
             usage_interval: Duration::from_secs(5),
+            invoice_interval: Duration::from_secs(60),
         }
     }
 
@@ -162,6 +166,11 @@ impl Config {
         parse("CLISONIX_GATEWAY_USAGE_INTERVAL_MS", &mut |v| {
             let ms: u64 = v.parse().map_err(|e| format!("{e}"))?;
             c.usage_interval = Duration::from_millis(ms.max(10));
+            Ok(())
+        });
+        parse("CLISONIX_INVOICE_INTERVAL_MS", &mut |v| {
+            let ms: u64 = v.parse().map_err(|e| format!("{e}"))?;
+            c.invoice_interval = Duration::from_millis(ms);
             Ok(())
         });
         if c.database_url.expose().is_empty() {

@@ -5,6 +5,7 @@
 pub mod accounts;
 pub mod api_usage;
 pub mod auth;
+pub mod billing;
 pub mod config;
 pub mod limits;
 pub mod live;

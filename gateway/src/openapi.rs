@@ -66,6 +66,8 @@ impl Modify for BearerAuth {
         crate::plans::change,
         crate::usage::usage,
         crate::usage::session,
+        crate::billing::list,
+        crate::billing::get,
         crate::startup::health,
         crate::startup::ready,
         crate::startup::metrics,
@@ -78,6 +80,7 @@ impl Modify for BearerAuth {
         (name = "tenant", description = "Members, invitations, audit log"),
         (name = "plans", description = "The plan catalog and the tenant's subscription"),
         (name = "usage", description = "What the tenant used, per meter, over time and per session"),
+        (name = "billing", description = "Invoices of the tenant's billing periods"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
 )]

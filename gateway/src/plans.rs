@@ -91,8 +91,8 @@ type Peer = ConnectInfo<std::net::SocketAddr>;
         (status = 403, description = "Needs the admin role", body = crate::openapi::ErrorBody),
         (status = 422, description = "Unknown or unavailable plan", body = crate::openapi::ErrorBody)))]
 /// `PUT /v1/subscription` (admins): moves the tenant to the newest version of a public
-/// plan, at once; the current billing period is on the new plan from now (the billing
-/// issue prorates it). Audited as `subscription_changed`.
+/// plan, at once; the current billing period is on the new plan from now (its invoice
+/// prorates the two, see `docs/billing.md`). Audited as `subscription_changed`.
 pub async fn change(
     State(state): State<AppState>,
     ConnectInfo(peer): Peer,

@@ -46,6 +46,10 @@ pub struct ApiMetrics {
     /// force (active or trialing) per plan.
     active_users: IntGauge,
     subscriptions: IntGaugeVec,
+    /// Invoices by state (`draft`, `finalized`, `paid`, `void`), read at each scrape.
+    invoices: IntGaugeVec,
+    /// Invoicing runs by outcome (`ok`, `error`).
+    pub invoicing_runs: IntCounterVec,
 }
 
 impl ApiMetrics {
@@ -76,6 +80,25 @@ impl ApiMetrics {
             &["plan"],
         )
         .expect("valid metric");
+        let invoices = IntGaugeVec::new(
+            Opts::new("clisonix_invoices", "Invoices by state"),
+            &["status"],
+        )
+        .expect("valid metric");
+        let invoicing_runs = IntCounterVec::new(
+            Opts::new(
+                "clisonix_invoicing_runs_total",
+                "Runs of the invoicing of ended billing periods, by outcome",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(invoices.clone()))
+            .expect("registered once");
+        registry
+            .register(Box::new(invoicing_runs.clone()))
+            .expect("registered once");
         registry
             .register(Box::new(requests.clone()))
             .expect("registered once");
@@ -94,6 +117,8 @@ impl ApiMetrics {
             latency,
             active_users,
             subscriptions,
+            invoices,
+            invoicing_runs,
         }
     }
 }
@@ -151,6 +176,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/usage", get(crate::usage::usage))
         .route("/v1/usage/sessions/{id}", get(crate::usage::session))
+        .route("/v1/billing/invoices", get(crate::billing::list))
+        .route("/v1/billing/invoices/{id}", get(crate::billing::get))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -244,6 +271,17 @@ async fn business_metrics(state: &AppState) -> Result<(), sqlx::Error> {
     .fetch_all(&state.pool)
     .await?;
     state.metrics.active_users.set(users);
+    let invoices: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM invoices GROUP BY status")
+            .fetch_all(&state.pool)
+            .await?;
+    for status in ["draft", "finalized", "paid", "void"] {
+        let n = invoices
+            .iter()
+            .find(|(s, _)| s == status)
+            .map_or(0, |(_, n)| *n);
+        state.metrics.invoices.with_label_values(&[status]).set(n);
+    }
     state.metrics.subscriptions.reset();
     for (plan, n) in plans {
         state
@@ -327,6 +365,12 @@ impl Application {
             .api_usage
             .clone()
             .map(|u| tokio::spawn(u.run(self.state.config.usage_interval, usage_stop.clone())));
+        let invoicing = (!self.state.config.invoice_interval.is_zero()).then(|| {
+            tokio::spawn(crate::billing::run_invoicing(
+                self.state.clone(),
+                usage_stop.clone(),
+            ))
+        });
         let app = router(self.state).into_make_service_with_connect_info::<std::net::SocketAddr>();
         let stop_live = live.stop.clone();
         let served = axum::serve(self.listener, app)
@@ -341,6 +385,9 @@ impl Application {
         usage_stop.cancel();
         if let Some(usage) = usage {
             let _ = usage.await;
+        }
+        if let Some(invoicing) = invoicing {
+            let _ = invoicing.await;
         }
         served
     }

@@ -1,0 +1,11 @@
+//! Billing: invoices from the metered usage of a tenant's billing period.
+//!
+//! [`invoice`] computes an invoice (pure: plans, usage and the period in, lines and
+//! totals out, exact to the minor unit); [`store`] keeps them in Postgres, one per
+//! tenant and period, drafted when the period ends and finalized when it closes.
+
+pub mod invoice;
+pub mod store;
+
+pub use invoice::{compute, Draft, InvoiceError, Line, LineKind, Segment, UsageRow};
+pub use store::{BillingError, Invoice, InvoiceStatus, Invoiced, Invoicing};
