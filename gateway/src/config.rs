@@ -43,6 +43,9 @@ pub struct Config {
     /// How often ended billing periods are invoiced (drafts recomputed, closed periods
     /// finalized); zero: never (another gateway instance does it).
     pub invoice_interval: Duration,
+    /// The signing secrets of the Stripe webhook endpoint (`STRIPE_WEBHOOK_SECRET`,
+    /// comma-separated while one rotates); none: the endpoint answers 404.
+    pub stripe_webhook_secrets: Vec<Secret>,
 }
 
 impl Config {
@@ -76,6 +79,7 @@ impl Config {
             topic_prefix: String::new(),
             usage_interval: Duration::from_secs(5),
             invoice_interval: Duration::from_secs(60),
+            stripe_webhook_secrets: Vec::new(),
         }
     }
 
@@ -171,6 +175,15 @@ impl Config {
         parse("CLISONIX_INVOICE_INTERVAL_MS", &mut |v| {
             let ms: u64 = v.parse().map_err(|e| format!("{e}"))?;
             c.invoice_interval = Duration::from_millis(ms);
+            Ok(())
+        });
+        parse("STRIPE_WEBHOOK_SECRET", &mut |v| {
+            c.stripe_webhook_secrets = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(Secret::new)
+                .collect();
             Ok(())
         });
         if c.database_url.expose().is_empty() {

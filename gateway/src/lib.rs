@@ -14,6 +14,7 @@ pub mod openapi;
 pub mod plans;
 pub mod results;
 pub mod startup;
+pub mod stripe;
 pub mod tenant;
 pub mod usage;
 

@@ -68,6 +68,7 @@ impl Modify for BearerAuth {
         crate::usage::session,
         crate::billing::list,
         crate::billing::get,
+        crate::stripe::webhook,
         crate::startup::health,
         crate::startup::ready,
         crate::startup::metrics,

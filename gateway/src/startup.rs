@@ -50,6 +50,9 @@ pub struct ApiMetrics {
     invoices: IntGaugeVec,
     /// Invoicing runs by outcome (`ok`, `error`).
     pub invoicing_runs: IntCounterVec,
+    /// Stripe webhook deliveries by outcome (`applied`, `ignored`, `stale`,
+    /// `duplicate`, or the refusal's code).
+    pub stripe_webhooks: IntCounterVec,
 }
 
 impl ApiMetrics {
@@ -93,6 +96,17 @@ impl ApiMetrics {
             &["outcome"],
         )
         .expect("valid metric");
+        let stripe_webhooks = IntCounterVec::new(
+            Opts::new(
+                "clisonix_stripe_webhooks_total",
+                "Stripe webhook deliveries, by outcome",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(stripe_webhooks.clone()))
+            .expect("registered once");
         registry
             .register(Box::new(invoices.clone()))
             .expect("registered once");
@@ -119,6 +133,7 @@ impl ApiMetrics {
             subscriptions,
             invoices,
             invoicing_runs,
+            stripe_webhooks,
         }
     }
 }
@@ -178,6 +193,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/usage/sessions/{id}", get(crate::usage::session))
         .route("/v1/billing/invoices", get(crate::billing::list))
         .route("/v1/billing/invoices/{id}", get(crate::billing::get))
+        .route("/v1/billing/stripe/webhook", post(crate::stripe::webhook))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))

@@ -2,9 +2,11 @@
 //!
 //! [`invoice`] computes an invoice (pure: plans, usage and the period in, lines and
 //! totals out, exact to the minor unit); [`store`] keeps them in Postgres, one per
-//! tenant and period, drafted when the period ends and finalized when it closes.
+//! tenant and period, drafted when the period ends and finalized when it closes;
+//! [`signatures`] checks and makes webhook signatures.
 
 pub mod invoice;
+pub mod signatures;
 pub mod store;
 
 pub use invoice::{compute, Draft, InvoiceError, Line, LineKind, Segment, UsageRow};
