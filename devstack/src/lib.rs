@@ -7,3 +7,4 @@ pub mod postgres;
 pub mod procs;
 pub mod run;
 pub mod stack;
+pub mod stripe_mock;

@@ -1,5 +1,5 @@
 //! The development stack as a whole: where each part runs, bringing it up (Postgres,
-//! Kafka, topics, migrations) and down, and what runs where.
+//! Kafka, topics, migrations, stripe-mock) and down, and what runs where.
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +8,7 @@ use clisonix_topics::{Admin, KafkaSettings, Outcome, Replication, Topics};
 
 use crate::kafka::{self, KafkaNode};
 use crate::postgres::{redact, Postgres};
+use crate::stripe_mock::{self, StripeMock};
 
 /// The stack of this checkout, configured from the environment.
 #[derive(Debug, Clone)]
@@ -18,6 +19,8 @@ pub struct Stack {
     external_kafka: Option<String>,
     pub postgres: Postgres,
     pub topics: Topics,
+    /// Stripe's API simulator, which the Stripe calls are tested against.
+    pub stripe_mock: StripeMock,
 }
 
 /// What `up` started (so a caller can stop exactly that again).
@@ -25,11 +28,12 @@ pub struct Stack {
 pub struct Started {
     pub kafka: bool,
     pub postgres: bool,
+    pub stripe_mock: bool,
 }
 
 impl Started {
     pub fn any(self) -> bool {
-        self.kafka || self.postgres
+        self.kafka || self.postgres || self.stripe_mock
     }
 }
 
@@ -76,6 +80,11 @@ impl Stack {
             external_kafka,
             postgres,
             topics: Topics::new(env("CLISONIX_TOPIC_PREFIX").unwrap_or_default()),
+            stripe_mock: StripeMock {
+                dir: state.join("stripe-mock"),
+                cache: cache_dir()?.join(format!("stripe-mock-{}", stripe_mock::VERSION)),
+                port: port("CLISONIX_STRIPE_MOCK_PORT", 12111)?,
+            },
         })
     }
 
@@ -100,6 +109,7 @@ impl Stack {
         vec![
             ("CLISONIX_KAFKA_BOOTSTRAP", self.bootstrap()),
             ("DATABASE_URL", self.postgres.url()),
+            ("CLISONIX_STRIPE_API_BASE", self.stripe_mock.url()),
         ]
     }
 
@@ -163,6 +173,7 @@ impl Stack {
         runtime
             .block_on(self.postgres.prepare(&self.migrations()))
             .context("preparing the database")?;
+        started.stripe_mock = self.stripe_mock.start().context("starting stripe-mock")?;
         Ok(())
     }
 
@@ -175,6 +186,9 @@ impl Stack {
         }
         if self.postgres.stop()? {
             eprintln!("==> Postgres stopped");
+        }
+        if self.stripe_mock.stop()? {
+            eprintln!("==> stripe-mock stopped");
         }
         Ok(())
     }
@@ -189,6 +203,9 @@ impl Stack {
         }
         if started.postgres && self.postgres.stop()? {
             eprintln!("==> Postgres stopped");
+        }
+        if started.stripe_mock && self.stripe_mock.stop()? {
+            eprintln!("==> stripe-mock stopped");
         }
         Ok(())
     }
@@ -245,12 +262,26 @@ impl Stack {
                 }
             }
         });
+        lines.push(match self.stripe_mock.running() {
+            Some(pid) => format!(
+                "stripe    running   {} (stripe-mock {}, pid {pid}, log {})",
+                self.stripe_mock.url(),
+                stripe_mock::VERSION,
+                self.stripe_mock.log_file().display()
+            ),
+            None => format!(
+                "stripe    stopped   {} (./dev up starts stripe-mock)",
+                self.stripe_mock.url()
+            ),
+        });
         lines
     }
 
     /// Whether our own parts all run.
     pub fn running(&self) -> bool {
-        self.kafka.as_ref().is_none_or(|n| n.running().is_some()) && self.postgres.running()
+        self.kafka.as_ref().is_none_or(|n| n.running().is_some())
+            && self.postgres.running()
+            && self.stripe_mock.running().is_some()
     }
 }
 

@@ -28,3 +28,15 @@ CREATE TABLE stripe_events (
     received_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX stripe_events_tenant ON stripe_events (tenant_id, received_at DESC);
+
+-- Usage reported to Stripe's meters: per tenant, meter and hour, the total reported so
+-- far and the key it went under ({tenant}:{meter}:{hour}:{total}).
+CREATE TABLE stripe_meter_reports (
+    tenant_id   uuid        NOT NULL,
+    meter       text        NOT NULL,
+    hour        timestamptz NOT NULL,
+    reported    bigint      NOT NULL CHECK (reported >= 0),
+    identifier  text        NOT NULL,
+    reported_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, meter, hour)
+);

@@ -46,6 +46,17 @@ pub struct Config {
     /// The signing secrets of the Stripe webhook endpoint (`STRIPE_WEBHOOK_SECRET`,
     /// comma-separated while one rotates); none: the endpoint answers 404.
     pub stripe_webhook_secrets: Vec<Secret>,
+    /// Stripe's secret API key (`STRIPE_SECRET_KEY`): with it, tenants pay through
+    /// Stripe (checkout, portal, usage reported to meters); without it Clisonix's own
+    /// invoices are the bill (self-hosted mode).
+    pub stripe_secret_key: Option<Secret>,
+    /// Stripe's API (`CLISONIX_STRIPE_API_BASE`; stripe-mock in development and tests).
+    pub stripe_api_base: String,
+    /// The Stripe price of each plan sold through Checkout (`CLISONIX_STRIPE_PRICES`,
+    /// `pro=price_…,enterprise=price_…`).
+    pub stripe_prices: Vec<(String, String)>,
+    /// How often completed hours of usage are reported to Stripe's meters.
+    pub stripe_report_interval: Duration,
 }
 
 impl Config {
@@ -80,6 +91,10 @@ impl Config {
             usage_interval: Duration::from_secs(5),
             invoice_interval: Duration::from_secs(60),
             stripe_webhook_secrets: Vec::new(),
+            stripe_secret_key: None,
+            stripe_api_base: clisonix_billing::stripe::STRIPE_API.to_owned(),
+            stripe_prices: Vec::new(),
+            stripe_report_interval: Duration::from_secs(300),
         }
     }
 
@@ -184,6 +199,35 @@ impl Config {
                 .filter(|s| !s.is_empty())
                 .map(Secret::new)
                 .collect();
+            Ok(())
+        });
+        parse("STRIPE_SECRET_KEY", &mut |v| {
+            c.stripe_secret_key = Some(Secret::new(v));
+            Ok(())
+        });
+        parse("CLISONIX_STRIPE_API_BASE", &mut |v| {
+            if !(v.starts_with("https://") || v.starts_with("http://")) {
+                return Err("expected an http(s) URL".into());
+            }
+            c.stripe_api_base = v.to_owned();
+            Ok(())
+        });
+        parse("CLISONIX_STRIPE_PRICES", &mut |v| {
+            c.stripe_prices = v
+                .split(',')
+                .map(|pair| {
+                    pair.trim()
+                        .split_once('=')
+                        .filter(|(plan, price)| !plan.is_empty() && !price.is_empty())
+                        .map(|(plan, price)| (plan.to_owned(), price.to_owned()))
+                        .ok_or_else(|| format!("{pair:?} is not plan_id=price_id"))
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(())
+        });
+        parse("CLISONIX_STRIPE_REPORT_INTERVAL_MS", &mut |v| {
+            let ms: u64 = v.parse().map_err(|e| format!("{e}"))?;
+            c.stripe_report_interval = Duration::from_millis(ms.max(1000));
             Ok(())
         });
         if c.database_url.expose().is_empty() {

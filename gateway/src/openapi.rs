@@ -69,6 +69,8 @@ impl Modify for BearerAuth {
         crate::billing::list,
         crate::billing::get,
         crate::stripe::webhook,
+        crate::stripe::checkout,
+        crate::stripe::portal,
         crate::startup::health,
         crate::startup::ready,
         crate::startup::metrics,

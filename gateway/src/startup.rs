@@ -53,6 +53,8 @@ pub struct ApiMetrics {
     /// Stripe webhook deliveries by outcome (`applied`, `ignored`, `stale`,
     /// `duplicate`, or the refusal's code).
     pub stripe_webhooks: IntCounterVec,
+    /// Stripe API calls that failed, by kind (`refused`, `unavailable`, `meter_event`).
+    pub stripe_errors: IntCounterVec,
 }
 
 impl ApiMetrics {
@@ -107,6 +109,17 @@ impl ApiMetrics {
         registry
             .register(Box::new(stripe_webhooks.clone()))
             .expect("registered once");
+        let stripe_errors = IntCounterVec::new(
+            Opts::new(
+                "clisonix_stripe_api_errors_total",
+                "Stripe API calls that failed, by kind",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(stripe_errors.clone()))
+            .expect("registered once");
         registry
             .register(Box::new(invoices.clone()))
             .expect("registered once");
@@ -134,6 +147,7 @@ impl ApiMetrics {
             invoices,
             invoicing_runs,
             stripe_webhooks,
+            stripe_errors,
         }
     }
 }
@@ -152,6 +166,8 @@ pub struct AppState {
     pub live: LiveHub,
     /// Requests on the results API, reported to metering (when Kafka is configured).
     pub api_usage: Option<Arc<ApiUsage>>,
+    /// Stripe's API, when `STRIPE_SECRET_KEY` is set.
+    pub stripe: Option<Arc<clisonix_billing::stripe::Stripe>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -194,6 +210,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/billing/invoices", get(crate::billing::list))
         .route("/v1/billing/invoices/{id}", get(crate::billing::get))
         .route("/v1/billing/stripe/webhook", post(crate::stripe::webhook))
+        .route("/v1/billing/checkout", post(crate::stripe::checkout))
+        .route("/v1/billing/portal", post(crate::stripe::portal))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -349,6 +367,7 @@ impl Application {
         };
         let state = AppState {
             api_usage,
+            stripe: crate::stripe::client(&config),
             api_keys: Arc::new(KeyVerifier::new(pool.clone())),
             login_limits: Arc::new(AttemptLimiter::new(
                 std::time::Duration::from_secs(300),
@@ -387,6 +406,13 @@ impl Application {
                 usage_stop.clone(),
             ))
         });
+        let reporting = self.state.stripe.clone().map(|stripe| {
+            tokio::spawn(crate::stripe::run_reporting(
+                self.state.clone(),
+                stripe,
+                usage_stop.clone(),
+            ))
+        });
         let app = router(self.state).into_make_service_with_connect_info::<std::net::SocketAddr>();
         let stop_live = live.stop.clone();
         let served = axum::serve(self.listener, app)
@@ -404,6 +430,9 @@ impl Application {
         }
         if let Some(invoicing) = invoicing {
             let _ = invoicing.await;
+        }
+        if let Some(reporting) = reporting {
+            let _ = reporting.await;
         }
         served
     }

@@ -27,6 +27,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use clisonix_billing::signatures::{verify_stripe, SignatureError};
+use clisonix_billing::stripe::{report_usage, Stripe, StripeError};
 use serde_json::{json, Value};
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
@@ -355,4 +356,270 @@ async fn update(
         .await?;
     }
     Ok(Outcome::Applied)
+}
+
+// ---------------------------------------------------------------------------------
+// Paying through Stripe: Checkout, the customer portal, usage to Stripe's meters.
+
+/// The Stripe client, when `STRIPE_SECRET_KEY` is set.
+pub fn client(config: &crate::config::Config) -> Option<std::sync::Arc<Stripe>> {
+    config
+        .stripe_secret_key
+        .as_ref()
+        .map(|key| std::sync::Arc::new(Stripe::new(&config.stripe_api_base, key.expose())))
+}
+
+fn not_configured() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "stripe_not_configured",
+        "this deployment does not take payments through Stripe (STRIPE_SECRET_KEY is not set): its own invoices are the bill",
+    )
+}
+
+/// Stripe's failure as the caller's answer: 503 while it is unavailable, 502 when it
+/// refused what was asked.
+fn stripe_error(state: &AppState, e: StripeError) -> ApiError {
+    let kind = match e {
+        StripeError::Refused { .. } => "refused",
+        StripeError::Unavailable { .. } => "unavailable",
+        StripeError::Database(e) => return ApiError::from(e),
+    };
+    state.metrics.stripe_errors.with_label_values(&[kind]).inc();
+    tracing::warn!(error = %e, "a Stripe call failed");
+    match kind {
+        "refused" => ApiError::new(StatusCode::BAD_GATEWAY, "stripe_refused", e.to_string()),
+        _ => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stripe_unavailable",
+            "Stripe does not answer; try again shortly",
+        ),
+    }
+}
+
+/// A URL Stripe sends the customer back to.
+fn url_field(field: &str, value: &str) -> Result<String, ApiError> {
+    let ok = (value.starts_with("https://") || value.starts_with("http://"))
+        && value.len() <= 2048
+        && !value.chars().any(char::is_whitespace);
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            format!("{field} must be an http(s) URL of at most 2048 characters"),
+        )
+        .field(field))
+    }
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutRequest {
+    /// The plan to subscribe to (one sold through Stripe).
+    pub plan_id: String,
+    /// Where Stripe sends the customer after paying.
+    pub success_url: String,
+    /// Where Stripe sends the customer who turns back.
+    pub cancel_url: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct SessionUrl {
+    /// Stripe's session id.
+    pub id: String,
+    /// Where to send the customer.
+    pub url: String,
+}
+
+#[utoipa::path(post, path = "/v1/billing/checkout", tag = "billing", security(("bearer" = [])), request_body = CheckoutRequest,
+    responses((status = 200, body = SessionUrl), (status = 401, description = "Missing or invalid token", body = crate::openapi::ErrorBody),
+        (status = 403, description = "Needs the admin role", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Stripe is not configured", body = crate::openapi::ErrorBody),
+        (status = 422, description = "Unknown plan, a plan not sold through Stripe, or a bad URL", body = crate::openapi::ErrorBody),
+        (status = 502, description = "Stripe refused the request", body = crate::openapi::ErrorBody),
+        (status = 503, description = "Stripe does not answer", body = crate::openapi::ErrorBody)))]
+/// `POST /v1/billing/checkout` (admins): a Stripe Checkout session to subscribe to a
+/// plan (or change to it). The plan takes effect when Stripe reports the checkout
+/// completed (`checkout.session.completed` on the webhook).
+pub async fn checkout(
+    State(state): State<AppState>,
+    ConnectInfo(peer): Peer,
+    caller: crate::auth::Caller,
+    crate::accounts::ApiJson(body): crate::accounts::ApiJson<CheckoutRequest>,
+) -> Result<Json<SessionUrl>, ApiError> {
+    crate::tenant::require_admin(&caller)?;
+    let stripe = state.stripe.clone().ok_or_else(not_configured)?;
+    let success = url_field("success_url", &body.success_url)?;
+    let cancel = body
+        .cancel_url
+        .as_deref()
+        .map(|u| url_field("cancel_url", u))
+        .transpose()?;
+    let plan = clisonix_tenancy::plans::plan(&state.pool, &body.plan_id, None)
+        .await?
+        .filter(|p| p.public)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown_plan",
+                format!(
+                    "no public plan {:?} (GET /v1/plans lists them)",
+                    body.plan_id
+                ),
+            )
+            .field("plan_id")
+        })?;
+    let price = state
+        .config
+        .stripe_prices
+        .iter()
+        .find(|(p, _)| *p == plan.plan_id)
+        .map(|(_, price)| price.clone())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "plan_not_sold",
+                format!("plan {} is not sold through Stripe here", plan.plan_id),
+            )
+            .field("plan_id")
+        })?;
+    let tenant = caller.0.tid;
+    let name: String = sqlx::query_scalar("SELECT name FROM tenants WHERE id = $1")
+        .bind(tenant)
+        .fetch_one(&state.pool)
+        .await?;
+    let customer = stripe
+        .customer(&state.pool, tenant, &name)
+        .await
+        .map_err(|e| stripe_error(&state, e))?;
+    let mut form = vec![
+        ("mode", "subscription".to_owned()),
+        ("customer", customer.clone()),
+        ("client_reference_id", tenant.to_string()),
+        ("success_url", success),
+        ("line_items[0][price]", price),
+        ("line_items[0][quantity]", "1".to_owned()),
+        ("metadata[plan_id]", plan.plan_id.clone()),
+        ("metadata[tenant_id]", tenant.to_string()),
+        ("subscription_data[metadata][plan_id]", plan.plan_id.clone()),
+        ("subscription_data[metadata][tenant_id]", tenant.to_string()),
+    ];
+    if let Some(cancel) = cancel {
+        form.push(("cancel_url", cancel));
+    }
+    // One key per request: its retries take effect once, another request is another
+    // session.
+    let session = stripe
+        .post(
+            "/v1/checkout/sessions",
+            &form,
+            &format!("checkout-{}", Uuid::new_v4()),
+        )
+        .await
+        .map_err(|e| stripe_error(&state, e))?;
+    let answer = SessionUrl {
+        id: session["id"].as_str().unwrap_or_default().to_owned(),
+        url: session["url"].as_str().unwrap_or_default().to_owned(),
+    };
+    audit(
+        &state,
+        Some(tenant),
+        Some(caller.0.sub),
+        "billing_checkout_created",
+        json!({"plan_id": plan.plan_id, "customer": customer, "session": answer.id}),
+        &peer.ip().to_string(),
+    )
+    .await?;
+    Ok(Json(answer))
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortalRequest {
+    /// Where Stripe's portal sends the customer back.
+    pub return_url: String,
+}
+
+#[utoipa::path(post, path = "/v1/billing/portal", tag = "billing", security(("bearer" = [])), request_body = PortalRequest,
+    responses((status = 200, body = SessionUrl), (status = 401, description = "Missing or invalid token", body = crate::openapi::ErrorBody),
+        (status = 403, description = "Needs the admin role", body = crate::openapi::ErrorBody),
+        (status = 404, description = "Stripe is not configured", body = crate::openapi::ErrorBody),
+        (status = 422, description = "A bad URL", body = crate::openapi::ErrorBody),
+        (status = 502, description = "Stripe refused the request", body = crate::openapi::ErrorBody),
+        (status = 503, description = "Stripe does not answer", body = crate::openapi::ErrorBody)))]
+/// `POST /v1/billing/portal` (admins): a session of Stripe's customer portal (payment
+/// methods, Stripe's invoices, cancelling).
+pub async fn portal(
+    State(state): State<AppState>,
+    ConnectInfo(peer): Peer,
+    caller: crate::auth::Caller,
+    crate::accounts::ApiJson(body): crate::accounts::ApiJson<PortalRequest>,
+) -> Result<Json<SessionUrl>, ApiError> {
+    crate::tenant::require_admin(&caller)?;
+    let stripe = state.stripe.clone().ok_or_else(not_configured)?;
+    let back = url_field("return_url", &body.return_url)?;
+    let tenant = caller.0.tid;
+    let name: String = sqlx::query_scalar("SELECT name FROM tenants WHERE id = $1")
+        .bind(tenant)
+        .fetch_one(&state.pool)
+        .await?;
+    let customer = stripe
+        .customer(&state.pool, tenant, &name)
+        .await
+        .map_err(|e| stripe_error(&state, e))?;
+    let session = stripe
+        .post(
+            "/v1/billing_portal/sessions",
+            &[("customer", customer.clone()), ("return_url", back)],
+            &format!("portal-{}", Uuid::new_v4()),
+        )
+        .await
+        .map_err(|e| stripe_error(&state, e))?;
+    let answer = SessionUrl {
+        id: session["id"].as_str().unwrap_or_default().to_owned(),
+        url: session["url"].as_str().unwrap_or_default().to_owned(),
+    };
+    audit(
+        &state,
+        Some(tenant),
+        Some(caller.0.sub),
+        "billing_portal_opened",
+        json!({"customer": customer}),
+        &peer.ip().to_string(),
+    )
+    .await?;
+    Ok(Json(answer))
+}
+
+/// Reports completed hours of usage to Stripe's meters every `stripe_report_interval`
+/// until `stop` (only with a Stripe key).
+pub async fn run_reporting(
+    state: AppState,
+    stripe: std::sync::Arc<Stripe>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut every = tokio::time::interval(state.config.stripe_report_interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match report_usage(&stripe, &state.pool, Utc::now(), 1000).await {
+            Ok(done) => {
+                if done.failed > 0 {
+                    state
+                        .metrics
+                        .stripe_errors
+                        .with_label_values(&["meter_event"])
+                        .inc_by(done.failed);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "reporting usage to Stripe failed; trying again at the next run")
+            }
+        }
+    }
 }
