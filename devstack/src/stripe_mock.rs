@@ -106,9 +106,15 @@ impl StripeMock {
         procs::ensure_port_free(self.port, "stripe-mock", "CLISONIX_STRIPE_MOCK_PORT")?;
         fs::create_dir_all(&self.dir)?;
         let log = fs::File::create(self.log_file())?;
+        // It always serves HTTPS too (on every interface, port 12112, unless told
+        // otherwise): a Unix socket in the checkout keeps that off the network.
+        let socket = self.dir.join("https.sock");
+        let _ = fs::remove_file(&socket);
         let mut child = Command::new(self.binary())
             .arg("-http-addr")
             .arg(format!("127.0.0.1:{}", self.port))
+            .arg("-https-unix")
+            .arg(&socket)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -57,6 +57,10 @@ pub struct Config {
     pub stripe_prices: Vec<(String, String)>,
     /// How often completed hours of usage are reported to Stripe's meters.
     pub stripe_report_interval: Duration,
+    /// How often due webhooks are delivered (zero: not by this instance).
+    pub webhook_interval: Duration,
+    /// A failed webhook delivery's first retry; later ones double (at most an hour).
+    pub webhook_first_retry: Duration,
 }
 
 impl Config {
@@ -95,6 +99,8 @@ impl Config {
             stripe_api_base: clisonix_billing::stripe::STRIPE_API.to_owned(),
             stripe_prices: Vec::new(),
             stripe_report_interval: Duration::from_secs(300),
+            webhook_interval: Duration::from_secs(1),
+            webhook_first_retry: Duration::from_secs(5),
         }
     }
 
@@ -228,6 +234,15 @@ impl Config {
         parse("CLISONIX_STRIPE_REPORT_INTERVAL_MS", &mut |v| {
             let ms: u64 = v.parse().map_err(|e| format!("{e}"))?;
             c.stripe_report_interval = Duration::from_millis(ms.max(1000));
+            Ok(())
+        });
+        parse("CLISONIX_WEBHOOK_INTERVAL_MS", &mut |v| {
+            c.webhook_interval = Duration::from_millis(v.parse().map_err(|e| format!("{e}"))?);
+            Ok(())
+        });
+        parse("CLISONIX_WEBHOOK_FIRST_RETRY_MS", &mut |v| {
+            let ms: u64 = v.parse().map_err(|e| format!("{e}"))?;
+            c.webhook_first_retry = Duration::from_millis(ms.max(10));
             Ok(())
         });
         if c.database_url.expose().is_empty() {

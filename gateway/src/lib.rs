@@ -17,6 +17,7 @@ pub mod startup;
 pub mod stripe;
 pub mod tenant;
 pub mod usage;
+pub mod webhooks;
 
 pub use clisonix_service::error;
 pub use clisonix_tenancy::keys;

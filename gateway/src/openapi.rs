@@ -71,6 +71,11 @@ impl Modify for BearerAuth {
         crate::stripe::webhook,
         crate::stripe::checkout,
         crate::stripe::portal,
+        crate::webhooks::create,
+        crate::webhooks::list,
+        crate::webhooks::delete,
+        crate::webhooks::deliveries,
+        crate::webhooks::replay,
         crate::startup::health,
         crate::startup::ready,
         crate::startup::metrics,
@@ -83,7 +88,8 @@ impl Modify for BearerAuth {
         (name = "tenant", description = "Members, invitations, audit log"),
         (name = "plans", description = "The plan catalog and the tenant's subscription"),
         (name = "usage", description = "What the tenant used, per meter, over time and per session"),
-        (name = "billing", description = "Invoices of the tenant's billing periods"),
+        (name = "billing", description = "Invoices, Stripe checkout and portal, Stripe's webhooks"),
+        (name = "webhooks", description = "The tenant's endpoints for events, and their deliveries"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
 )]

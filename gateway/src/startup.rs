@@ -8,7 +8,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -55,6 +55,8 @@ pub struct ApiMetrics {
     pub stripe_webhooks: IntCounterVec,
     /// Stripe API calls that failed, by kind (`refused`, `unavailable`, `meter_event`).
     pub stripe_errors: IntCounterVec,
+    /// Webhook delivery attempts by outcome (`delivered`, `retrying`, `failed`).
+    pub webhook_deliveries: IntCounterVec,
 }
 
 impl ApiMetrics {
@@ -120,6 +122,17 @@ impl ApiMetrics {
         registry
             .register(Box::new(stripe_errors.clone()))
             .expect("registered once");
+        let webhook_deliveries = IntCounterVec::new(
+            Opts::new(
+                "clisonix_webhook_deliveries_total",
+                "Webhook delivery attempts to tenants' endpoints, by outcome",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(webhook_deliveries.clone()))
+            .expect("registered once");
         registry
             .register(Box::new(invoices.clone()))
             .expect("registered once");
@@ -148,6 +161,7 @@ impl ApiMetrics {
             invoicing_runs,
             stripe_webhooks,
             stripe_errors,
+            webhook_deliveries,
         }
     }
 }
@@ -212,6 +226,19 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/billing/stripe/webhook", post(crate::stripe::webhook))
         .route("/v1/billing/checkout", post(crate::stripe::checkout))
         .route("/v1/billing/portal", post(crate::stripe::portal))
+        .route(
+            "/v1/webhooks",
+            post(crate::webhooks::create).get(crate::webhooks::list),
+        )
+        .route("/v1/webhooks/{id}", delete(crate::webhooks::delete))
+        .route(
+            "/v1/webhooks/{id}/deliveries",
+            get(crate::webhooks::deliveries),
+        )
+        .route(
+            "/v1/webhooks/{id}/deliveries/{event_id}/replay",
+            post(crate::webhooks::replay),
+        )
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -413,6 +440,12 @@ impl Application {
                 usage_stop.clone(),
             ))
         });
+        let delivering = (!self.state.config.webhook_interval.is_zero()).then(|| {
+            tokio::spawn(crate::webhooks::run_delivering(
+                self.state.clone(),
+                usage_stop.clone(),
+            ))
+        });
         let app = router(self.state).into_make_service_with_connect_info::<std::net::SocketAddr>();
         let stop_live = live.stop.clone();
         let served = axum::serve(self.listener, app)
@@ -433,6 +466,9 @@ impl Application {
         }
         if let Some(reporting) = reporting {
             let _ = reporting.await;
+        }
+        if let Some(delivering) = delivering {
+            let _ = delivering.await;
         }
         served
     }

@@ -167,6 +167,29 @@ pub async fn webhook(
     .bind(outcome.as_str())
     .execute(&mut *tx)
     .await?;
+    // The tenant's own systems hear of payments made and failed.
+    if let (Some(tenant), Outcome::Applied, Some(kind)) = (
+        tenant,
+        outcome,
+        match event.kind.as_str() {
+            "invoice.paid" => Some("invoice.paid"),
+            "invoice.payment_failed" => Some("invoice.payment_failed"),
+            _ => None,
+        },
+    ) {
+        sqlx::query("SELECT clisonix_webhook_emit($1, $2, 'stripe:' || $3, $4)")
+            .bind(tenant)
+            .bind(kind)
+            .bind(&event.id)
+            .bind(sqlx::types::Json(json!({
+                "stripe_event_id": event.id,
+                "stripe_invoice_id": event.object["id"],
+                "amount_due": event.object["amount_due"],
+                "currency": event.object["currency"],
+            })))
+            .execute(&mut *tx)
+            .await?;
+    }
     if outcome == Outcome::Applied {
         sqlx::query(
             "INSERT INTO audit_log (tenant_id, action, detail, ip) VALUES ($1, 'stripe_event_applied', $2, $3)",

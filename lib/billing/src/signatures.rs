@@ -75,6 +75,34 @@ pub fn verify_stripe(
     Err(SignatureError::Mismatch)
 }
 
+/// A new endpoint secret: `whsec_` and the base64 of 32 random bytes.
+pub fn new_secret() -> String {
+    use base64::Engine;
+    let mut key = Vec::with_capacity(32);
+    key.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+    key.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    )
+}
+
+/// The `webhook-signature` of a Standard Webhooks delivery: `v1,<base64 HMAC-SHA256 of
+/// "{id}.{timestamp}.{body}">` under the key in `secret` (`whsec_<base64>`; a secret
+/// without the prefix is used as it is).
+pub fn sign_standard(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let key = secret
+        .strip_prefix("whsec_")
+        .and_then(|k| b64.decode(k).ok())
+        .unwrap_or_else(|| secret.as_bytes().to_vec());
+    let mut m = HmacSha256::new_from_slice(&key).expect("any key length");
+    m.update(format!("{id}.{timestamp}.").as_bytes());
+    m.update(body);
+    format!("v1,{}", b64.encode(m.finalize().into_bytes()))
+}
+
 /// A Stripe signature header for `body` at `t` under `secret` (tests and tools).
 pub fn stripe_header(secret: &str, t: i64, body: &[u8]) -> String {
     let mut m = HmacSha256::new_from_slice(secret.as_bytes()).expect("any key length");
@@ -86,6 +114,21 @@ pub fn stripe_header(secret: &str, t: i64, body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn standard_webhooks_signatures_match_the_specifications_example() {
+        // The example of the Standard Webhooks specification (and of svix's libraries).
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let id = "msg_p5jXN8AQM9LWM0D4loKWxJek";
+        let body = br#"{"test": 2432232314}"#;
+        assert_eq!(
+            sign_standard(secret, id, 1614265330, body),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+        let s = new_secret();
+        assert!(s.starts_with("whsec_") && s.len() == 6 + 44, "{s}");
+        assert_ne!(s, new_secret());
+    }
 
     const BODY: &[u8] = br#"{"id":"evt_1","type":"invoice.paid"}"#;
 

@@ -229,6 +229,21 @@ async fn invoice_period(
     .bind(number)
     .execute(&mut *tx)
     .await?;
+    // The tenant's webhook, in the same transaction.
+    sqlx::query(
+        "SELECT clisonix_webhook_emit($1, 'invoice.finalized', 'invoice.finalized:' || $2::text, \
+             jsonb_build_object('invoice_id', $2::uuid, 'number', $3::bigint, 'period_start', $4::timestamptz, \
+                                'period_end', $5::timestamptz, 'currency', $6::text, 'total_minor', $7::bigint))",
+    )
+    .bind(tenant)
+    .bind(id)
+    .bind(number)
+    .bind(period_start)
+    .bind(period_end)
+    .bind(&draft.currency)
+    .bind(draft.total_minor)
+    .execute(&mut *tx)
+    .await?;
     Ok(Some(true))
 }
 

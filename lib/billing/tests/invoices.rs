@@ -125,6 +125,16 @@ async fn a_period_is_invoiced_once_exactly_drafted_then_finalized_with_the_next_
     exec(pool, "UPDATE billing_settings SET tax_rate_bp = 1900").await;
     let a = tenant(pool).await;
     let b = tenant(pool).await;
+    // Tenant a's systems hear of finalized invoices and crossed thresholds.
+    sqlx::query(
+        "INSERT INTO webhook_endpoints (id, tenant_id, url, events, secret) \
+         VALUES ($1, $2, 'https://hooks.example.org/x', '{invoice.finalized,usage.threshold_reached}', 'whsec_x')",
+    )
+    .bind(Uuid::new_v4())
+    .bind(a)
+    .execute(pool)
+    .await
+    .unwrap();
     usage(pool, a, at(11, 1, 5, 0), 500).await;
     usage(pool, a, at(11, 11, 0, 0), 2_500_000).await;
     usage(pool, a, at(11, 29, 23, 0), 100_001).await;
@@ -213,6 +223,40 @@ async fn a_period_is_invoiced_once_exactly_drafted_then_finalized_with_the_next_
     assert_eq!(fa.subtotal_minor, 13_200, "finalized as last computed");
     // b had no usage: the base fee's two thirds.
     assert_eq!(fb[0].subtotal_minor, 2_000);
+    // One webhook event for a's invoice, written with its finalization; none for b
+    // (no endpoint), however often invoicing ran.
+    let events: Vec<(uuid::Uuid, String, serde_json::Value)> =
+        sqlx::query_as("SELECT tenant_id, type, payload FROM webhook_events ORDER BY created_at")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        (events[0].0, events[0].1.as_str()),
+        (a, "invoice.finalized")
+    );
+    assert_eq!(events[0].2["data"]["total_minor"], 15_708);
+    assert_eq!(events[0].2["data"]["number"], fa.number.unwrap());
+    // A crossed threshold, recorded by metering, is an event too (once).
+    for _ in 0..2 {
+        sqlx::query(
+            "INSERT INTO usage_alerts (tenant_id, period_start, meter, threshold, used, included, limit_kind) \
+             VALUES ($1, $2, 'frames', 80, 800, 1000, 'hard') ON CONFLICT DO NOTHING",
+        )
+        .bind(a)
+        .bind(at(12, 1, 0, 0))
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    let thresholds: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM webhook_events e JOIN webhook_deliveries d ON d.event_id = e.id \
+         WHERE e.type = 'usage.threshold_reached' AND e.payload -> 'data' ->> 'threshold' = '80'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(thresholds, 1);
 
     // A finalized invoice's content and lines never change; its state moves on.
     let changed = sqlx::query("UPDATE invoices SET total_minor = 1 WHERE id = $1")
