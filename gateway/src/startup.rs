@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -48,6 +48,10 @@ pub struct ApiMetrics {
     subscriptions: IntGaugeVec,
     /// Invoices by state (`draft`, `finalized`, `paid`, `void`), read at each scrape.
     invoices: IntGaugeVec,
+    /// The seed's monthly recurring revenue: the base fees of the subscriptions in
+    /// force, per month (a period's fee scaled to 30 days, a month as Postgres counts
+    /// one), in major units, by currency.
+    mrr: GaugeVec,
     /// Invoicing runs by outcome (`ok`, `error`).
     pub invoicing_runs: IntCounterVec,
     /// Stripe webhook deliveries by outcome (`applied`, `ignored`, `stale`,
@@ -92,6 +96,17 @@ impl ApiMetrics {
             &["status"],
         )
         .expect("valid metric");
+        let mrr = GaugeVec::new(
+            Opts::new(
+                "clisonix_revenue_mrr",
+                "Monthly recurring revenue: base fees of subscriptions in force per month, in major units",
+            ),
+            &["currency"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(mrr.clone()))
+            .expect("registered once");
         let invoicing_runs = IntCounterVec::new(
             Opts::new(
                 "clisonix_invoicing_runs_total",
@@ -158,6 +173,7 @@ impl ApiMetrics {
             active_users,
             subscriptions,
             invoices,
+            mrr,
             invoicing_runs,
             stripe_webhooks,
             stripe_errors,
@@ -336,6 +352,18 @@ async fn business_metrics(state: &AppState) -> Result<(), sqlx::Error> {
         sqlx::query_as("SELECT status, count(*) FROM invoices GROUP BY status")
             .fetch_all(&state.pool)
             .await?;
+    let mrr: Vec<(String, f64)> = sqlx::query_as(
+        "SELECT p.currency, (sum(p.base_fee_minor) / 100.0 \
+                 * (2592000 / extract(epoch FROM (SELECT period_length FROM billing_settings))))::float8 \
+         FROM subscriptions s JOIN plans p ON p.plan_id = s.plan_id AND p.version = s.plan_version \
+         WHERE s.status IN ('active', 'trialing', 'past_due') GROUP BY p.currency",
+    )
+    .fetch_all(&state.pool)
+    .await?;
+    state.metrics.mrr.reset();
+    for (currency, value) in mrr {
+        state.metrics.mrr.with_label_values(&[&currency]).set(value);
+    }
     for status in ["draft", "finalized", "paid", "void"] {
         let n = invoices
             .iter()

@@ -139,6 +139,22 @@ async fn admins_read_their_invoices_as_json_csv_and_html_and_no_one_else_does() 
         "{html}"
     );
 
+    // The business metrics: pro's 49.00 a month, one finalized invoice, audited.
+    let metrics = app.request("GET", "/metrics", None, &[]).await;
+    let text = metrics.body.as_str().unwrap();
+    assert!(
+        text.contains("clisonix_revenue_mrr{currency=\"EUR\"} 49\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("clisonix_invoices{status=\"finalized\"} 1\n"),
+        "{text}"
+    );
+    assert!(app
+        .audit_actions()
+        .await
+        .contains(&"invoice_finalized".to_owned()));
+
     // Another tenant's admin finds nothing; a member is refused; bad input is a 4xx.
     let theirs = app
         .authed(

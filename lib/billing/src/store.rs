@@ -229,6 +229,16 @@ async fn invoice_period(
     .bind(number)
     .execute(&mut *tx)
     .await?;
+    sqlx::query(
+        "INSERT INTO audit_log (tenant_id, action, detail) VALUES ($1, 'invoice_finalized', \
+             jsonb_build_object('invoice_id', $2::uuid, 'number', $3::bigint, 'total_minor', $4::bigint))",
+    )
+    .bind(tenant)
+    .bind(id)
+    .bind(number)
+    .bind(draft.total_minor)
+    .execute(&mut *tx)
+    .await?;
     // The tenant's webhook, in the same transaction.
     sqlx::query(
         "SELECT clisonix_webhook_emit($1, 'invoice.finalized', 'invoice.finalized:' || $2::text, \
