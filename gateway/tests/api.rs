@@ -787,6 +787,16 @@ async fn the_openapi_document_describes_every_route() {
         "PUT /v1/subscription",
         "GET /v1/usage",
         "GET /v1/usage/sessions/{id}",
+        "GET /v1/billing/invoices",
+        "GET /v1/billing/invoices/{id}",
+        "POST /v1/billing/checkout",
+        "POST /v1/billing/portal",
+        "POST /v1/billing/stripe/webhook",
+        "POST /v1/webhooks",
+        "GET /v1/webhooks",
+        "DELETE /v1/webhooks/{id}",
+        "GET /v1/webhooks/{id}/deliveries",
+        "POST /v1/webhooks/{id}/deliveries/{event_id}/replay",
         "GET /health",
         "GET /ready",
         "GET /metrics",
@@ -798,7 +808,8 @@ async fn the_openapi_document_describes_every_route() {
         let (method, path) = route.split_once(' ').unwrap();
         let path = path
             .replace("{id}", "00000000-0000-4000-8000-000000000000")
-            .replace("{user_id}", "00000000-0000-4000-8000-000000000000");
+            .replace("{user_id}", "00000000-0000-4000-8000-000000000000")
+            .replace("{event_id}", "00000000-0000-4000-8000-000000000000");
         let r = app.request(method, &path, Some("{}"), &[]).await;
         assert_ne!(r.body["error"]["code"], "not_found", "{route} is served");
     }
