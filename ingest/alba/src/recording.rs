@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use clisonix_edf::{Format, FrameSpec, Framer, Reader};
 use clisonix_ingest_protocol::{Reason, Rejection};
@@ -131,7 +132,27 @@ fn format_name(format: Format) -> &'static str {
     }
 }
 
+/// `POST /v1/recordings`. A refusal may come before the body is read to its end: it
+/// says `Connection: close`, so the client does not send its next request on a
+/// connection whose unread upload the server drops.
 pub async fn upload(
+    state: State<AppState>,
+    key: DeviceKey,
+    params: Query<UploadParams>,
+    body: Body,
+) -> Response {
+    match receive(state, key, params, body).await {
+        Ok(done) => done.into_response(),
+        Err(e) => {
+            let mut r = e.into_response();
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+    }
+}
+
+async fn receive(
     State(state): State<AppState>,
     key: DeviceKey,
     Query(params): Query<UploadParams>,

@@ -92,6 +92,11 @@ async fn presets_outside_the_plan_are_refused_and_first_frames_carry_the_plans()
         .await
         .unwrap();
     assert_eq!(a.status, 402, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(
+        a.headers.get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..]),
+        "the unread upload's connection is not reused"
+    );
     let e = &a.json()["error"];
     assert_eq!(
         (e["code"].as_str(), e["field"].as_str()),

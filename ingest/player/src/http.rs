@@ -174,6 +174,15 @@ impl Client {
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let body = response.into_body().collect().await?.to_bytes();
+        // The server closes this connection (it refused an upload before reading all
+        // of it, say): the next request goes on a new one.
+        let closing = headers
+            .get_all("connection")
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.eq_ignore_ascii_case("close")));
+        if closing {
+            self.sender = None;
+        }
         Ok(Answer {
             status,
             headers,
