@@ -176,7 +176,7 @@ fn file_name(i: &Invoice) -> String {
 
 /// An amount in minor units as decimal (two decimals: every currency the catalog
 /// uses has a minor unit of 1/100).
-fn money(minor: i64) -> String {
+pub(crate) fn money(minor: i64) -> String {
     let sign = if minor < 0 { "-" } else { "" };
     let m = minor.unsigned_abs();
     format!("{sign}{}.{:02}", m / 100, m % 100)
@@ -222,6 +222,18 @@ fn csv(i: &Invoice) -> String {
     ] {
         out.push_str(&format!("{head},{what},,,,,,,,,,,,{amount}\n"));
     }
+    for c in &i.credit_notes {
+        out.push_str(&format!(
+            "{head},credit_note,,,,{},{},,,,,,,-{}\n",
+            csv_field(&format!("Credit note {:06}: {}", c.number, c.reason)),
+            c.created_at.to_rfc3339(),
+            c.amount_minor
+        ));
+    }
+    out.push_str(&format!(
+        "{head},amount_due,,,,,,,,,,,,{}\n",
+        i.amount_due_minor
+    ));
     out
 }
 
@@ -253,16 +265,44 @@ fn html(i: &Invoice) -> String {
         ));
     }
     let cur = escape(&i.currency);
+    let mut after = String::new();
+    for c in &i.credit_notes {
+        after.push_str(&format!(
+            "<tr><td colspan=5 class=n>Credit note {:06} ({}): {}</td><td class=n>-{} {cur}</td></tr>",
+            c.number,
+            day(c.created_at),
+            escape(&c.reason),
+            money(c.amount_minor)
+        ));
+    }
+    after.push_str(&format!(
+        "<tr><td colspan=5 class=n>Amount due</td><td class=n>{} {cur}</td></tr>",
+        money(i.amount_due_minor)
+    ));
+    let mut settled = String::new();
+    if let Some(at) = i.paid_at {
+        settled.push_str(&format!("<br>Paid: {}", day(at)));
+        if let Some(r) = &i.payment_reference {
+            settled.push_str(&format!(", reference {}", escape(r)));
+        }
+    }
+    if let Some(at) = i.voided_at {
+        settled.push_str(&format!(
+            "<br>Void: {}: {}",
+            day(at),
+            escape(i.void_reason.as_deref().unwrap_or(""))
+        ));
+    }
     format!(
         "<!doctype html>\n<html lang=en><head><meta charset=utf-8><title>{title}</title>\n\
 <style>body{{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#111}}table{{border-collapse:collapse;width:100%}}\
 td,th{{border-bottom:1px solid #ccc;padding:.3em .5em;text-align:left}}.n{{text-align:right;white-space:nowrap}}\
 tfoot td{{font-weight:bold;border:0}}@media print{{body{{margin:0}}}}</style></head><body>\n\
-<h1>{title}</h1>\n<p>Status: {status}<br>Tenant: {tenant}<br>Invoice id: {id}<br>Period: {from} to {to}<br>Currency: {cur}</p>\n\
+<h1>{title}</h1>\n<p>Status: {status}<br>Tenant: {tenant}<br>Invoice id: {id}<br>Period: {from} to {to}<br>Currency: {cur}{settled}</p>\n\
 <table><thead><tr><th>Line</th><th class=n>Quantity</th><th class=n>Included</th><th class=n>Billable</th><th class=n>Unit price</th><th class=n>Amount</th></tr></thead>\n<tbody>\n{rows}</tbody>\n\
 <tfoot><tr><td colspan=5 class=n>Subtotal</td><td class=n>{subtotal} {cur}</td></tr>\
 <tr><td colspan=5 class=n>Tax ({rate}%)</td><td class=n>{tax} {cur}</td></tr>\
-<tr><td colspan=5 class=n>Total</td><td class=n>{total} {cur}</td></tr></tfoot></table>\n</body></html>\n",
+<tr><td colspan=5 class=n>Total</td><td class=n>{total} {cur}</td></tr>{after}</tfoot></table>\n</body></html>\n",
         status = i.status.as_str(),
         tenant = i.tenant_id,
         id = i.id,

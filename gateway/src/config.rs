@@ -61,6 +61,11 @@ pub struct Config {
     pub webhook_interval: Duration,
     /// A failed webhook delivery's first retry; later ones double (at most an hour).
     pub webhook_first_retry: Duration,
+    /// Webhook attempts in flight at once (`CLISONIX_WEBHOOK_CONCURRENCY`, 1 to 1000).
+    pub webhook_concurrency: usize,
+    /// Of those, at most this many to one endpoint
+    /// (`CLISONIX_WEBHOOK_ENDPOINT_CONCURRENCY`, 1 to 100).
+    pub webhook_endpoint_concurrency: i32,
 }
 
 impl Config {
@@ -101,6 +106,8 @@ impl Config {
             stripe_report_interval: Duration::from_secs(300),
             webhook_interval: Duration::from_secs(1),
             webhook_first_retry: Duration::from_secs(5),
+            webhook_concurrency: 32,
+            webhook_endpoint_concurrency: 4,
         }
     }
 
@@ -243,6 +250,22 @@ impl Config {
         parse("CLISONIX_WEBHOOK_FIRST_RETRY_MS", &mut |v| {
             let ms: u64 = v.parse().map_err(|e| format!("{e}"))?;
             c.webhook_first_retry = Duration::from_millis(ms.max(10));
+            Ok(())
+        });
+        parse("CLISONIX_WEBHOOK_CONCURRENCY", &mut |v| {
+            let n: usize = v.parse().map_err(|e| format!("{e}"))?;
+            if !(1..=1000).contains(&n) {
+                return Err("must be 1 to 1000".into());
+            }
+            c.webhook_concurrency = n;
+            Ok(())
+        });
+        parse("CLISONIX_WEBHOOK_ENDPOINT_CONCURRENCY", &mut |v| {
+            let n: i32 = v.parse().map_err(|e| format!("{e}"))?;
+            if !(1..=100).contains(&n) {
+                return Err("must be 1 to 100".into());
+            }
+            c.webhook_endpoint_concurrency = n;
             Ok(())
         });
         if c.database_url.expose().is_empty() {

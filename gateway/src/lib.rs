@@ -11,6 +11,7 @@ pub mod limits;
 pub mod live;
 pub mod members;
 pub mod openapi;
+pub mod operator;
 pub mod plans;
 pub mod results;
 pub mod startup;

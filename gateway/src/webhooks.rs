@@ -3,15 +3,18 @@
 //! ([`run_delivering`], `clisonix_billing::webhooks`). Every query is scoped by the
 //! caller's tenant.
 
+use std::collections::HashMap;
+
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use clisonix_billing::signatures::new_secret;
-use clisonix_billing::webhooks::{Deliverer, EVENT_TYPES};
+use clisonix_billing::webhooks::{Deliverer, Outcome, EVENT_TYPES};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -24,26 +27,79 @@ use crate::tenant::require_admin;
 
 type Peer = ConnectInfo<std::net::SocketAddr>;
 
-/// Delivers due webhooks every `webhook_interval` until `stop`.
+/// Delivers due webhooks until `stop`: up to `webhook_concurrency` attempts in flight,
+/// at most `webhook_endpoint_concurrency` of them to one endpoint, more taken every
+/// `webhook_interval` and as soon as one ends, each recorded when it ends; so an
+/// endpoint that hangs holds its few slots for at most the attempt's timeout. At `stop`
+/// the attempts in flight finish (each within its timeout) and are recorded.
 pub async fn run_delivering(state: AppState, stop: CancellationToken) {
     let mut deliverer = Deliverer::new(state.pool.clone());
     deliverer.first_retry = state.config.webhook_first_retry;
+    let room = state.config.webhook_concurrency;
+    let per_endpoint = state.config.webhook_endpoint_concurrency;
+    let mut flying: JoinSet<(Uuid, Result<Outcome, sqlx::Error>)> = JoinSet::new();
+    let mut to: HashMap<Uuid, i32> = HashMap::new();
     let mut every = tokio::time::interval(state.config.webhook_interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ended =
+        |to: &mut HashMap<Uuid, i32>,
+         ended: Result<(Uuid, Result<Outcome, sqlx::Error>), tokio::task::JoinError>| {
+            let outcome = match ended {
+                Ok((endpoint, outcome)) => {
+                    if let Some(n) = to.get_mut(&endpoint) {
+                        *n -= 1;
+                        if *n <= 0 {
+                            to.remove(&endpoint);
+                        }
+                    }
+                    outcome
+                }
+                Err(error) => {
+                    // Not expected; the lease brings the delivery back.
+                    tracing::error!(%error, "a webhook attempt panicked");
+                    to.clear();
+                    return;
+                }
+            };
+            match outcome {
+                Ok(outcome) => state
+                    .metrics
+                    .webhook_deliveries
+                    .with_label_values(&[match outcome {
+                        Outcome::Delivered => "delivered",
+                        Outcome::Retrying => "retrying",
+                        Outcome::Failed => "failed",
+                    }])
+                    .inc(),
+                Err(error) => tracing::warn!(%error,
+                "recording a webhook attempt failed; it is tried again when its lease ends"),
+            }
+        };
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
             _ = every.tick() => {}
+            Some(done) = flying.join_next(), if !flying.is_empty() => ended(&mut to, done),
         }
-        match deliverer.run_once().await {
-            Ok(done) => {
-                let m = &state.metrics.webhook_deliveries;
-                m.with_label_values(&["delivered"]).inc_by(done.delivered);
-                m.with_label_values(&["retrying"]).inc_by(done.retrying);
-                m.with_label_values(&["failed"]).inc_by(done.failed);
+        let free = room.saturating_sub(flying.len());
+        if free == 0 {
+            continue;
+        }
+        let busy: Vec<(Uuid, i32)> = to.iter().map(|(e, n)| (*e, *n)).collect();
+        match deliverer.take(free as i64, per_endpoint, &busy).await {
+            Ok(due) => {
+                for d in due {
+                    let endpoint = d.endpoint();
+                    *to.entry(endpoint).or_default() += 1;
+                    let deliverer = deliverer.clone();
+                    flying.spawn(async move { (endpoint, deliverer.attempt(d).await) });
+                }
             }
-            Err(error) => tracing::warn!(%error, "delivering webhooks failed; trying again soon"),
+            Err(error) => tracing::warn!(%error, "taking due webhooks failed; trying again soon"),
         }
+    }
+    while let Some(done) = flying.join_next().await {
+        ended(&mut to, done);
     }
 }
 
@@ -53,7 +109,8 @@ pub struct NewEndpoint {
     /// Where deliveries are POSTed (http or https).
     pub url: String,
     /// The event types to deliver: `session.ended`, `usage.threshold_reached`,
-    /// `invoice.finalized`, `invoice.paid`, `invoice.payment_failed`.
+    /// `invoice.finalized`, `invoice.paid`, `invoice.payment_failed`, `invoice.voided`,
+    /// `credit_note.created`.
     pub events: Vec<String>,
     #[serde(default)]
     pub description: String,

@@ -211,6 +211,72 @@ async fn deliveries_are_signed_retried_under_one_id_through_a_restart_and_logged
     app.stop().await;
 }
 
+/// A receiver that never answers (the attempt times out); counts the requests.
+async fn hanging_receiver() -> (String, Arc<Mutex<usize>>) {
+    let seen: Arc<Mutex<usize>> = Arc::default();
+    let s = seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let s = s.clone();
+            async move {
+                *s.lock().unwrap() += 1;
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_hangs_costs_the_others_nothing() {
+    let app = TestApp::spawn_with(|c| {
+        c.webhook_interval = Duration::from_millis(100);
+        c.webhook_concurrency = 4;
+        c.webhook_endpoint_concurrency = 2;
+    })
+    .await;
+    let owner = app.signup("owner@example.org").await;
+    let tenant = Uuid::parse_str(owner["tenant_id"].as_str().unwrap()).unwrap();
+    let (hang, hung) = hanging_receiver().await;
+    let (url, seen) = receiver(0).await;
+    for u in [&hang, &url] {
+        let r = app
+            .authed(
+                "POST",
+                "/v1/webhooks",
+                &token(&owner),
+                Some(json!({"url": u, "events": ["session.ended"]})),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    // Sessions end one after another while the hanging endpoint's attempts (10 s of
+    // timeout each) are in flight: each reaches the healthy endpoint promptly.
+    for n in 1..=6 {
+        let t0 = Instant::now();
+        session_ends(&app, tenant).await;
+        until("the healthy endpoint's copy", || {
+            seen.lock().unwrap().len() == n
+        })
+        .await;
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "session {n} reached the healthy endpoint after {:?}",
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The hanging endpoint holds at most its two slots.
+    let hung = *hung.lock().unwrap();
+    assert!((1..=2).contains(&hung), "{hung} attempts in flight");
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoints_are_the_tenants_admins_and_bad_input_is_refused() {
     let app = TestApp::spawn_with(|c| c.webhook_interval = Duration::from_millis(100)).await;

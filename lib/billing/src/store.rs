@@ -14,6 +14,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::invoice::{compute, Draft, InvoiceError, Line, LineKind, Segment, UsageRow};
+use crate::settle::CreditNote;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BillingError {
@@ -88,8 +89,19 @@ pub struct Invoice {
     pub created_at: DateTime<Utc>,
     pub finalized_at: Option<DateTime<Utc>>,
     pub paid_at: Option<DateTime<Utc>>,
+    /// The payment's reference, when the operator marked it paid.
+    pub payment_reference: Option<String>,
     pub voided_at: Option<DateTime<Utc>>,
+    pub void_reason: Option<String>,
+    /// What its credit notes give back in all.
+    pub credited_minor: i64,
+    /// What is still owed: the total less credit notes while draft or finalized;
+    /// nothing once paid or void.
+    pub amount_due_minor: i64,
+    /// Its lines (not in lists).
     pub lines: Vec<Line>,
+    /// Its credit notes, oldest first (not in lists).
+    pub credit_notes: Vec<CreditNote>,
 }
 
 /// Periods invoiced per transaction-run batch.
@@ -385,7 +397,10 @@ async fn store_draft(
 }
 
 const INVOICE_COLUMNS: &str = "id, tenant_id, number, status, period_start, period_end, currency, \
-    subtotal_minor, tax_rate_bp, tax_minor, total_minor, created_at, finalized_at, paid_at, voided_at";
+    subtotal_minor, tax_rate_bp, tax_minor, total_minor, created_at, finalized_at, paid_at, voided_at, \
+    payment_reference, void_reason, \
+    (SELECT coalesce(sum(c.amount_minor), 0) FROM credit_notes c WHERE c.invoice_id = invoices.id)::bigint \
+        AS credited_minor";
 
 /// A tenant's invoices, newest period first, without their lines.
 pub async fn invoices(
@@ -446,26 +461,38 @@ pub async fn invoice(db: &PgPool, tenant: Uuid, id: Uuid) -> Result<Option<Invoi
             amount_minor: r.get("amount_minor"),
         })
         .collect();
+    inv.credit_notes = crate::settle::credit_notes(db, tenant, id).await?;
     Ok(Some(inv))
 }
 
 fn invoice_from(r: &sqlx::postgres::PgRow) -> Invoice {
+    let status = InvoiceStatus::parse(r.get("status")).unwrap_or(InvoiceStatus::Draft);
+    let total_minor: i64 = r.get("total_minor");
+    let credited_minor: i64 = r.get("credited_minor");
     Invoice {
         id: r.get("id"),
         tenant_id: r.get("tenant_id"),
         number: r.get("number"),
-        status: InvoiceStatus::parse(r.get("status")).unwrap_or(InvoiceStatus::Draft),
+        status,
         period_start: r.get("period_start"),
         period_end: r.get("period_end"),
         currency: r.get("currency"),
         subtotal_minor: r.get("subtotal_minor"),
         tax_rate_bp: r.get("tax_rate_bp"),
         tax_minor: r.get("tax_minor"),
-        total_minor: r.get("total_minor"),
+        total_minor,
         created_at: r.get("created_at"),
         finalized_at: r.get("finalized_at"),
         paid_at: r.get("paid_at"),
+        payment_reference: r.get("payment_reference"),
         voided_at: r.get("voided_at"),
+        void_reason: r.get("void_reason"),
+        credited_minor,
+        amount_due_minor: match status {
+            InvoiceStatus::Draft | InvoiceStatus::Finalized => total_minor - credited_minor,
+            InvoiceStatus::Paid | InvoiceStatus::Void => 0,
+        },
         lines: Vec::new(),
+        credit_notes: Vec::new(),
     }
 }
