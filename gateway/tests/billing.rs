@@ -543,3 +543,91 @@ async fn the_operator_marks_invoices_paid_or_void_and_credits_them_by_the_rules(
     assert!(changed.is_err(), "a credit note changed");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_while_invoicing_leaves_one_invoice_per_period_numbered_without_gaps() {
+    // The test's own gateway does not invoice; a real one, killed mid-run, does.
+    let app = TestApp::spawn_with(|c| c.invoice_interval = Duration::ZERO).await;
+    const TENANTS: i64 = 400;
+    let pool = app.pool();
+    sqlx::query("INSERT INTO tenants (id, name) SELECT gen_random_uuid(), 'bulk' FROM generate_series(1, $1)")
+        .bind(TENANTS)
+        .execute(pool)
+        .await
+        .unwrap();
+    // Every tenant's period: on pro since 31 days ago, ended 2 hours ago, 700
+    // device-hours used (149.00 EUR, as above).
+    let mut tx = pool.begin().await.unwrap();
+    for sql in [
+        "UPDATE subscriptions SET plan_id = 'pro', anchor = now() - interval '31 days', \
+             period_start = now() - interval '31 days', period_end = now() - interval '2 hours'",
+        "DELETE FROM subscription_changes",
+        "INSERT INTO subscription_changes (tenant_id, at, plan_id, plan_version) \
+         SELECT tenant_id, now() - interval '40 days', 'pro', 1 FROM subscriptions",
+        "UPDATE billing_periods SET period_start = now() - interval '31 days', \
+             period_end = now() - interval '2 hours', plan_id = 'pro'",
+        "INSERT INTO usage_hourly (tenant_id, meter, hour, period_start, quantity) \
+         SELECT tenant_id, 'device_ms', date_trunc('hour', now() - interval '10 days'), period_start, 2520000000 \
+         FROM billing_periods",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let mut gateway = Command::new(env!("CARGO_BIN_EXE_clisonix-gateway"))
+        .env("DATABASE_URL", app.config.database_url.expose())
+        .env("CLISONIX_GATEWAY_LISTEN", "127.0.0.1:0")
+        .env("CLISONIX_INVOICE_INTERVAL_MS", "100")
+        .env("CLISONIX_WEBHOOK_INTERVAL_MS", "0")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let finalized = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM invoices WHERE status = 'finalized'")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while finalized().await < 10 {
+        assert!(Instant::now() < deadline, "the gateway never invoiced");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    gateway.kill().unwrap(); // SIGKILL
+    gateway.wait().unwrap();
+    let at_kill = finalized().await;
+    eprintln!("killed with {at_kill} of {TENANTS} periods finalized");
+    assert!(
+        at_kill < TENANTS,
+        "killed mid-run: {at_kill} of {TENANTS} were done"
+    );
+
+    // The next run (here, twice) finishes the work: one invoice per period, numbered
+    // 1 to 400 without a gap, each right.
+    let invoicing = clisonix_billing::Invoicing::new(pool.clone());
+    invoicing.run(chrono::Utc::now()).await.unwrap();
+    invoicing.run(chrono::Utc::now()).await.unwrap();
+    let (count, periods, low, high, distinct, wrong): (i64, i64, i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT (tenant_id, period_start)), min(number), max(number), \
+                count(DISTINCT number), count(*) FILTER (WHERE total_minor <> 14900) \
+         FROM invoices WHERE status = 'finalized'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (count, periods, low, high, distinct, wrong),
+        (TENANTS, TENANTS, 1, TENANTS, TENANTS, 0),
+        "{at_kill} finalized when killed"
+    );
+    let drafts: i64 = sqlx::query_scalar("SELECT count(*) FROM invoices WHERE status = 'draft'")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(drafts, 0);
+    app.stop().await;
+}
