@@ -5,6 +5,7 @@
 pub mod kafka;
 pub mod postgres;
 pub mod procs;
+pub mod python;
 pub mod run;
 pub mod stack;
 pub mod stripe_mock;

@@ -96,6 +96,8 @@ enum Cmd {
         #[arg(long)]
         keep_running: bool,
     },
+    /// Make the tests' Python environment (from PyPI, once) and print its interpreter
+    Python,
     /// Run the whole test suite against the stack (brought up for it, and stopped after
     /// if it was not running before); extra arguments go to `cargo test`
     Test {
@@ -230,10 +232,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(130));
             }
         }
+        Cmd::Python => {
+            println!("{}", stack.python.ensure()?.display());
+        }
         Cmd::Test {
             keep_running,
             cargo_args,
         } => {
+            stack.python.ensure()?;
             let started = stack.up(&runtime()?)?;
             eprintln!("==> Running the test suite against the stack");
             let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))

@@ -21,6 +21,8 @@ pub struct Stack {
     pub topics: Topics,
     /// Stripe's API simulator, which the Stripe calls are tested against.
     pub stripe_mock: StripeMock,
+    /// The tests' Python environment (independent implementations to check against).
+    pub python: crate::python::Python,
 }
 
 /// What `up` started (so a caller can stop exactly that again).
@@ -85,6 +87,7 @@ impl Stack {
                 cache: cache_dir()?.join(format!("stripe-mock-{}", stripe_mock::VERSION)),
                 port: port("CLISONIX_STRIPE_MOCK_PORT", 12111)?,
             },
+            python: crate::python::Python::new(root, &cache_dir()?),
         })
     }
 
@@ -106,11 +109,15 @@ impl Stack {
 
     /// Environment variables that point programs at this stack.
     pub fn env_vars(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut vars = vec![
             ("CLISONIX_KAFKA_BOOTSTRAP", self.bootstrap()),
             ("DATABASE_URL", self.postgres.url()),
             ("CLISONIX_STRIPE_API_BASE", self.stripe_mock.url()),
-        ]
+        ];
+        if let Ok(python) = self.python.interpreter() {
+            vars.push(("CLISONIX_PYTHON", python.display().to_string()));
+        }
+        vars
     }
 
     /// Brings everything up; idempotent. Returns what it started. When a step fails,

@@ -12,6 +12,7 @@
 //! assert_eq!(decode::<SessionKey>(&bytes).unwrap(), key);
 //! ```
 
+pub mod canonical;
 pub mod codec;
 pub mod compat;
 pub mod domain;

@@ -127,9 +127,13 @@ pub struct SchemaVersion {
     /// 1-based version number (`vN.avsc`).
     pub version: u32,
     pub schema: Schema,
-    /// CRC-64-AVRO of the schema's parsing canonical form: what single-object
-    /// encoding puts in every record's header.
+    /// CRC-64-AVRO of the schema's Parsing Canonical Form as the Avro specification
+    /// defines it ([`crate::canonical`]): what single-object encoding puts in every
+    /// record's header, and what other Avro implementations compute.
     pub fingerprint: u64,
+    /// The fingerprint builds before the specification's wrote (apache-avro's
+    /// canonical form, which differs for logical types): still read, never written.
+    pub legacy_fingerprint: u64,
     /// The `.avsc` text, as committed.
     pub source: &'static str,
 }
@@ -149,12 +153,20 @@ impl Registry {
                 let schema = Schema::parse_str(source).unwrap_or_else(|e| {
                     panic!("schema {}/v{} does not parse: {e}", family.dir(), i + 1)
                 });
-                let fingerprint = fingerprint(&schema);
+                let legacy_fingerprint = fingerprint(&schema);
+                let fingerprint = crate::canonical::fingerprint(source).unwrap_or_else(|e| {
+                    panic!(
+                        "schema {}/v{} has no canonical form: {e}",
+                        family.dir(),
+                        i + 1
+                    )
+                });
                 versions.push(SchemaVersion {
                     family,
                     version: i as u32 + 1,
                     schema,
                     fingerprint,
+                    legacy_fingerprint,
                     source,
                 });
             }
@@ -164,11 +176,20 @@ impl Registry {
 
     pub(crate) fn by_fingerprint(&self, fingerprint: u64) -> Option<&SchemaVersion> {
         // Eleven families with a version or two each: a scan beats hashing.
-        self.versions.iter().find(|v| v.fingerprint == fingerprint)
+        self.versions
+            .iter()
+            .find(|v| v.fingerprint == fingerprint)
+            .or_else(|| {
+                self.versions
+                    .iter()
+                    .find(|v| v.legacy_fingerprint == fingerprint)
+            })
     }
 }
 
-/// The CRC-64-AVRO fingerprint of a schema, as a number (the wire carries it little-endian).
+/// apache-avro's CRC-64-AVRO fingerprint of a schema (of its own canonical form, which
+/// is not the specification's for logical types), as a number: what builds before the
+/// specification's fingerprint wrote.
 pub fn fingerprint(schema: &Schema) -> u64 {
     let fp = schema.fingerprint::<Rabin>();
     let bytes: [u8; 8] = fp.bytes[..]

@@ -139,9 +139,9 @@ fn every_schema_file_is_registered_and_identical() {
 }
 
 #[test]
-fn fingerprints_are_crc64_avro_of_the_canonical_form() {
+fn fingerprints_are_crc64_avro_of_the_specifications_canonical_form() {
     // CRC-64-AVRO exactly as the Avro specification writes it, independent of the
-    // library's implementation.
+    // crate's implementation.
     fn crc64_avro(data: &[u8]) -> u64 {
         const EMPTY: u64 = 0xc15d_213a_a4d7_a795;
         let mut table = [0u64; 256];
@@ -161,11 +161,48 @@ fn fingerprints_are_crc64_avro_of_the_canonical_form() {
     let mut seen = std::collections::HashSet::new();
     for family in Family::ALL {
         for v in family.versions() {
-            let canonical = v.schema.canonical_form();
-            assert_eq!(v.fingerprint, crc64_avro(canonical.as_bytes()), "{family}");
+            let form = clisonix_schemas::canonical::parsing_canonical_form(v.source).unwrap();
+            assert_eq!(v.fingerprint, crc64_avro(form.as_bytes()), "{family}");
+            // What earlier builds wrote: apache-avro's form, read still.
+            assert_eq!(
+                v.legacy_fingerprint,
+                crc64_avro(v.schema.canonical_form().as_bytes()),
+                "{family}"
+            );
             assert!(seen.insert(v.fingerprint), "fingerprints are unique");
+            if v.legacy_fingerprint != v.fingerprint {
+                assert!(seen.insert(v.legacy_fingerprint), "fingerprints are unique");
+            }
         }
     }
+}
+
+#[test]
+fn records_are_written_with_the_specifications_fingerprint_and_read_with_either() {
+    let key = SessionKey {
+        tenant_id: TenantId::random(),
+        session_id: SessionId::random(),
+    };
+    let frame = clisonix_schemas::examples::frame(7, 4, 32);
+    for (bytes, family) in [
+        (encode(&key).unwrap(), Family::SessionKey),
+        (encode(&frame).unwrap(), Family::EegFrame),
+    ] {
+        let current = family.current();
+        assert_eq!(bytes[..2], [0xC3, 0x01]);
+        assert_eq!(bytes[2..10], current.fingerprint.to_le_bytes());
+        let mut legacy = bytes.clone();
+        legacy[2..10].copy_from_slice(&current.legacy_fingerprint.to_le_bytes());
+        match family {
+            Family::SessionKey => assert_eq!(decode::<SessionKey>(&legacy).unwrap(), key),
+            _ => assert_eq!(decode::<Frame>(&legacy).unwrap(), frame),
+        }
+    }
+    // Frames' timestamps are logical types: the two fingerprints differ there.
+    assert_ne!(
+        Family::EegFrame.current().fingerprint,
+        Family::EegFrame.current().legacy_fingerprint
+    );
 }
 
 #[test]

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use clisonix_schemas::Family;
 use clisonix_topics::admin::TopicDescription;
 use clisonix_topics::{Admin, KafkaSettings, Outcome, Replication, Topics, CATALOG};
 
@@ -23,6 +24,13 @@ Examples:
 
   # Partitions, leaders, watermarks and settings of one topic
   clisonix-topics describe eeg.frames
+
+  # Every schema version with the fingerprint records carry (no broker needed)
+  clisonix-topics schemas
+
+  # One schema's text, or its Parsing Canonical Form
+  clisonix-topics schemas eeg_frame
+  clisonix-topics schemas clisonix.EegFrame --canonical
 
 Exit status: 0 on success, 2 when an existing topic's settings differ from the
 catalog (nothing is changed; the differences are printed), 1 on any other error.";
@@ -55,6 +63,20 @@ enum Command {
         /// Topic names as deployed (default: every catalog topic)
         topics: Vec<String>,
     },
+    /// List every schema version with its fingerprint, or print one schema
+    Schemas {
+        /// A schema (`eeg_frame`, or `clisonix.EegFrame`): print its text
+        name: Option<String>,
+        /// Which version of it (default: the one this build writes)
+        #[arg(long, requires = "name")]
+        version: Option<u32>,
+        /// Print its Parsing Canonical Form instead (what the fingerprint is of)
+        #[arg(long, requires = "name")]
+        canonical: bool,
+        /// The list as JSON, one schema version per line
+        #[arg(long, conflicts_with = "name")]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -76,6 +98,15 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Schemas {
+        name,
+        version,
+        canonical,
+        json,
+    } = &cli.command
+    {
+        return schemas(name.as_deref(), *version, *canonical, *json);
+    }
     let settings = KafkaSettings::new(&cli.bootstrap, "clisonix-topics");
     let topics = Topics::new(cli.prefix);
     let admin = Admin::connect(&settings).context("connecting to Kafka")?;
@@ -137,6 +168,115 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_description(&d);
             }
         }
+        Command::Schemas { .. } => unreachable!("answered before connecting"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A fingerprint as the single-object header carries it: 8 bytes, little-endian, in hex.
+fn wire(fingerprint: u64) -> String {
+    fingerprint
+        .to_le_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The catalog topics whose keys or values are `family`.
+fn used_by(family: Family) -> Vec<String> {
+    CATALOG
+        .iter()
+        .filter_map(|t| {
+            if t.key == family {
+                Some(format!("{} (key)", t.name))
+            } else if t.value == family {
+                Some(t.name.to_owned())
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+fn schemas(
+    name: Option<&str>,
+    version: Option<u32>,
+    canonical: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    if let Some(name) = name {
+        let Some(family) = Family::ALL
+            .into_iter()
+            .find(|f| f.dir() == name || f.full_name() == name)
+        else {
+            anyhow::bail!(
+                "no schema {name:?}; the schemas are {}",
+                Family::ALL.map(|f| f.dir()).join(", ")
+            );
+        };
+        let v = match version {
+            None => family.current(),
+            Some(n) => family.versions().find(|v| v.version == n).ok_or_else(|| {
+                anyhow::anyhow!("{name} has versions 1 to {}", family.current().version)
+            })?,
+        };
+        if canonical {
+            println!(
+                "{}",
+                clisonix_schemas::canonical::parsing_canonical_form(v.source)?
+            );
+        } else {
+            print!("{}", v.source);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !json {
+        println!(
+            "{:<20} {:>7} {:<24} {:<16} {:<16}  topics",
+            "schema", "version", "full name", "fingerprint", "also read"
+        );
+    }
+    for family in Family::ALL {
+        let current = family.current().version;
+        for v in family.versions() {
+            let also = (v.legacy_fingerprint != v.fingerprint).then(|| wire(v.legacy_fingerprint));
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "schema": family.dir(),
+                        "version": v.version,
+                        "full_name": family.full_name(),
+                        "fingerprint": wire(v.fingerprint),
+                        "legacy_fingerprint": also,
+                        "written": v.version == current,
+                        "canonical_form": clisonix_schemas::canonical::parsing_canonical_form(v.source)?,
+                        "topics": used_by(family),
+                    })
+                );
+            } else {
+                println!(
+                    "{:<20} {:>7} {:<24} {:<16} {:<16}  {}",
+                    family.dir(),
+                    if v.version == current {
+                        format!("{} (w)", v.version)
+                    } else {
+                        v.version.to_string()
+                    },
+                    family.full_name(),
+                    wire(v.fingerprint),
+                    also.as_deref().unwrap_or("-"),
+                    used_by(family).join(", ")
+                );
+            }
+        }
+    }
+    if !json {
+        println!(
+            "\n(w): the version this build writes. Fingerprints are CRC-64-AVRO of the Parsing \
+             Canonical Form, as records' single-object headers carry them (8 bytes, \
+             little-endian); \"also read\": the one builds before 2026-12-07 wrote."
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
