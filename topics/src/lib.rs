@@ -5,6 +5,8 @@
 pub mod admin;
 pub mod catalog;
 pub mod client;
+pub mod consume;
+pub mod records;
 
 pub use admin::{Admin, AdminError, Difference, Outcome, Replication, TopicReport};
 pub use catalog::{TopicSpec, Topics, CATALOG};

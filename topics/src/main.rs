@@ -1,11 +1,13 @@
 //! `clisonix-topics`: the data-engineering tool for Clisonix topics.
 
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use clisonix_schemas::Family;
 use clisonix_topics::admin::TopicDescription;
+use clisonix_topics::consume::{consume, parse_position, Position, Query};
 use clisonix_topics::{Admin, KafkaSettings, Outcome, Replication, Topics, CATALOG};
 
 const EXAMPLES: &str = "\
@@ -25,6 +27,15 @@ Examples:
   # Partitions, leaders, watermarks and settings of one topic
   clisonix-topics describe eeg.frames
 
+  # The last hour of features as NDJSON, decoded by their schemas
+  clisonix-topics consume eeg.features --from -1h > features.ndjson
+
+  # One session's frames, found through eeg.sessions; a table on a terminal
+  clisonix-topics consume eeg.frames --session 3f0c…
+
+  # A time range of one tenant's usage events, then keep following
+  clisonix-topics consume usage.events --tenant 9b1e… --from 2026-12-07T08:00:00Z -f
+
   # Every schema version with the fingerprint records carry (no broker needed)
   clisonix-topics schemas
 
@@ -36,7 +47,7 @@ Exit status: 0 on success, 2 when an existing topic's settings differ from the
 catalog (nothing is changed; the differences are printed), 1 on any other error.";
 
 #[derive(Debug, Parser)]
-#[command(name = "clisonix-topics", version, about = "Create, list and describe the Clisonix topics", after_help = EXAMPLES)]
+#[command(name = "clisonix-topics", version, about = "The Clisonix topics: create and describe them, read them decoded, list their schemas", after_help = EXAMPLES)]
 struct Cli {
     /// Kafka bootstrap servers
     #[arg(long, env = "CLISONIX_KAFKA_BOOTSTRAP", default_value = clisonix_topics::client::DEFAULT_BOOTSTRAP, global = true)]
@@ -62,6 +73,35 @@ enum Command {
     Describe {
         /// Topic names as deployed (default: every catalog topic)
         topics: Vec<String>,
+    },
+    /// Print a topic's records decoded by their schemas (NDJSON, or a table on a terminal)
+    Consume {
+        /// The topic (a catalog name such as eeg.frames gets --prefix; another name is used as given)
+        topic: String,
+        /// Where to start: earliest, latest, an offset, an RFC 3339 time, or a duration back (-1h)
+        #[arg(long, allow_hyphen_values = true)]
+        from: Option<String>,
+        /// Where to stop (exclusive), the same ways; default: the end as it is now
+        #[arg(long, allow_hyphen_values = true)]
+        to: Option<String>,
+        /// Keep reading new records (Ctrl-C stops)
+        #[arg(short, long, conflicts_with = "to")]
+        follow: bool,
+        /// Only these partitions
+        #[arg(long = "partition", short = 'p')]
+        partitions: Vec<i32>,
+        /// Only records of this tenant
+        #[arg(long)]
+        tenant: Option<uuid::Uuid>,
+        /// Only this session's records; without --from, read from its start (found in eeg.sessions)
+        #[arg(long)]
+        session: Option<uuid::Uuid>,
+        /// Stop after this many records
+        #[arg(long)]
+        limit: Option<u64>,
+        /// ndjson or table (default: table on a terminal, else ndjson)
+        #[arg(long, value_parser = ["ndjson", "table"])]
+        format: Option<String>,
     },
     /// List every schema version with its fingerprint, or print one schema
     Schemas {
@@ -169,8 +209,167 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Schemas { .. } => unreachable!("answered before connecting"),
+        Command::Consume {
+            topic,
+            from,
+            to,
+            follow,
+            partitions,
+            tenant,
+            session,
+            limit,
+            format,
+        } => {
+            let deployed = match clisonix_topics::catalog::TopicSpec::find(&topic) {
+                Some(spec) => topics.name(spec),
+                None => topic,
+            };
+            let now = chrono::Utc::now();
+            let position = |s: &str| parse_position(s, now).map_err(|e| anyhow::anyhow!("{e}"));
+            let from = match (from, session) {
+                (Some(f), _) => position(&f)?,
+                (None, Some(s)) => session_start(&settings, &topics, s)?,
+                (None, None) => Position::Earliest,
+            };
+            let to = to.as_deref().map(position).transpose()?;
+            let query = Query {
+                topic: deployed,
+                partitions,
+                from,
+                to,
+                follow,
+                tenant: tenant.map(|t| t.to_string()),
+                session: session.map(|s| s.to_string()),
+                limit,
+            };
+            let table = match format.as_deref() {
+                Some("table") => true,
+                Some(_) => false,
+                None => std::io::stdout().is_terminal(),
+            };
+            return consume_to_stdout(&settings, &query, table);
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where a session's records begin: a minute before it started (its state in
+/// eeg.sessions), so every record of it is in the range.
+fn session_start(
+    settings: &KafkaSettings,
+    topics: &Topics,
+    session: uuid::Uuid,
+) -> anyhow::Result<Position> {
+    let query = Query {
+        topic: topics.name(&clisonix_topics::catalog::EEG_SESSIONS),
+        partitions: Vec::new(),
+        from: Position::Earliest,
+        to: None,
+        follow: false,
+        tenant: None,
+        session: Some(session.to_string()),
+        limit: None,
+    };
+    let mut started: Option<String> = None;
+    consume(
+        settings,
+        &query,
+        |r| {
+            if let Some(s) = r.value.get("started_at_us").and_then(|v| v.as_str()) {
+                started = Some(s.to_owned());
+            }
+            true
+        },
+        || false,
+    )?;
+    let Some(started) = started else {
+        anyhow::bail!(
+            "session {session} is not in {} (never streamed, or older than the topic keeps); \
+             give --from to read anyway",
+            query.topic
+        );
+    };
+    let t = chrono::DateTime::parse_from_rfc3339(&started)?.with_timezone(&chrono::Utc);
+    Ok(Position::Time(t - chrono::Duration::minutes(1)))
+}
+
+fn consume_to_stdout(
+    settings: &KafkaSettings,
+    query: &Query,
+    table: bool,
+) -> anyhow::Result<ExitCode> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if table {
+        let _ = writeln!(
+            out,
+            "{:>4} {:>10}  {:<24} {:<16} {:<44} value",
+            "part", "offset", "timestamp", "schema", "key"
+        );
+    }
+    let mut broken = false;
+    let (stats, ranges) = consume(
+        settings,
+        query,
+        |r| {
+            let written = if table {
+                let key = summary(&r.key, 44);
+                let value = summary(&r.value, 120);
+                writeln!(
+                    out,
+                    "{:>4} {:>10}  {:<24} {:<16} {:<44} {}",
+                    r.partition,
+                    r.offset,
+                    r.timestamp
+                        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                        .unwrap_or_default(),
+                    r.schema,
+                    key,
+                    value
+                )
+            } else {
+                writeln!(out, "{}", r.to_json())
+            };
+            // Follow mode flushes every record; a closed pipe ends the read.
+            let flushed = if query.follow { out.flush() } else { Ok(()) };
+            broken = written.and(flushed).is_err();
+            !broken
+        },
+        || false,
+    )?;
+    if !broken {
+        out.flush()?;
+    }
+    drop(out);
+    let spans: Vec<String> = ranges
+        .iter()
+        .map(|r| match r.end {
+            Some(e) => format!("{}:{}..{}", r.partition, r.start, e),
+            None => format!("{}:{}..", r.partition, r.start),
+        })
+        .collect();
+    eprintln!(
+        "{} record(s) from {} [{}]; {} filtered out, {} offsets skipped (transaction markers, aborted records), {} undecodable",
+        stats.delivered,
+        query.topic,
+        spans.join(" "),
+        stats.filtered,
+        stats.skipped,
+        stats.undecodable
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `v` as compact JSON, cut to `width` characters.
+fn summary(v: &serde_json::Value, width: usize) -> String {
+    let s = v.to_string();
+    if s.chars().count() <= width {
+        s
+    } else {
+        let mut cut: String = s.chars().take(width - 1).collect();
+        cut.push('…');
+        cut
+    }
 }
 
 /// A fingerprint as the single-object header carries it: 8 bytes, little-endian, in hex.
