@@ -6,6 +6,7 @@ pub mod admin;
 pub mod catalog;
 pub mod client;
 pub mod consume;
+pub mod lag;
 pub mod records;
 
 pub use admin::{Admin, AdminError, Difference, Outcome, Replication, TopicReport};
