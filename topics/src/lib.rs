@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod client;
 pub mod consume;
 pub mod lag;
+pub mod offsets;
 pub mod records;
 
 pub use admin::{Admin, AdminError, Difference, Outcome, Replication, TopicReport};

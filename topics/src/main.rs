@@ -42,6 +42,14 @@ Examples:
   # One stage's group, every 10 s, as JSON for a script
   clisonix-topics lag albi --watch --json
 
+  # What moving a stopped stage back an hour would do, then doing it
+  clisonix-topics reset-offsets albi --by-duration -1h
+  clisonix-topics reset-offsets albi --by-duration -1h --execute
+
+  # A plan saved for review, applied later
+  clisonix-topics reset-offsets sink --to-datetime 2026-12-07T08:00:00Z --export plan.json
+  clisonix-topics reset-offsets sink --from-file plan.json --execute
+
   # Every schema version with the fingerprint records carry (no broker needed)
   clisonix-topics schemas
 
@@ -126,6 +134,43 @@ enum Command {
         /// Topics to evaluate besides the catalog's (as deployed)
         #[arg(long = "topic")]
         topics: Vec<String>,
+    },
+    /// Move a consumer group's committed offsets: prints the plan (per partition, from
+    /// -> to); --execute applies it, refused while the group has live members
+    #[command(group(clap::ArgGroup::new("target").required(true).multiple(false)))]
+    ResetOffsets {
+        group: String,
+        /// To each partition's first retained record
+        #[arg(long, group = "target")]
+        to_earliest: bool,
+        /// To each partition's end (skip everything there is)
+        #[arg(long, group = "target")]
+        to_latest: bool,
+        /// To this offset (clamped to what each partition retains)
+        #[arg(long, group = "target")]
+        to_offset: Option<i64>,
+        /// To the first record at or after this RFC 3339 time
+        #[arg(long, group = "target")]
+        to_datetime: Option<String>,
+        /// To the first record at or after this long ago (-1h, -30m, -2d)
+        #[arg(long, group = "target", allow_hyphen_values = true)]
+        by_duration: Option<String>,
+        /// By this many records from the committed offset (negative: back)
+        #[arg(long, group = "target", allow_hyphen_values = true)]
+        shift_by: Option<i64>,
+        /// The plan in this file (from --export)
+        #[arg(long, group = "target")]
+        from_file: Option<std::path::PathBuf>,
+        /// Only these topics, every partition (catalog names get --prefix); default:
+        /// the catalog topics the group has committed on
+        #[arg(long = "topic")]
+        topics: Vec<String>,
+        /// Write the plan to this file (JSON)
+        #[arg(long)]
+        export: Option<std::path::PathBuf>,
+        /// Apply the plan (without it, nothing changes)
+        #[arg(long)]
+        execute: bool,
     },
     /// List every schema version with its fingerprint, or print one schema
     Schemas {
@@ -233,6 +278,104 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Schemas { .. } => unreachable!("answered before connecting"),
+        Command::ResetOffsets {
+            group,
+            to_earliest,
+            to_latest,
+            to_offset,
+            to_datetime,
+            by_duration,
+            shift_by,
+            from_file,
+            topics: only,
+            export,
+            execute,
+        } => {
+            use clisonix_topics::offsets::{apply, plan, Plan, Target};
+            let plan = if let Some(path) = from_file {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let plan: Plan = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not a plan from --export", path.display()))?;
+                plan
+            } else {
+                let now = chrono::Utc::now();
+                let time = |s: &str| match parse_position(s, now) {
+                    Ok(Position::Time(t)) => Ok(t),
+                    Ok(_) => Err(anyhow::anyhow!("{s:?} is not a time")),
+                    Err(e) => Err(anyhow::anyhow!("{e}")),
+                };
+                let target = if to_earliest {
+                    Target::Earliest
+                } else if to_latest {
+                    Target::Latest
+                } else if let Some(o) = to_offset {
+                    anyhow::ensure!(o >= 0, "--to-offset must be 0 or more");
+                    Target::Offset(o)
+                } else if let Some(t) = to_datetime {
+                    anyhow::ensure!(!t.starts_with('-'), "--to-datetime takes an RFC 3339 time; for a duration back use --by-duration");
+                    Target::Time(time(&t)?)
+                } else if let Some(d) = by_duration {
+                    anyhow::ensure!(
+                        d.starts_with('-'),
+                        "--by-duration takes a duration back, such as -1h"
+                    );
+                    Target::Time(time(&d)?)
+                } else if let Some(n) = shift_by {
+                    Target::Shift(n)
+                } else {
+                    unreachable!("clap requires a target")
+                };
+                let (names, all) = if only.is_empty() {
+                    (
+                        CATALOG.iter().map(|s| topics.name(s)).collect::<Vec<_>>(),
+                        false,
+                    )
+                } else {
+                    let names = only
+                        .into_iter()
+                        .map(|t| match clisonix_topics::catalog::TopicSpec::find(&t) {
+                            Some(spec) => topics.name(spec),
+                            None => t,
+                        })
+                        .collect();
+                    (names, true)
+                };
+                plan(&settings, &group, &names, all, target)?
+            };
+            println!(
+                "group {}: {}",
+                plan.group,
+                if execute {
+                    "moving"
+                } else {
+                    "plan (nothing changes without --execute)"
+                }
+            );
+            println!(
+                "  {:<32} {:>9} {:>12} {:>12} {:>10}",
+                "topic", "partition", "from", "to", "change"
+            );
+            for m in &plan.moves {
+                println!(
+                    "  {:<32} {:>9} {:>12} {:>12} {:>+10}",
+                    m.topic,
+                    m.partition,
+                    m.from.map_or("-".into(), |f| f.to_string()),
+                    m.to,
+                    m.to - m.from.unwrap_or(m.to)
+                );
+            }
+            if let Some(path) = export {
+                std::fs::write(&path, serde_json::to_string_pretty(&plan)? + "\n")
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("plan written to {}", path.display());
+            }
+            if execute {
+                apply(&settings, &group, &plan)?;
+                println!("done: {} partition(s) moved", plan.moves.len());
+            }
+        }
         Command::Lag {
             group,
             window,
