@@ -158,12 +158,27 @@ pub struct Range {
     pub end: Option<i64>,
 }
 
-fn consumer(settings: &KafkaSettings) -> Result<BaseConsumer, KafkaError> {
+/// Reaching a partition's end is how a bounded read knows it is done, not an error
+/// to log.
+#[derive(Debug)]
+pub struct Quiet;
+
+impl rdkafka::ClientContext for Quiet {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::error!(%error, reason, "Kafka client error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for Quiet {}
+
+fn consumer(settings: &KafkaSettings) -> Result<BaseConsumer<Quiet>, KafkaError> {
     let mut config = settings.consumer(&format!("clisonix-topics-reader-{}", std::process::id()));
     config
         .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "100");
-    config.create()
+    config.create_with_context(Quiet)
 }
 
 /// Resolves the query's positions to offsets per partition.
@@ -172,7 +187,7 @@ pub fn plan(settings: &KafkaSettings, q: &Query) -> Result<Vec<Range>, ConsumeEr
     ranges(&c, q)
 }
 
-fn ranges(c: &BaseConsumer, q: &Query) -> Result<Vec<Range>, ConsumeError> {
+fn ranges(c: &BaseConsumer<Quiet>, q: &Query) -> Result<Vec<Range>, ConsumeError> {
     let metadata = c.fetch_metadata(Some(&q.topic), ADMIN_TIMEOUT)?;
     let topic = metadata
         .topics()
@@ -223,7 +238,7 @@ fn ranges(c: &BaseConsumer, q: &Query) -> Result<Vec<Range>, ConsumeError> {
 
 /// The first offset whose record's timestamp is at or after `t` (`high` when none).
 fn offset_for_time(
-    c: &BaseConsumer,
+    c: &BaseConsumer<Quiet>,
     topic: &str,
     partition: i32,
     t: DateTime<Utc>,

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod catalog;
 pub mod client;
 pub mod consume;
+pub mod diff;
 pub mod lag;
 pub mod offsets;
 pub mod records;

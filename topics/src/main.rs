@@ -50,6 +50,9 @@ Examples:
   clisonix-topics reset-offsets sink --to-datetime 2026-12-07T08:00:00Z --export plan.json
   clisonix-topics reset-offsets sink --from-file plan.json --execute
 
+  # Live features against a replay's, within 1e-6 relative (exit 3 when they differ)
+  clisonix-topics diff eeg.features replay.win4.eeg.features --relative 1e-6
+
   # Every schema version with the fingerprint records carry (no broker needed)
   clisonix-topics schemas
 
@@ -172,6 +175,26 @@ enum Command {
         #[arg(long)]
         execute: bool,
     },
+    /// Compare two feature outputs keyed by session, channel and window: records only in
+    /// one, and per feature how many differ beyond the tolerance (exit 3 when any)
+    Diff {
+        /// The first output (a catalog name such as eeg.features gets --prefix)
+        a: String,
+        /// The second (e.g. replay.<run>.eeg.features)
+        b: String,
+        /// Numbers this close are the same
+        #[arg(long, default_value_t = 0.0)]
+        absolute: f64,
+        /// Numbers within this fraction of the larger are the same
+        #[arg(long, default_value_t = 1e-9)]
+        relative: f64,
+        /// Only these sessions
+        #[arg(long = "session")]
+        sessions: Vec<uuid::Uuid>,
+        /// The report as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// List every schema version with its fingerprint, or print one schema
     Schemas {
         /// A schema (`eeg_frame`, or `clisonix.EegFrame`): print its text
@@ -278,6 +301,109 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Schemas { .. } => unreachable!("answered before connecting"),
+        Command::Diff {
+            a,
+            b,
+            absolute,
+            relative,
+            sessions,
+            json,
+        } => {
+            anyhow::ensure!(
+                absolute >= 0.0 && relative >= 0.0,
+                "--absolute and --relative are 0 or more"
+            );
+            let name = |t: String| match clisonix_topics::catalog::TopicSpec::find(&t) {
+                Some(spec) => topics.name(spec),
+                None => t,
+            };
+            let (a, b) = (name(a), name(b));
+            let sessions: Vec<String> = sessions.iter().map(|s| s.to_string()).collect();
+            let read = |topic: &str| -> anyhow::Result<std::collections::BTreeMap<_, _>> {
+                let mut out = std::collections::BTreeMap::new();
+                let mut other = 0u64;
+                let query = Query {
+                    topic: topic.to_owned(),
+                    partitions: Vec::new(),
+                    from: Position::Earliest,
+                    to: None,
+                    follow: false,
+                    tenant: None,
+                    session: None,
+                    limit: None,
+                };
+                consume(
+                    &settings,
+                    &query,
+                    |r| {
+                        match clisonix_topics::diff::key(&r.value) {
+                            Some(k) if sessions.is_empty() || sessions.contains(&k.0) => {
+                                out.insert(k, r.value.clone());
+                            }
+                            Some(_) => {}
+                            None => other += 1,
+                        }
+                        true
+                    },
+                    || false,
+                )?;
+                anyhow::ensure!(
+                    other == 0 || !out.is_empty(),
+                    "{topic} holds no feature records ({other} others): diff compares eeg.features outputs"
+                );
+                Ok(out)
+            };
+            let (ra, rb) = (read(&a)?, read(&b)?);
+            let tol = clisonix_topics::diff::Tolerance { absolute, relative };
+            let report = clisonix_topics::diff::diff(&ra, &rb, tol);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"a": a, "b": b, "tolerance": tol, "differs": report.differs(), "report": report})
+                );
+            } else {
+                println!("A  {a}: {} records", report.records_a);
+                println!("B  {b}: {} records", report.records_b);
+                println!(
+                    "only in A {}, only in B {}, in both {}, of which {} differ beyond the tolerance (absolute {absolute}, relative {relative})",
+                    report.only_in_a, report.only_in_b, report.in_both, report.changed
+                );
+                println!(
+                    "  {:<24} {:>9} {:>14} {:>14}",
+                    "field", "changed", "max abs diff", "max rel diff"
+                );
+                for (f, d) in &report.fields {
+                    if d.changed > 0 || d.max_abs > 0.0 {
+                        println!(
+                            "  {:<24} {:>9} {:>14.3e} {:>14.3e}",
+                            f, d.changed, d.max_abs, d.max_rel
+                        );
+                    }
+                }
+                for (what, keys) in [
+                    ("only in A", &report.examples_only_in_a),
+                    ("only in B", &report.examples_only_in_b),
+                    ("changed", &report.examples_changed),
+                ] {
+                    for (s, c, w) in keys {
+                        println!("  e.g. {what}: session {s} channel {c} window {w}");
+                    }
+                }
+                println!(
+                    "{}",
+                    if report.differs() {
+                        "DIFFERENT"
+                    } else {
+                        "SAME within the tolerance"
+                    }
+                );
+            }
+            return Ok(if report.differs() {
+                ExitCode::from(3)
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
         Command::ResetOffsets {
             group,
             to_earliest,

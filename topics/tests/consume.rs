@@ -184,3 +184,85 @@ fn consume_by_time_and_by_session_returns_exactly_those_records() {
     assert_eq!(code, 1);
     assert!(err.contains("is not in"), "{err}");
 }
+
+#[test]
+fn diff_exits_3_when_outputs_differ_beyond_the_tolerance_and_0_when_not() {
+    let prefix = format!("diff-{}.", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let topics = Topics::new(&prefix);
+    Admin::connect(&settings())
+        .unwrap()
+        .ensure(&topics, Replication::Auto)
+        .unwrap();
+    // Two copies of ten windows: the second with one window's total power moved by
+    // 1e-3 relative and one window missing.
+    let a = topics.name(&clisonix_topics::catalog::EEG_FEATURES);
+    let copy = Topics::new(format!("{prefix}copy."));
+    let same = Topics::new(format!("{prefix}same."));
+    for t in [&copy, &same] {
+        Admin::connect(&settings())
+            .unwrap()
+            .ensure(t, Replication::Auto)
+            .unwrap();
+    }
+    let b = copy.name(&clisonix_topics::catalog::EEG_FEATURES);
+    let c = same.name(&clisonix_topics::catalog::EEG_FEATURES);
+    let producer: BaseProducer = settings().producer().create().unwrap();
+    for seed in 0..10u64 {
+        let mut f = examples::features(seed);
+        f.window_index = seed;
+        let key = encode(&f.key()).unwrap();
+        for (topic, f) in [(&a, f.clone()), (&c, f.clone())] {
+            producer
+                .send(
+                    BaseRecord::to(topic)
+                        .key(&key)
+                        .payload(&encode(&f).unwrap()),
+                )
+                .unwrap();
+        }
+        if seed == 9 {
+            continue;
+        }
+        if seed == 3 {
+            f.total_abs = f.total_abs.map(|t| t * 1.001);
+        }
+        producer
+            .send(BaseRecord::to(&b).key(&key).payload(&encode(&f).unwrap()))
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+
+    let (code, out, err) = run(&prefix, &["diff", "eeg.features", &b, "--relative", "1e-6"]);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(
+        out.contains("only in A 1, only in B 0, in both 9, of which 1 differ"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.trim_start().starts_with("total_abs") && l.contains(" 1 ")),
+        "{out}"
+    );
+    // Within a looser tolerance the change is not one; the missing window still is.
+    let (code, out, _) = run(
+        &prefix,
+        &["diff", "eeg.features", &b, "--relative", "1e-2", "--json"],
+    );
+    assert_eq!(code, 3);
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (
+            v["report"]["changed"].as_u64(),
+            v["report"]["only_in_a"].as_u64()
+        ),
+        (Some(0), Some(1))
+    );
+    // The same records: 0.
+    let (code, out, err) = run(&prefix, &["diff", "eeg.features", &c]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("SAME within the tolerance"), "{out}");
+    // An unknown topic: a clear error.
+    let (code, _, err) = run(&prefix, &["diff", "eeg.features", "no.such.features"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no topic no.such.features"), "{err}");
+}

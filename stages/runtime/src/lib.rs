@@ -15,6 +15,6 @@ pub mod tables;
 pub use http::{router, Health};
 pub use metering::Metering;
 pub use metrics::StageMetrics;
-pub use runner::{run, RuntimeConfig, RuntimeError};
+pub use runner::{replay, run, ReplayProgress, ReplaySpec, RuntimeConfig, RuntimeError};
 pub use sink::Sink;
 pub use tables::{run_tables, TableWriter, TablesConfig};

@@ -39,7 +39,16 @@ Examples:
   DATABASE_URL=postgres://... clisonix-stage --http-addr 127.0.0.1:9468 sink
 
   # Metering: usage per tenant, meter and hour into Postgres
-  DATABASE_URL=postgres://... clisonix-stage --http-addr 127.0.0.1:9469 metering";
+  DATABASE_URL=postgres://... clisonix-stage --http-addr 127.0.0.1:9469 metering
+
+  # Replay: Albi with 4 s windows over the last two hours of frames, into
+  # replay.win4.eeg.features, under its own group (live topics and groups untouched)
+  clisonix-stage --replay win4 --from -2h albi --window-seconds 4
+
+  # The same build over two sessions, everything retained of them; run again to resume
+  clisonix-stage --replay check --sessions 3f0c...,9a1d... albi
+
+  # Then compare: clisonix-topics diff eeg.features replay.win4.eeg.features";
 
 #[derive(Debug, Parser)]
 #[command(name = "clisonix-stage", version, about = "Run a Clisonix stream stage", after_help = EXAMPLES)]
@@ -71,6 +80,26 @@ struct Cli {
     /// How long a batch waits for more records, in milliseconds
     #[arg(long, default_value_t = 50, global = true)]
     batch_linger_ms: u64,
+    /// Replay instead of running live: this run's name (letters, digits, - and _).
+    /// Reads the live input over --from..--to, writes replay.<RUN>.<topic> under the
+    /// group replay.<RUN>.<stage>, stops at the end; the same name resumes the run
+    #[arg(long, global = true)]
+    replay: Option<String>,
+    /// Replay from: earliest, an offset, an RFC 3339 time, or a duration back (-2h)
+    #[arg(
+        long,
+        global = true,
+        allow_hyphen_values = true,
+        requires = "replay",
+        default_value = "earliest"
+    )]
+    from: String,
+    /// Replay to (exclusive), the same ways (default: the input's end at the run's start)
+    #[arg(long, global = true, allow_hyphen_values = true, requires = "replay")]
+    to: Option<String>,
+    /// Replay only these sessions (comma-separated ids)
+    #[arg(long, global = true, value_delimiter = ',', requires = "replay")]
+    sessions: Vec<uuid::Uuid>,
     #[command(subcommand)]
     stage: StageCmd,
 }
@@ -187,11 +216,43 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         StageCmd::Sink { .. } => clisonix_stage_runtime::sink::NAME,
         StageCmd::Metering { .. } => clisonix_stage_runtime::metering::NAME,
     };
+    let replay = match &cli.replay {
+        None => None,
+        Some(run) => {
+            anyhow::ensure!(
+                clisonix_stage_runtime::ReplaySpec::valid_run(run),
+                "--replay {run:?}: a run's name is 1 to 64 letters, digits, - and _"
+            );
+            anyhow::ensure!(
+                matches!(
+                    cli.stage,
+                    StageCmd::Albi { .. } | StageCmd::Jona { .. } | StageCmd::Sessions { .. }
+                ),
+                "--replay runs albi, jona or sessions (the sink and metering write Postgres)"
+            );
+            let now = chrono::Utc::now();
+            let position = |s: &str| {
+                clisonix_topics::consume::parse_position(s, now).map_err(|e| anyhow::anyhow!("{e}"))
+            };
+            Some(clisonix_stage_runtime::ReplaySpec {
+                run: run.clone(),
+                from: position(&cli.from)?,
+                to: cli.to.as_deref().map(position).transpose()?,
+                sessions: cli.sessions.iter().map(|s| s.to_string()).collect(),
+            })
+        }
+    };
     let config = RuntimeConfig {
         kafka: KafkaSettings::new(&cli.bootstrap, format!("clisonix-{name}")),
         topics: Topics::new(cli.topic_prefix),
         group: cli.group.unwrap_or_else(|| name.to_owned()),
-        instance_id: cli.instance_id.unwrap_or_else(hostname),
+        instance_id: cli.instance_id.unwrap_or_else(|| {
+            if replay.is_some() {
+                "replay".into()
+            } else {
+                hostname()
+            }
+        }),
         batch_max: cli.batch_max.max(1),
         batch_linger: Duration::from_millis(cli.batch_linger_ms),
     };
@@ -206,7 +267,10 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
                 hop_seconds: hop_seconds.unwrap_or(window_seconds),
                 idle_ms: idle_seconds * 1000,
             });
-            serve_stage(albi, config, cli.http_addr).await
+            match replay {
+                Some(spec) => run_replay(albi, config, spec).await,
+                None => serve_stage(albi, config, cli.http_addr).await,
+            }
         }
         StageCmd::Jona {
             presets,
@@ -224,7 +288,10 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
                 presets,
                 idle_ms: idle_seconds * 1000,
             });
-            serve_stage(jona, config, cli.http_addr).await
+            match replay {
+                Some(spec) => run_replay(jona, config, spec).await,
+                None => serve_stage(jona, config, cli.http_addr).await,
+            }
         }
         StageCmd::Sessions {
             idle_seconds,
@@ -234,7 +301,10 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
                 idle_ms: idle_seconds * 1000,
                 update_ms: (update_seconds * 1000.0).round() as i64,
             });
-            serve_stage(sessions, config, cli.http_addr).await
+            match replay {
+                Some(spec) => run_replay(sessions, config, spec).await,
+                None => serve_stage(sessions, config, cli.http_addr).await,
+            }
         }
         StageCmd::Sink {
             database_url,
@@ -296,6 +366,89 @@ async fn database(url: &str, migrate: bool) -> anyhow::Result<sqlx::PgPool> {
             .context("applying the migrations")?;
     }
     Ok(pool)
+}
+
+/// Replays `stage` as `spec` says, with a progress line on stderr, until done (or
+/// Ctrl-C / SIGTERM: the run resumes when started again with the same name).
+async fn run_replay<S: Stage + 'static>(
+    stage: S,
+    config: RuntimeConfig,
+    spec: clisonix_stage_runtime::ReplaySpec,
+) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    let name = stage.name();
+    let out = spec.topics(&config.topics);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signals(shutdown.clone()));
+    let started = std::time::Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut last_print = std::time::Instant::now() - Duration::from_secs(10);
+    let mut first_read: Option<u64> = None;
+    let done = clisonix_stage_runtime::replay(
+        stage,
+        config,
+        spec.clone(),
+        Health::default(),
+        move |p| {
+            let first = *first_read.get_or_insert(p.read);
+            if !p.finished
+                && last_print.elapsed() < Duration::from_millis(if tty { 250 } else { 5000 })
+            {
+                return;
+            }
+            last_print = std::time::Instant::now();
+            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            let rate = (p.read - first) as f64 / secs;
+            let left = p.total.saturating_sub(p.read);
+            let eta = if rate > 0.0 {
+                format!("{:.0} s", left as f64 / rate)
+            } else {
+                "-".into()
+            };
+            let pct = if p.total == 0 {
+                100.0
+            } else {
+                100.0 * p.read as f64 / p.total as f64
+            };
+            let filled = (pct / 5.0).round() as usize;
+            let line = format!(
+                "[{}{}] {pct:5.1}%  {}/{} records  {rate:.0} records/s  ETA {eta}",
+                "#".repeat(filled.min(20)),
+                ".".repeat(20 - filled.min(20)),
+                p.read,
+                p.total
+            );
+            let mut err = std::io::stderr();
+            let _ = if tty {
+                write!(err, "\r{line}")
+            } else {
+                writeln!(err, "{line}")
+            };
+            let _ = err.flush();
+        },
+        shutdown,
+    )
+    .await?;
+    if tty {
+        eprintln!();
+    }
+    if done.finished {
+        eprintln!(
+            "replay {} of {name} done: {} records read in {:.1} s; outputs in {}eeg.features, {}audio.chunks, {}eeg.sessions",
+            spec.run,
+            done.read,
+            started.elapsed().as_secs_f64(),
+            out.prefix(),
+            out.prefix(),
+            out.prefix()
+        );
+    } else {
+        eprintln!(
+            "replay {} stopped at {}/{} records; start it again with --replay {} to resume",
+            spec.run, done.read, done.total, spec.run
+        );
+    }
+    Ok(())
 }
 
 /// Serves `/metrics`, `/health` and `/ready` and runs `stage` until SIGTERM or Ctrl-C.

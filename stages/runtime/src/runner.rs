@@ -37,6 +37,17 @@ use crate::http::Health;
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 const METADATA_KEY: &str = "emitted_through=";
+/// A replay's end offset of the partition, kept with its progress so a resumed run
+/// reads exactly what the first start planned.
+const END_KEY: &str = "end=";
+
+/// The number after `key` in commit metadata such as `emitted_through=12;end=40`.
+fn metadata_value(metadata: &str, key: &str) -> Option<i64> {
+    metadata
+        .split(';')
+        .find_map(|part| part.strip_prefix(key))
+        .and_then(|n| n.parse().ok())
+}
 const LAG_EVERY: Duration = Duration::from_secs(5);
 const IDLE_TICK: Duration = Duration::from_millis(250);
 /// How often the stage gets its idle call ([`Stage::idle`]).
@@ -61,6 +72,8 @@ pub struct RuntimeConfig {
 pub enum RuntimeError {
     #[error("the stage's input family {0} travels on no catalog topic")]
     NoInputTopic(clisonix_schemas::Family),
+    #[error("replay: {0}")]
+    Replay(String),
     #[error("Kafka {what} failed: {source}")]
     Kafka {
         what: &'static str,
@@ -90,7 +103,14 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
     tpl.elements().iter().map(|e| e.partition()).collect()
 }
 
-impl ClientContext for RebalanceEvents {}
+impl ClientContext for RebalanceEvents {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // A replay reads to the partitions' ends on purpose.
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::error!(%error, reason, "Kafka client error");
+        }
+    }
+}
 
 impl ConsumerContext for RebalanceEvents {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -135,6 +155,16 @@ struct Loop<S: Stage> {
     parts: BTreeMap<i32, PartitionState>,
     config: RuntimeConfig,
     timing: Option<prometheus::Histogram>,
+    /// A replay's bounds (none for a live stage).
+    bounds: Option<Bounds>,
+}
+
+/// What a replay reads: each partition up to its end, only some sessions.
+struct Bounds {
+    ends: BTreeMap<i32, i64>,
+    /// Only these sessions' records go to the stage (empty: all).
+    sessions: std::collections::HashSet<String>,
+    done: std::collections::BTreeSet<i32>,
 }
 
 /// Runs `stage` until `shutdown` is cancelled (finishing and committing the batch in
@@ -186,6 +216,7 @@ pub async fn run<S: Stage + 'static>(
         input,
         parts: BTreeMap::new(),
         config,
+        bounds: None,
     };
     this.health.ready.store(true, Ordering::Relaxed);
     let result = this.run(shutdown).await;
@@ -367,11 +398,7 @@ impl<S: Stage> Loop<S> {
             .elements()
             .iter()
             .map(|e| {
-                let emitted_through = e
-                    .metadata()
-                    .strip_prefix(METADATA_KEY)
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(-1);
+                let emitted_through = metadata_value(e.metadata(), METADATA_KEY).unwrap_or(-1);
                 let state = PartitionState {
                     emitted_through,
                     last: None,
@@ -397,6 +424,17 @@ impl<S: Stage> Loop<S> {
             });
             let replaying = m.offset() <= state.emitted_through;
             state.last = Some(m.offset());
+            if let Some(b) = &self.bounds {
+                if !b.sessions.is_empty() {
+                    let session = m
+                        .key()
+                        .and_then(|k| decode::<clisonix_schemas::SessionKey>(k).ok())
+                        .map(|k| k.session_id.to_string());
+                    if !session.is_some_and(|s| b.sessions.contains(&s)) {
+                        continue;
+                    }
+                }
+            }
             if let Some(t) = m.timestamp().to_millis() {
                 state.last_time = Some((t, Instant::now()));
             }
@@ -501,7 +539,11 @@ impl<S: Stage> Loop<S> {
             offsets.add_partition_offset(&self.input, p, Offset::Offset(from))?;
             if let Some(mut e) = offsets.find_partition(&self.input, p) {
                 // Never lower the mark while replaying below it.
-                e.set_metadata(format!("{METADATA_KEY}{}", last.max(state.emitted_through)));
+                let mut metadata = format!("{METADATA_KEY}{}", last.max(state.emitted_through));
+                if let Some(end) = self.bounds.as_ref().and_then(|b| b.ends.get(&p)) {
+                    metadata.push_str(&format!(";{END_KEY}{end}"));
+                }
+                e.set_metadata(metadata);
             }
         }
         if offsets.count() > 0 {
@@ -607,5 +649,331 @@ pub(crate) fn update_lag<C: ConsumerContext>(
                 .with_label_values(&[stage, &label])
                 .set(high - position);
         }
+    }
+}
+
+/// What a replay reads and where it writes.
+#[derive(Debug, Clone)]
+pub struct ReplaySpec {
+    /// The run's name: its output topics are `replay.<run>.<live prefix><topic>` and its
+    /// consumer group `replay.<run>.<live prefix><stage>`. Starting a run again with the
+    /// same name resumes it (what it read and wrote is kept with its offsets).
+    pub run: String,
+    pub from: clisonix_topics::consume::Position,
+    /// Where to stop (exclusive); none: the end of the input as it is at the run's
+    /// first start.
+    pub to: Option<clisonix_topics::consume::Position>,
+    /// Only these sessions' records (empty: all).
+    pub sessions: Vec<String>,
+}
+
+impl ReplaySpec {
+    /// The run's copy of the catalog.
+    pub fn topics(&self, live: &Topics) -> Topics {
+        Topics::new(format!("replay.{}.{}", self.run, live.prefix()))
+    }
+
+    /// Whether `run` is a usable run name (it becomes part of topic names).
+    pub fn valid_run(run: &str) -> bool {
+        !run.is_empty()
+            && run.len() <= 64
+            && run
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    }
+}
+
+/// A replay's progress: input records read of those planned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayProgress {
+    pub read: u64,
+    pub total: u64,
+    pub finished: bool,
+}
+
+/// Runs `stage` over a bounded part of its live input into the run's own copy of the
+/// topics, under the run's own consumer group, in the same exactly-once transactions
+/// as a live stage; returns when every partition has reached its end (or at
+/// `shutdown`, resumable). Live topics are only read; live groups are never touched.
+/// Wall-clock work (the stage's idle calls) does not happen in a replay, so the same
+/// build over the same input writes the same bytes.
+pub async fn replay<S: Stage + 'static>(
+    stage: S,
+    config: RuntimeConfig,
+    spec: ReplaySpec,
+    health: Health,
+    mut progress: impl FnMut(ReplayProgress) + Send,
+    shutdown: CancellationToken,
+) -> Result<ReplayProgress, RuntimeError> {
+    let family = S::Input::FAMILY;
+    let input_spec = CATALOG
+        .iter()
+        .find(|t| t.value == family)
+        .ok_or(RuntimeError::NoInputTopic(family))?;
+    let input = config.topics.name(input_spec);
+    let out = spec.topics(&config.topics);
+    let group = format!("{}{}", out.prefix(), stage.name());
+    block_in_place(|| {
+        clisonix_topics::Admin::connect(&config.kafka)
+            .and_then(|a| a.ensure(&out, clisonix_topics::Replication::Auto))
+    })
+    .map_err(|e| RuntimeError::Replay(format!("creating the run's topics: {e}")))?;
+    // Where each partition starts and ends: the run's own commits when it was started
+    // before, else the spec resolved now (and committed at once, so a resumed run
+    // reads the same records).
+    let query = clisonix_topics::consume::Query {
+        topic: input.clone(),
+        partitions: Vec::new(),
+        from: spec.from,
+        to: spec.to,
+        follow: false,
+        tenant: None,
+        session: None,
+        limit: None,
+    };
+    let planned = block_in_place(|| clisonix_topics::consume::plan(&config.kafka, &query))
+        .map_err(|e| RuntimeError::Replay(e.to_string()))?;
+    let consumer: StreamConsumer<RebalanceEvents> = config
+        .kafka
+        .consumer(&group)
+        // The end of a partition as it is now is at or past the run's end there (the
+        // run's ends were the last stable offsets when it was planned).
+        .set("enable.partition.eof", "true")
+        .create_with_context(RebalanceEvents::default())
+        .map_err(kafka("creating the consumer"))?;
+    let mut tpl = TopicPartitionList::new();
+    for r in &planned {
+        tpl.add_partition(&input, r.partition);
+    }
+    let committed = block_in_place(|| consumer.committed_offsets(tpl, KAFKA_TIMEOUT))
+        .map_err(kafka("fetching the run's offsets"))?;
+    let mut ends = BTreeMap::new();
+    let mut starts = BTreeMap::new();
+    let mut first_commit = TopicPartitionList::new();
+    for r in &planned {
+        let e = committed.find_partition(&input, r.partition);
+        let resumed = e.as_ref().and_then(|e| {
+            let end = metadata_value(e.metadata(), END_KEY)?;
+            Some((e.offset().to_raw()?, end))
+        });
+        let (start, end) = match resumed {
+            Some(se) => se,
+            None => {
+                let end = r.end.unwrap_or(r.start);
+                first_commit
+                    .add_partition_offset(&input, r.partition, Offset::Offset(r.start))
+                    .map_err(kafka("planning"))?;
+                if let Some(mut e) = first_commit.find_partition(&input, r.partition) {
+                    e.set_metadata(format!("{METADATA_KEY}-1;{END_KEY}{end}"));
+                }
+                (r.start, end)
+            }
+        };
+        starts.insert(r.partition, start);
+        ends.insert(r.partition, end);
+    }
+    if first_commit.count() > 0 {
+        block_in_place(|| consumer.commit(&first_commit, rdkafka::consumer::CommitMode::Sync))
+            .map_err(kafka("recording the run's plan"))?;
+    }
+    let total: u64 = planned
+        .iter()
+        .map(|r| (ends[&r.partition] - r.start).max(0) as u64)
+        .sum();
+    let producer: FutureProducer = config
+        .kafka
+        .producer()
+        .set(
+            "transactional.id",
+            format!("{}-{}", group, config.instance_id),
+        )
+        .set("transaction.timeout.ms", "30000")
+        .create()
+        .map_err(kafka("creating the producer"))?;
+    block_in_place(|| producer.init_transactions(KAFKA_TIMEOUT))
+        .map_err(kafka("initialising transactions"))?;
+    let mut assign = TopicPartitionList::new();
+    let mut done = std::collections::BTreeSet::new();
+    for (&p, &start) in &starts {
+        if start >= ends[&p] {
+            done.insert(p);
+        } else {
+            assign
+                .add_partition_offset(&input, p, Offset::Offset(start))
+                .map_err(kafka("assigning"))?;
+        }
+    }
+    consumer.assign(&assign).map_err(kafka("assigning"))?;
+    info!(stage = stage.name(), %input, %group, total, "replay running");
+    let mut this = Loop {
+        timing: None,
+        dead_letters: out.name(&DEAD_LETTERS),
+        topics: out,
+        stage,
+        consumer,
+        producer,
+        health,
+        input,
+        parts: BTreeMap::new(),
+        config,
+        bounds: Some(Bounds {
+            ends,
+            sessions: spec.sessions.into_iter().collect(),
+            done,
+        }),
+    };
+    let ps: Vec<i32> = starts.keys().copied().collect();
+    for (p, _, state) in block_in_place(|| this.committed(&ps))? {
+        this.parts.insert(p, state);
+    }
+    let planned_starts: BTreeMap<i32, i64> =
+        planned.iter().map(|r| (r.partition, r.start)).collect();
+    let report = |this: &Loop<S>| -> ReplayProgress {
+        let b = this.bounds.as_ref().expect("a replay has bounds");
+        let read: u64 = b
+            .ends
+            .iter()
+            .map(|(p, &end)| {
+                let start = planned_starts[p];
+                let at = if b.done.contains(p) {
+                    end
+                } else {
+                    this.parts
+                        .get(p)
+                        .and_then(|s| s.last)
+                        .map_or(start, |l| l + 1)
+                };
+                (at.min(end) - start).max(0) as u64
+            })
+            .sum();
+        ReplayProgress {
+            read,
+            total,
+            finished: b.done.len() == b.ends.len(),
+        }
+    };
+    progress(report(&this));
+    loop {
+        if this
+            .bounds
+            .as_ref()
+            .is_some_and(|b| b.done.len() == b.ends.len())
+        {
+            break;
+        }
+        let first = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            m = this.consumer.recv() => m.map(|m| m.detach()),
+            _ = tokio::time::sleep(IDLE_TICK) => {
+                block_in_place(|| this.check_done())?;
+                progress(report(&this));
+                continue;
+            }
+        };
+        let deadline = tokio::time::Instant::now() + this.config.batch_linger;
+        let mut batch: Vec<OwnedMessage> = Vec::new();
+        let mut at_end = Vec::new();
+        let mut next = Some(first);
+        while let Some(received) = next.take() {
+            match received {
+                Ok(m) => batch.push(m),
+                Err(KafkaError::PartitionEOF(p)) => at_end.push(p),
+                Err(error) => warn!(%error, "consumer error"),
+            }
+            if batch.len() >= this.config.batch_max {
+                break;
+            }
+            if let Ok(m) = tokio::time::timeout_at(deadline, this.consumer.recv()).await {
+                next = Some(m.map(|m| m.detach()));
+            }
+        }
+        if let Some(b) = &this.bounds {
+            batch.retain(|m| b.ends.get(&m.partition()).is_some_and(|&e| m.offset() < e));
+        }
+        if !batch.is_empty() {
+            let outputs = block_in_place(|| this.process(&batch));
+            match block_in_place(|| this.commit(&batch, &outputs)) {
+                Ok(()) => this.metric_transaction("committed"),
+                Err(error) => {
+                    this.metric_transaction("aborted");
+                    warn!(%error, "transaction failed; rewinding to the committed offsets");
+                    block_in_place(|| this.abort_and_rewind())?;
+                    // Re-read from the committed offsets: nothing is at its end yet.
+                    at_end.clear();
+                    continue;
+                }
+            }
+        }
+        block_in_place(|| this.check_done())?;
+        if !at_end.is_empty() {
+            block_in_place(|| this.finish(&at_end))?;
+        }
+        progress(report(&this));
+    }
+    let last = report(&this);
+    progress(last);
+    info!(
+        stage = this.stage.name(),
+        read = last.read,
+        finished = last.finished,
+        "replay stopped"
+    );
+    Ok(last)
+}
+
+impl<S: Stage> Loop<S> {
+    /// A replay's partitions whose read position reached their end: done, paused.
+    fn check_done(&mut self) -> Result<(), RuntimeError> {
+        let Some(b) = &self.bounds else {
+            return Ok(());
+        };
+        let positions = self
+            .consumer
+            .position()
+            .map_err(kafka("reading positions"))?;
+        let mut finished = Vec::new();
+        for (&p, &end) in &b.ends {
+            if b.done.contains(&p) {
+                continue;
+            }
+            let at = positions
+                .find_partition(&self.input, p)
+                .and_then(|e| e.offset().to_raw())
+                .unwrap_or(-1);
+            let processed = self
+                .parts
+                .get(&p)
+                .and_then(|s| s.last)
+                .map_or(-1, |l| l + 1);
+            if at >= end || processed >= end {
+                finished.push(p);
+            }
+        }
+        self.finish(&finished)
+    }
+
+    /// Marks a replay's partitions done and stops reading them.
+    fn finish(&mut self, finished: &[i32]) -> Result<(), RuntimeError> {
+        let finished: Vec<i32> = match &self.bounds {
+            Some(b) => finished
+                .iter()
+                .copied()
+                .filter(|p| b.ends.contains_key(p) && !b.done.contains(p))
+                .collect(),
+            None => return Ok(()),
+        };
+        if finished.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for &p in &finished {
+            tpl.add_partition(&self.input, p);
+        }
+        self.consumer.pause(&tpl).map_err(kafka("pausing"))?;
+        if let Some(b) = &mut self.bounds {
+            b.done.extend(finished);
+        }
+        Ok(())
     }
 }
