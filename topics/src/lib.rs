@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod client;
 pub mod consume;
 pub mod diff;
+pub mod export;
 pub mod lag;
 pub mod offsets;
 pub mod records;

@@ -53,6 +53,10 @@ Examples:
   # Live features against a replay's, within 1e-6 relative (exit 3 when they differ)
   clisonix-topics diff eeg.features replay.win4.eeg.features --relative 1e-6
 
+  # A session as EDF+ with its features as CSV; a tenant's sessions of a day as BIDS
+  clisonix-topics export --session 3f0c… --out out/ --features csv
+  clisonix-topics export --tenant 9b1e… --from 2026-12-06T00:00:00Z --to 2026-12-07T00:00:00Z --bids --out dataset/
+
   # Every schema version with the fingerprint records carry (no broker needed)
   clisonix-topics schemas
 
@@ -195,6 +199,42 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write sessions to files: EDF+ or BDF+ (markers as annotations), features as
+    /// NDJSON or CSV, or a BIDS EEG dataset
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["sessions", "tenant"])))]
+    Export {
+        /// These sessions
+        #[arg(long = "session")]
+        sessions: Vec<uuid::Uuid>,
+        /// Or a tenant's sessions that started in --from..--to
+        #[arg(long)]
+        tenant: Option<uuid::Uuid>,
+        /// With --tenant: sessions started at or after (RFC 3339, or a duration back)
+        #[arg(long, requires = "tenant", allow_hyphen_values = true)]
+        from: Option<String>,
+        /// With --tenant: sessions started before
+        #[arg(long, requires = "tenant", allow_hyphen_values = true)]
+        to: Option<String>,
+        /// Where to write (created if missing)
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// edf (EDF+, 16-bit) or bdf (BDF+, 24-bit)
+        #[arg(long, default_value = "edf", value_parser = ["edf", "bdf"])]
+        format: String,
+        /// Refuse a channel whose samples would read back more than this far off (in
+        /// the frames' unit, e.g. 0.01 uV): then use --format bdf
+        #[arg(long)]
+        max_error: Option<f64>,
+        /// Also the sessions' features: ndjson or csv
+        #[arg(long, value_parser = ["ndjson", "csv"], conflicts_with = "bids")]
+        features: Option<String>,
+        /// As a BIDS EEG dataset rooted at --out
+        #[arg(long)]
+        bids: bool,
+        /// One JSON object per session exported
+        #[arg(long)]
+        json: bool,
+    },
     /// List every schema version with its fingerprint, or print one schema
     Schemas {
         /// A schema (`eeg_frame`, or `clisonix.EegFrame`): print its text
@@ -301,6 +341,110 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Schemas { .. } => unreachable!("answered before connecting"),
+        Command::Export {
+            sessions,
+            tenant,
+            from,
+            to,
+            out,
+            format,
+            max_error,
+            features,
+            bids,
+            json,
+        } => {
+            use clisonix_edf::writer::WriteFormat;
+            use clisonix_topics::export::{
+                export_bids, export_session, session_states, FeatureFormat, Options,
+            };
+            let format = if format == "bdf" {
+                WriteFormat::BdfPlus
+            } else {
+                WriteFormat::EdfPlus
+            };
+            if let Some(m) = max_error {
+                anyhow::ensure!(m > 0.0, "--max-error must be more than 0");
+            }
+            let mut ids: Vec<String> = sessions.iter().map(|s| s.to_string()).collect();
+            if let Some(t) = tenant {
+                let now = chrono::Utc::now();
+                let time = |s: &Option<String>| -> anyhow::Result<Option<i64>> {
+                    match s.as_deref().map(|s| parse_position(s, now)) {
+                        None => Ok(None),
+                        Some(Ok(Position::Time(t))) => Ok(Some(t.timestamp_micros())),
+                        Some(Ok(_)) => anyhow::bail!("--from and --to are times or durations back"),
+                        Some(Err(e)) => anyhow::bail!("{e}"),
+                    }
+                };
+                let (lo, hi) = (time(&from)?, time(&to)?);
+                let t = t.to_string();
+                for state in session_states(&settings, &topics)? {
+                    let started = state["started_at_us"]
+                        .as_str()
+                        .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+                        .map(|d| d.timestamp_micros());
+                    let (Some(started), Some(id)) = (started, state["session_id"].as_str()) else {
+                        continue;
+                    };
+                    if state["tenant_id"] == t.as_str()
+                        && lo.is_none_or(|lo| started >= lo)
+                        && hi.is_none_or(|hi| started < hi)
+                    {
+                        ids.push(id.to_owned());
+                    }
+                }
+                anyhow::ensure!(
+                    !ids.is_empty(),
+                    "tenant {t} has no sessions in eeg.sessions in that range"
+                );
+            }
+            let exported = if bids {
+                export_bids(&settings, &topics, &ids, &out, format, max_error)?
+            } else {
+                let features = features.as_deref().map(|f| {
+                    if f == "csv" {
+                        FeatureFormat::Csv
+                    } else {
+                        FeatureFormat::Ndjson
+                    }
+                });
+                let options = Options {
+                    format,
+                    max_error,
+                    features,
+                };
+                let mut all = Vec::new();
+                for id in &ids {
+                    let e = export_session(&settings, &topics, id, &out, id, &options)?;
+                    all.push(e);
+                }
+                all
+            };
+            for e in &exported {
+                if json {
+                    println!("{}", serde_json::to_string(e)?);
+                } else {
+                    let worst = e.max_error.iter().copied().fold(0.0, f64::max);
+                    println!(
+                        "{}  {} channels, {} Hz, {:.1} s, {} frames{}  -> {} ({} bytes; samples within {:.3e} {}){}",
+                        e.session,
+                        e.channels.len(),
+                        e.sample_rate_hz,
+                        e.seconds,
+                        e.frames,
+                        if e.missing_frames > 0 { format!(" ({} missing, zero-filled)", e.missing_frames) } else { String::new() },
+                        e.file.display(),
+                        e.bytes,
+                        worst,
+                        e.unit,
+                        e.features_file
+                            .as_ref()
+                            .map(|f| format!("; {} feature records -> {}", e.features, f.display()))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+        }
         Command::Diff {
             a,
             b,

@@ -7,11 +7,14 @@
 //! EDF+ annotation signals are parsed into [`Annotation`]s (time-stamped annotation
 //! lists) and are not returned as signals.
 //!
+//! [`writer`] writes EDF+ and BDF+ files (sessions exported to other EEG tools).
+//!
 //! Pure: no async runtime, no allocation per sample beyond the record's buffers.
 
 use std::io::{self, Read};
 
 mod frames;
+pub mod writer;
 pub use frames::{FrameSpec, Framer, FramerError};
 
 /// What went wrong reading a recording.
