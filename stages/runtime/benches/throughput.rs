@@ -2,13 +2,16 @@
 //! consumed, windowed, computed, produced to `eeg.features` and committed in
 //! transactions, in frames/s. Needs the stack (`./dev up`, then `eval "$(./dev env)"`).
 //!
+//! Then the same frames replayed (`clisonix-stage --replay`) into a run's own topics:
+//! the replay's rate against the live stage's, wall-clock and CPU of this process.
+//!
 //! Run: `cargo bench -p clisonix-stage-runtime --bench throughput`
 
 use std::time::{Duration, Instant};
 
 use clisonix_albi::{Albi, AlbiConfig};
 use clisonix_schemas::{encode, examples, SessionId, TenantId};
-use clisonix_stage_runtime::{run, Health, RuntimeConfig};
+use clisonix_stage_runtime::{replay, run, Health, ReplaySpec, RuntimeConfig};
 use clisonix_topics::catalog::EEG_FRAMES;
 use clisonix_topics::{Admin, KafkaSettings, Replication, Topics};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -106,6 +109,7 @@ async fn bench(bootstrap: &str, fs: u32, channels: usize) {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let start = Instant::now();
+    let cpu_start = cpu_seconds();
     let committed = health
         .metrics
         .transactions
@@ -124,6 +128,7 @@ async fn bench(bootstrap: &str, fs: u32, channels: usize) {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let elapsed = start.elapsed();
+    let live_cpu = cpu_seconds() - cpu_start;
     shutdown.cancel();
     task.await.unwrap().unwrap();
     let bytes = frames * (channels as u64) * u64::from(samples) * 4;
@@ -135,13 +140,79 @@ async fn bench(bootstrap: &str, fs: u32, channels: usize) {
         expected as f64 / elapsed.as_secs_f64(),
         (frames as f64 / 8.0) / elapsed.as_secs_f64(),
     );
+    println!(
+        "  live: {:.1} MB/s of samples, {:.1} us of this process's CPU per frame",
+        bytes as f64 / 1e6 / elapsed.as_secs_f64(),
+        live_cpu * 1e6 / frames as f64
+    );
+
+    // The same frames replayed: bounded, into the run's own topics.
+    let config = RuntimeConfig {
+        kafka: kafka.clone(),
+        topics: topics.clone(),
+        group: "unused".into(),
+        instance_id: "bench".into(),
+        batch_max: 500,
+        batch_linger: Duration::from_millis(20),
+    };
+    let spec = ReplaySpec {
+        run: format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..6]),
+        from: clisonix_topics::consume::Position::Earliest,
+        to: None,
+        sessions: Vec::new(),
+    };
+    let out_topics = spec.topics(&topics);
+    let start = Instant::now();
+    let cpu_start = cpu_seconds();
+    let done = replay(
+        Albi::new(AlbiConfig::default()),
+        config,
+        spec,
+        Health::default(),
+        |_| {},
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let replay_elapsed = start.elapsed();
+    let replay_cpu = cpu_seconds() - cpu_start;
+    assert!(done.finished && done.read == frames, "{done:?}");
+    println!(
+        "  replay: {frames} frames in {:.2} s: {:.0} frames/s ({:.2}x the live stage), {:.1} MB/s of samples, {:.1} us of CPU per frame",
+        replay_elapsed.as_secs_f64(),
+        frames as f64 / replay_elapsed.as_secs_f64(),
+        elapsed.as_secs_f64() / replay_elapsed.as_secs_f64(),
+        bytes as f64 / 1e6 / replay_elapsed.as_secs_f64(),
+        replay_cpu * 1e6 / frames as f64
+    );
     let admin = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create::<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>>()
         .unwrap();
-    let names: Vec<String> = topics.all().map(|(n, _)| n).collect();
+    let names: Vec<String> = topics
+        .all()
+        .chain(out_topics.all())
+        .map(|(n, _)| n)
+        .collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let _ = admin
         .delete_topics(&refs, &rdkafka::admin::AdminOptions::new())
         .await;
+}
+
+/// This process's CPU time so far (user + system), from /proc.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are the 14th and 15th fields; 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
 }
