@@ -57,6 +57,8 @@ pub enum ExportError {
     },
     #[error("writing the recording: {0}")]
     Edf(#[from] writer::WriteError),
+    #[error("writing Parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
 }
 
 /// How to write features.
@@ -64,6 +66,7 @@ pub enum ExportError {
 pub enum FeatureFormat {
     Ndjson,
     Csv,
+    Parquet,
 }
 
 /// What an export writes.
@@ -500,7 +503,17 @@ fn export_features(
     let path = match format {
         FeatureFormat::Ndjson => dir.join(format!("{stem}.features.ndjson")),
         FeatureFormat::Csv => dir.join(format!("{stem}.features.csv")),
+        FeatureFormat::Parquet => dir.join(format!("{stem}.features.parquet")),
     };
+    if format == FeatureFormat::Parquet {
+        let rows: Vec<&Value> = rows.values().collect();
+        let file = std::fs::File::create(&path).map_err(|source| ExportError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        write_parquet(&rows, file)?;
+        return Ok((path, rows.len() as u64));
+    }
     write_file(&path, |f| {
         let mut w = std::io::BufWriter::new(f);
         match format {
@@ -509,6 +522,7 @@ fn export_features(
                     writeln!(w, "{v}")?;
                 }
             }
+            FeatureFormat::Parquet => unreachable!("written above"),
             FeatureFormat::Csv => {
                 let columns: Vec<String> = rows
                     .values()
@@ -687,4 +701,175 @@ fn events_of(path: &Path) -> Result<Vec<(f64, Option<f64>, String)>, ExportError
         }
     }
     Ok(out)
+}
+
+/// A Parquet column of the features: a scalar field, or one element of an array field
+/// (`psd_0`, `psd_1`, …).
+#[derive(Debug, Clone)]
+struct Column {
+    name: String,
+    field: String,
+    index: Option<usize>,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Text,
+    Int,
+    Float,
+    Bool,
+}
+
+fn kind_of(v: &Value) -> Option<Kind> {
+    match v {
+        Value::String(_) => Some(Kind::Text),
+        Value::Bool(_) => Some(Kind::Bool),
+        Value::Number(n) if n.is_i64() || n.is_u64() => Some(Kind::Int),
+        Value::Number(_) => Some(Kind::Float),
+        _ => None,
+    }
+}
+
+/// The columns of `rows`: every field, arrays spread over one column per element
+/// (as long as the longest), each typed by its first non-null value (numbers that
+/// are sometimes fractional are doubles).
+fn columns(rows: &[&Value]) -> Vec<Column> {
+    let mut fields: Vec<String> = Vec::new();
+    let mut lengths: BTreeMap<String, usize> = BTreeMap::new();
+    let mut kinds: BTreeMap<(String, Option<usize>), Kind> = BTreeMap::new();
+    let mut note = |key: (String, Option<usize>), v: &Value| {
+        if let Some(k) = kind_of(v) {
+            let e = kinds.entry(key).or_insert(k);
+            if *e == Kind::Int && k == Kind::Float {
+                *e = Kind::Float;
+            }
+        }
+    };
+    for r in rows {
+        let Some(o) = r.as_object() else { continue };
+        for (f, v) in o {
+            if !fields.contains(f) {
+                fields.push(f.clone());
+            }
+            match v {
+                Value::Array(items) => {
+                    let l = lengths.entry(f.clone()).or_default();
+                    *l = (*l).max(items.len());
+                    for (i, item) in items.iter().enumerate() {
+                        note((f.clone(), Some(i)), item);
+                    }
+                }
+                v => note((f.clone(), None), v),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for f in fields {
+        match lengths.get(&f) {
+            Some(&n) => {
+                for i in 0..n {
+                    out.push(Column {
+                        name: format!("{f}_{i}"),
+                        field: f.clone(),
+                        index: Some(i),
+                        kind: kinds
+                            .get(&(f.clone(), Some(i)))
+                            .copied()
+                            .unwrap_or(Kind::Float),
+                    });
+                }
+            }
+            None => out.push(Column {
+                name: f.clone(),
+                field: f.clone(),
+                index: None,
+                kind: kinds
+                    .get(&(f.clone(), None))
+                    .copied()
+                    .unwrap_or(Kind::Float),
+            }),
+        }
+    }
+    out
+}
+
+/// Writes the feature rows as one Parquet row group, every column optional.
+fn write_parquet<W: Write + Send>(rows: &[&Value], out: W) -> Result<(), ExportError> {
+    use parquet::data_type::{BoolType, ByteArray, ByteArrayType, DoubleType, Int64Type};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::parser::parse_message_type;
+    let cols = columns(rows);
+    let mut message = String::from("message features {\n");
+    for c in &cols {
+        let t = match c.kind {
+            Kind::Text => "binary",
+            Kind::Int => "int64",
+            Kind::Float => "double",
+            Kind::Bool => "boolean",
+        };
+        let annotation = if c.kind == Kind::Text { " (UTF8)" } else { "" };
+        message.push_str(&format!("  optional {t} {}{annotation};\n", c.name));
+    }
+    message.push('}');
+    let schema = std::sync::Arc::new(parse_message_type(&message)?);
+    let props = std::sync::Arc::new(WriterProperties::builder().build());
+    let mut w = SerializedFileWriter::new(out, schema, props)?;
+    let mut group = w.next_row_group()?;
+    for c in &cols {
+        let value = |r: &Value| -> Option<Value> {
+            let v = r.get(&c.field)?;
+            match c.index {
+                Some(i) => v.get(i).cloned(),
+                None => Some(v.clone()),
+            }
+            .filter(|v| !v.is_null())
+        };
+        let present: Vec<Option<Value>> = rows.iter().map(|r| value(r)).collect();
+        let defs: Vec<i16> = present.iter().map(|v| i16::from(v.is_some())).collect();
+        let mut col = group.next_column()?.expect("a column per schema field");
+        match c.kind {
+            Kind::Text => {
+                let vals: Vec<ByteArray> = present
+                    .iter()
+                    .flatten()
+                    .map(|v| ByteArray::from(v.as_str().unwrap_or_default()))
+                    .collect();
+                col.typed::<ByteArrayType>()
+                    .write_batch(&vals, Some(&defs), None)?;
+            }
+            Kind::Int => {
+                let vals: Vec<i64> = present
+                    .iter()
+                    .flatten()
+                    .map(|v| v.as_i64().unwrap_or(0))
+                    .collect();
+                col.typed::<Int64Type>()
+                    .write_batch(&vals, Some(&defs), None)?;
+            }
+            Kind::Float => {
+                let vals: Vec<f64> = present
+                    .iter()
+                    .flatten()
+                    .map(|v| v.as_f64().unwrap_or(f64::NAN))
+                    .collect();
+                col.typed::<DoubleType>()
+                    .write_batch(&vals, Some(&defs), None)?;
+            }
+            Kind::Bool => {
+                let vals: Vec<bool> = present
+                    .iter()
+                    .flatten()
+                    .map(|v| v.as_bool().unwrap_or(false))
+                    .collect();
+                col.typed::<BoolType>()
+                    .write_batch(&vals, Some(&defs), None)?;
+            }
+        }
+        col.close()?;
+    }
+    group.close()?;
+    w.close()?;
+    Ok(())
 }

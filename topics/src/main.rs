@@ -225,8 +225,8 @@ enum Command {
         /// the frames' unit, e.g. 0.01 uV): then use --format bdf
         #[arg(long)]
         max_error: Option<f64>,
-        /// Also the sessions' features: ndjson or csv
-        #[arg(long, value_parser = ["ndjson", "csv"], conflicts_with = "bids")]
+        /// Also the sessions' features: ndjson, csv or parquet
+        #[arg(long, value_parser = ["ndjson", "csv", "parquet"], conflicts_with = "bids")]
         features: Option<String>,
         /// As a BIDS EEG dataset rooted at --out
         #[arg(long)]
@@ -401,12 +401,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let exported = if bids {
                 export_bids(&settings, &topics, &ids, &out, format, max_error)?
             } else {
-                let features = features.as_deref().map(|f| {
-                    if f == "csv" {
-                        FeatureFormat::Csv
-                    } else {
-                        FeatureFormat::Ndjson
-                    }
+                let features = features.as_deref().map(|f| match f {
+                    "csv" => FeatureFormat::Csv,
+                    "parquet" => FeatureFormat::Parquet,
+                    _ => FeatureFormat::Ndjson,
                 });
                 let options = Options {
                     format,

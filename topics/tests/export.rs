@@ -129,6 +129,22 @@ fn sessions_come_out_as_edf_bdf_and_bids_that_other_tools_read() {
             .send(BaseRecord::to(&sessions_topic).key(&k).payload(&v))
             .unwrap();
     }
+    // Ten windows of features of the session's first channel.
+    let features_topic = topics.name(&clisonix_topics::catalog::EEG_FEATURES);
+    let mut totals = Vec::new();
+    for w in 0..10u64 {
+        let mut f = examples::features(w);
+        f.tenant_id = tenant;
+        f.session_id = session;
+        f.channel_index = 0;
+        f.window_index = w;
+        f.total_abs = Some(100.0 + w as f64 / 4.0);
+        totals.push(f.total_abs.unwrap());
+        let (k, v) = (encode(&f.key()).unwrap(), encode(&f).unwrap());
+        producer
+            .send(BaseRecord::to(&features_topic).key(&k).payload(&v))
+            .unwrap();
+    }
     producer.flush(Duration::from_secs(60)).unwrap();
     let dir = std::env::temp_dir().join(format!("{prefix}out"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -181,6 +197,47 @@ fn sessions_come_out_as_edf_bdf_and_bids_that_other_tools_read() {
             assert!((go - wo).abs() <= 1.0 / 128.0 + 1e-6, "{go} vs {wo}");
         }
     }
+
+    // Features as Parquet, read by pyarrow.
+    let (code, out, err) = run(
+        &prefix,
+        &[
+            "export",
+            "--session",
+            &session.to_string(),
+            "--out",
+            dir.join("pq").to_str().unwrap(),
+            "--features",
+            "parquet",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let e: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(e["features"], 10);
+    let out = Command::new(python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/python/parquet_check.py"
+        ))
+        .arg(e["features_file"].as_str().unwrap())
+        .arg("total_abs")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["rows"], 10);
+    assert_eq!(v["values"], serde_json::json!(totals));
+    let columns = v["columns"].as_array().unwrap();
+    assert!(
+        columns.contains(&serde_json::json!("session_id"))
+            && columns.contains(&serde_json::json!("psd_0")),
+        "{columns:?}"
+    );
 
     // EDF's 16 bits cannot hold these channels to a thousandth of a microvolt.
     let (code, _, err) = run(
