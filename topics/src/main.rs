@@ -96,6 +96,14 @@ enum Command {
         topics: Vec<String>,
     },
     /// Print a topic's records decoded by their schemas (NDJSON, or a table on a terminal)
+    #[command(after_help = "Examples:
+  clisonix-topics consume eeg.features --from -1h > features.ndjson
+  clisonix-topics consume eeg.frames --session 3f0c6a4e-0d6c-4c59-9a53-2f8f1c9d7b11
+  clisonix-topics consume usage.events --tenant 9b1e… --from 2026-12-07T08:00:00Z -f
+  clisonix-topics consume eeg.frames --partition 2 --from 1200 --to 1300 --format table
+
+Positions: earliest, latest, an offset, an RFC 3339 time, or a duration back (-90s, -15m, -1h, -2d).
+The summary (delivered, filtered, skipped, undecodable) goes to stderr. Exit status 1 on an error.")]
     Consume {
         /// The topic (a catalog name such as eeg.frames gets --prefix; another name is used as given)
         topic: String,
@@ -126,6 +134,13 @@ enum Command {
     },
     /// Lag of consumer groups per partition: records, seconds, and a status (OK, WARN,
     /// STALL, STOP, REWIND) from offsets sampled over a window
+    #[command(after_help = "Examples:
+  clisonix-topics lag
+  clisonix-topics lag albi --window 30s
+  clisonix-topics lag sink --watch --json
+
+Statuses: OK, WARN (falling behind), STALL (members, no progress), STOP (no members, lag),
+REWIND (offsets went back). Exit status 0 when every group is OK, 3 when one is not, 1 on an error.")]
     Lag {
         /// One group (default: every consumer group on the cluster)
         group: Option<String>,
@@ -145,6 +160,14 @@ enum Command {
     /// Move a consumer group's committed offsets: prints the plan (per partition, from
     /// -> to); --execute applies it, refused while the group has live members
     #[command(group(clap::ArgGroup::new("target").required(true).multiple(false)))]
+    #[command(after_help = "Examples:
+  clisonix-topics reset-offsets albi --by-duration -1h
+  clisonix-topics reset-offsets albi --by-duration -1h --execute
+  clisonix-topics reset-offsets sink --to-datetime 2026-12-07T08:00:00Z --export plan.json
+  clisonix-topics reset-offsets sink --from-file plan.json --execute
+  clisonix-topics reset-offsets jona --shift-by -500 --topic eeg.frames
+
+Without --execute nothing changes. A group with live members is refused: stop it first.")]
     ResetOffsets {
         group: String,
         /// To each partition's first retained record
@@ -181,6 +204,11 @@ enum Command {
     },
     /// Compare two feature outputs keyed by session, channel and window: records only in
     /// one, and per feature how many differ beyond the tolerance (exit 3 when any)
+    #[command(after_help = "Examples:
+  clisonix-topics diff eeg.features replay.win4.eeg.features
+  clisonix-topics diff replay.a.eeg.features replay.b.eeg.features --relative 1e-6 --json
+
+Exit status 0 when the two agree within the tolerance, 3 when they differ, 1 on an error.")]
     Diff {
         /// The first output (a catalog name such as eeg.features gets --prefix)
         a: String,
@@ -202,6 +230,12 @@ enum Command {
     /// Write sessions to files: EDF+ or BDF+ (markers as annotations), features as
     /// NDJSON or CSV, or a BIDS EEG dataset
     #[command(group(clap::ArgGroup::new("which").required(true).args(["sessions", "tenant"])))]
+    #[command(after_help = "Examples:
+  clisonix-topics export --session 3f0c… --out out/
+  clisonix-topics export --session 3f0c… --session 9a1d… --format bdf --features parquet --out out/
+  clisonix-topics export --tenant 9b1e… --from -1d --bids --out dataset/
+
+Each session's largest read-back error per channel is printed (and in --json).")]
     Export {
         /// These sessions
         #[arg(long = "session")]
@@ -236,6 +270,11 @@ enum Command {
         json: bool,
     },
     /// List every schema version with its fingerprint, or print one schema
+    #[command(after_help = "Examples:
+  clisonix-topics schemas
+  clisonix-topics schemas eeg_frame
+  clisonix-topics schemas clisonix.EegFrame --canonical --version 1
+  clisonix-topics schemas --json")]
     Schemas {
         /// A schema (`eeg_frame`, or `clisonix.EegFrame`): print its text
         name: Option<String>,

@@ -32,6 +32,36 @@ fn help_shows_examples() {
 }
 
 #[test]
+fn every_subcommand_has_help_with_examples() {
+    for sub in [
+        "consume",
+        "lag",
+        "reset-offsets",
+        "diff",
+        "export",
+        "schemas",
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_clisonix-topics"))
+            .args([sub, "--help"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{sub}");
+        assert!(
+            text.contains("Examples:") && text.contains(&format!("clisonix-topics {sub}")),
+            "{sub}: {text}"
+        );
+    }
+    // A bad argument is a usage error (2) that names it.
+    let output = Command::new(env!("CARGO_BIN_EXE_clisonix-topics"))
+        .args(["consume", "eeg.frames", "--limit", "many"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--limit"));
+}
+
+#[test]
 fn create_is_idempotent_and_rejects_impossible_replication() {
     let prefix = format!("cli-{}.", &uuid_hex()[..8]);
     let (code, out, err) = topics(&prefix, &["create"]);
