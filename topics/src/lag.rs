@@ -169,36 +169,52 @@ fn group_info(c: &BaseConsumer, group: &str) -> Result<(String, Vec<Member>), La
     Ok((g.state().to_owned(), members))
 }
 
-/// The timestamp of the record at `offset` in each (topic, partition, offset).
+/// The timestamp of the first readable record at or after `offset` in each (topic,
+/// partition, offset); `None` for a partition with none (only transaction markers
+/// are left: nothing to consume). One topic at a time: the end of a partition is
+/// reported by partition number only.
 fn timestamps(
     settings: &KafkaSettings,
     wanted: &[(String, i32, i64)],
-) -> Result<HashMap<(String, i32), DateTime<Utc>>, LagError> {
+) -> Result<HashMap<(String, i32), Option<DateTime<Utc>>>, LagError> {
     let mut out = HashMap::new();
-    if wanted.is_empty() {
-        return Ok(out);
-    }
-    let mut config = settings.consumer(&format!("clisonix-lag-reader-{}", std::process::id()));
-    config.set("fetch.wait.max.ms", "50");
-    let c: BaseConsumer = config.create()?;
-    let mut tpl = TopicPartitionList::new();
-    for (t, p, o) in wanted {
-        tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
-    }
-    c.assign(&tpl)?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while out.len() < wanted.len() && Instant::now() < deadline {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
-            let k = (m.topic().to_owned(), m.partition());
-            if let (Some(ms), false) = (m.timestamp().to_millis(), out.contains_key(&k)) {
-                if let Some(t) = DateTime::<Utc>::from_timestamp_millis(ms) {
-                    out.insert(k.clone(), t);
-                }
-                // One record per partition is all that is needed.
-                let mut done = TopicPartitionList::new();
-                done.add_partition(&k.0, k.1);
-                let _ = c.incremental_unassign(&done);
+    let topics: std::collections::BTreeSet<&String> = wanted.iter().map(|(t, _, _)| t).collect();
+    for topic in topics {
+        let mut config = settings.consumer(&format!("clisonix-lag-reader-{}", std::process::id()));
+        config
+            .set("fetch.wait.max.ms", "50")
+            .set("enable.partition.eof", "true");
+        let c: BaseConsumer<crate::consume::Quiet> =
+            config.create_with_context(crate::consume::Quiet)?;
+        let mut tpl = TopicPartitionList::new();
+        let mut left = 0;
+        for (t, p, o) in wanted.iter().filter(|(t, _, _)| t == topic) {
+            tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
+            left += 1;
+        }
+        c.assign(&tpl)?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while left > 0 && Instant::now() < deadline {
+            let (p, t) = match c.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => (
+                    m.partition(),
+                    m.timestamp()
+                        .to_millis()
+                        .and_then(DateTime::<Utc>::from_timestamp_millis),
+                ),
+                Some(Err(KafkaError::PartitionEOF(p))) => (p, None),
+                _ => continue,
+            };
+            let k = (topic.clone(), p);
+            if out.contains_key(&k) {
+                continue;
             }
+            out.insert(k, t);
+            left -= 1;
+            // One record per partition is all that is needed.
+            let mut done = TopicPartitionList::new();
+            done.add_partition(topic, p);
+            let _ = c.incremental_unassign(&done);
         }
     }
     Ok(out)
@@ -233,7 +249,20 @@ pub fn observe(
     loop {
         let committed = offsets.committed_offsets(tpl.clone(), ADMIN_TIMEOUT)?;
         for e in committed.elements() {
-            let c = e.offset().to_raw().filter(|&o| o >= 0);
+            // A Clisonix stage commits the oldest record its open sessions still need,
+            // with the last record whose outputs are out in the metadata
+            // (`emitted_through=N`): that is how far it has consumed.
+            let emitted = e
+                .metadata()
+                .split(';')
+                .find_map(|p| p.strip_prefix("emitted_through="))
+                .and_then(|n| n.parse::<i64>().ok())
+                .filter(|&n| n >= 0);
+            let c = e
+                .offset()
+                .to_raw()
+                .filter(|&o| o >= 0)
+                .map(|o| emitted.map_or(o, |n| o.max(n + 1)));
             let (low, end) = admin.fetch_watermarks(e.topic(), e.partition(), ADMIN_TIMEOUT)?;
             let lag = (end - c.unwrap_or(low).max(low)).max(0);
             samples
@@ -267,10 +296,15 @@ pub fn observe(
     let now = Utc::now();
     let mut partitions: Vec<PartitionLag> = samples
         .into_iter()
-        .map(|((topic, partition), s)| {
+        .map(|((topic, partition), mut s)| {
+            let stamp = stamps.get(&(topic.clone(), partition));
+            if let (Some(None), Some(last)) = (stamp, s.last_mut()) {
+                // Only transaction markers after the position: nothing to consume.
+                last.lag = 0;
+            }
             let last = *s.last().expect("a sample at least");
-            let lag_seconds = stamps.get(&(topic.clone(), partition)).map_or(0.0, |t| {
-                ((now - *t).num_milliseconds() as f64 / 1000.0).max(0.0)
+            let lag_seconds = stamp.copied().flatten().map_or(0.0, |t| {
+                ((now - t).num_milliseconds() as f64 / 1000.0).max(0.0)
             });
             PartitionLag {
                 status: evaluate(&s, !members.is_empty()),

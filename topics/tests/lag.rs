@@ -151,6 +151,61 @@ fn a_stopped_group_is_stop_a_slow_one_warn_with_the_lag_in_seconds() {
         "{seconds} s reported, {truth} s true"
     );
 
+    // A stage that keeps a session open commits the oldest record it still needs, and
+    // how far its outputs are out in the metadata: that is its position.
+    let stage = format!("{prefix}stage");
+    let c: BaseConsumer = settings().consumer(&stage).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Offset(10))
+        .unwrap();
+    tpl.find_partition(&topic, 0)
+        .unwrap()
+        .set_metadata("emitted_through=59");
+    c.commit(&tpl, CommitMode::Sync).unwrap();
+    drop(c);
+    let (_, v, err) = lag(&prefix, &stage);
+    assert_eq!(v["partitions"][0]["committed"], 60, "{v}{err}");
+
+    // Transactional output: a group past the last record is caught up, whatever
+    // transaction markers follow it.
+    let tx_topic = topics.name(&clisonix_topics::catalog::EEG_SESSIONS);
+    let producer: BaseProducer = settings()
+        .producer()
+        .set("transactional.id", format!("{prefix}tx"))
+        .create()
+        .unwrap();
+    producer.init_transactions(Duration::from_secs(30)).unwrap();
+    let mut last = 0;
+    for _ in 0..3 {
+        producer.begin_transaction().unwrap();
+        producer
+            .send(
+                BaseRecord::<[u8], [u8]>::to(&tx_topic)
+                    .partition(0)
+                    .key(b"k")
+                    .payload(b"z"),
+            )
+            .unwrap();
+        producer
+            .commit_transaction(Duration::from_secs(30))
+            .unwrap();
+        last += 2; // the record and its transaction's marker
+    }
+    let done = format!("{prefix}done");
+    let c: BaseConsumer = settings().consumer(&done).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&tx_topic, 0, Offset::Offset(last - 1))
+        .unwrap();
+    c.commit(&tpl, CommitMode::Sync).unwrap();
+    drop(c);
+    let (code, v, err) = lag(&prefix, &done);
+    assert_eq!(code, 0, "{v}{err}");
+    assert_eq!(
+        (v["status"].as_str(), v["lag"].as_i64()),
+        (Some("OK"), Some(0)),
+        "{v}"
+    );
+
     // Unknown groups are a clear error.
     let (code, _, err) = lag(&prefix, "no-such-group");
     assert_eq!(code, 1);

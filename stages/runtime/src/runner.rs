@@ -106,7 +106,11 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
 impl ClientContext for RebalanceEvents {
     fn error(&self, error: KafkaError, reason: &str) {
         // A replay reads to the partitions' ends on purpose.
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        if !matches!(
+            error,
+            KafkaError::PartitionEOF(_)
+                | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        ) {
             tracing::error!(%error, reason, "Kafka client error");
         }
     }
