@@ -169,14 +169,14 @@ fn group_info(c: &BaseConsumer, group: &str) -> Result<(String, Vec<Member>), La
     Ok((g.state().to_owned(), members))
 }
 
+/// Per (topic, partition): the time of its first unconsumed record, if it has one.
+type Stamps = HashMap<(String, i32), Option<DateTime<Utc>>>;
+
 /// The timestamp of the first readable record at or after `offset` in each (topic,
 /// partition, offset); `None` for a partition with none (only transaction markers
 /// are left: nothing to consume). One topic at a time: the end of a partition is
 /// reported by partition number only.
-fn timestamps(
-    settings: &KafkaSettings,
-    wanted: &[(String, i32, i64)],
-) -> Result<HashMap<(String, i32), Option<DateTime<Utc>>>, LagError> {
+fn timestamps(settings: &KafkaSettings, wanted: &[(String, i32, i64)]) -> Result<Stamps, LagError> {
     let mut out = HashMap::new();
     let topics: std::collections::BTreeSet<&String> = wanted.iter().map(|(t, _, _)| t).collect();
     for topic in topics {
