@@ -384,6 +384,7 @@ async fn run_replay<S: Stage + 'static>(
     let tty = std::io::stderr().is_terminal();
     let mut last_print = std::time::Instant::now() - Duration::from_secs(10);
     let mut first_read: Option<u64> = None;
+    let mut finished_shown = false;
     let done = clisonix_stage_runtime::replay(
         stage,
         config,
@@ -391,6 +392,9 @@ async fn run_replay<S: Stage + 'static>(
         Health::default(),
         move |p| {
             let first = *first_read.get_or_insert(p.read);
+            if p.finished && std::mem::replace(&mut finished_shown, true) {
+                return;
+            }
             if !p.finished
                 && last_print.elapsed() < Duration::from_millis(if tty { 250 } else { 5000 })
             {
