@@ -233,7 +233,11 @@ pub fn observe(
     let (_, _) = group_info(&admin, group)?;
     // A consumer with the group's id, never subscribed: it only fetches offsets.
     let mut config = settings.consumer(group);
-    config.set("enable.auto.offset.store", "false");
+    // The offsets committed, not waiting for an open transaction's (a crashed stage's
+    // transaction stays open until it times out).
+    config
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_uncommitted");
     let offsets: BaseConsumer = config.create()?;
     let metadata = admin.fetch_metadata(None, ADMIN_TIMEOUT)?;
     let mut tpl = TopicPartitionList::new();

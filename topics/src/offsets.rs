@@ -59,7 +59,11 @@ pub struct Plan {
 }
 
 fn offsets_consumer(settings: &KafkaSettings, group: &str) -> Result<BaseConsumer, KafkaError> {
-    settings.consumer(group).create()
+    // The offsets committed, not waiting for a crashed member's open transaction.
+    settings
+        .consumer(group)
+        .set("isolation.level", "read_uncommitted")
+        .create()
 }
 
 /// The group's state and how many members it has (`Dead`, 0 when it does not exist).

@@ -737,6 +737,21 @@ pub async fn replay<S: Stage + 'static>(
     };
     let planned = block_in_place(|| clisonix_topics::consume::plan(&config.kafka, &query))
         .map_err(|e| RuntimeError::Replay(e.to_string()))?;
+    // First the producer: initialising its transactions fences a killed run's open
+    // transaction, whose pending offsets would hold the offset fetch below until the
+    // transaction timed out.
+    let producer: FutureProducer = config
+        .kafka
+        .producer()
+        .set(
+            "transactional.id",
+            format!("{}-{}", group, config.instance_id),
+        )
+        .set("transaction.timeout.ms", "30000")
+        .create()
+        .map_err(kafka("creating the producer"))?;
+    block_in_place(|| producer.init_transactions(KAFKA_TIMEOUT))
+        .map_err(kafka("initialising transactions"))?;
     let consumer: StreamConsumer<RebalanceEvents> = config
         .kafka
         .consumer(&group)
@@ -784,18 +799,7 @@ pub async fn replay<S: Stage + 'static>(
         .iter()
         .map(|r| (ends[&r.partition] - r.start).max(0) as u64)
         .sum();
-    let producer: FutureProducer = config
-        .kafka
-        .producer()
-        .set(
-            "transactional.id",
-            format!("{}-{}", group, config.instance_id),
-        )
-        .set("transaction.timeout.ms", "30000")
-        .create()
-        .map_err(kafka("creating the producer"))?;
-    block_in_place(|| producer.init_transactions(KAFKA_TIMEOUT))
-        .map_err(kafka("initialising transactions"))?;
+
     let mut assign = TopicPartitionList::new();
     let mut done = std::collections::BTreeSet::new();
     for (&p, &start) in &starts {

@@ -161,7 +161,8 @@ async fn replays_are_deterministic_resumable_and_leave_the_live_stage_alone() {
     let out = replay(&env, &topics, "same", &[], &["albi"]);
     assert!(
         out.status.success(),
-        "{}",
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -242,7 +243,8 @@ async fn replays_are_deterministic_resumable_and_leave_the_live_stage_alone() {
     );
     assert!(
         out.status.success(),
-        "{}",
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     let got = sorted(
@@ -280,7 +282,8 @@ async fn replays_are_deterministic_resumable_and_leave_the_live_stage_alone() {
     );
     assert!(
         out.status.success(),
-        "{}",
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     let win4 = Topics::new(format!("replay.win4.{}", topics.prefix()));
