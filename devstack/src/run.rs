@@ -45,6 +45,9 @@ pub struct RunOptions {
 /// The services of the pipeline, running as tasks until `stop`.
 struct Services {
     stop: CancellationToken,
+    /// The gateway's and ingest's (a child of `stop`): they stop first, so the stages
+    /// see everything they wrote, their last usage events included.
+    front: CancellationToken,
     tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
 }
 
@@ -55,6 +58,7 @@ impl Services {
         stop: CancellationToken,
     ) -> anyhow::Result<Services> {
         let mut services = Services {
+            front: stop.child_token(),
             stop,
             tasks: Vec::new(),
         };
@@ -68,7 +72,7 @@ impl Services {
         let gateway = clisonix_gateway::Application::build(config)
             .await
             .with_context(|| format!("starting the gateway on {}", options.gateway))?;
-        let token = services.stop.clone();
+        let token = services.front.clone();
         services.tasks.push((
             "gateway",
             tokio::spawn(async move { Ok(gateway.run_until_stopped(token).await?) }),
@@ -82,7 +86,7 @@ impl Services {
         let ingest = clisonix_alba::Application::build(config)
             .await
             .with_context(|| format!("starting ingest on {}", options.ingest))?;
-        let token = services.stop.clone();
+        let token = services.front.clone();
         services.tasks.push((
             "ingest",
             tokio::spawn(async move { Ok(ingest.run_until_stopped(token).await?) }),
@@ -165,10 +169,54 @@ impl Services {
         })
     }
 
-    async fn shut_down(self) -> anyhow::Result<()> {
+    /// Stops the gateway and ingest, lets metering read the usage they emitted as they
+    /// stopped (up to 15 s), then stops the rest.
+    async fn shut_down(self, stack: &Stack) -> anyhow::Result<()> {
+        self.front.cancel();
+        let (front, rest): (Vec<_>, Vec<_>) = self
+            .tasks
+            .into_iter()
+            .partition(|(name, _)| matches!(*name, "gateway" | "ingest"));
+        let mut first_error = Self::join(front).await;
+        let settings = stack.kafka_settings("clisonix-dev-run");
+        let usage = vec![stack.topics.name(&clisonix_topics::catalog::USAGE_EVENTS)];
+        let caught_up = tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            while std::time::Instant::now() < deadline {
+                let observed = clisonix_topics::lag::observe(
+                    &settings,
+                    "metering",
+                    &usage,
+                    Duration::ZERO,
+                    Duration::from_secs(1),
+                );
+                match observed {
+                    Ok(lag) if lag.lag == 0 => return true,
+                    Err(clisonix_topics::lag::LagError::NoOffsets(_)) | Ok(_) => {}
+                    Err(_) => return false,
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            false
+        })
+        .await
+        .unwrap_or(false);
+        if !caught_up {
+            eprintln!("==> Metering had not read all usage within 15 s; the rest waits in usage.events for its next start");
+        }
         self.stop.cancel();
+        if let Some(e) = Self::join(rest).await {
+            first_error.get_or_insert(e);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Waits for `tasks` to end (30 s each); the first failure.
+    async fn join(
+        tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
+    ) -> Option<anyhow::Error> {
         let mut first_error = None;
-        for (name, task) in self.tasks {
+        for (name, task) in tasks {
             match tokio::time::timeout(Duration::from_secs(30), task).await {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => {
@@ -182,7 +230,7 @@ impl Services {
                 }
             }
         }
-        first_error.map_or(Ok(()), Err)
+        first_error
     }
 }
 
@@ -297,7 +345,7 @@ pub async fn run_pipeline(
             Ok(())
         }
     };
-    let stopped = services.shut_down().await;
+    let stopped = services.shut_down(stack).await;
     outcome.and(stopped)
 }
 
