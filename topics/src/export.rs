@@ -174,7 +174,7 @@ fn frames(
     topics: &Topics,
     session: &str,
     from: Position,
-) -> Result<(Vec<Frame>, i64), ExportError> {
+) -> Result<Vec<Frame>, ExportError> {
     let topic = topics.name(&EEG_FRAMES);
     let q = Query {
         topic: topic.clone(),
@@ -192,10 +192,7 @@ fn frames(
     let c: BaseConsumer<Quiet> = config.create_with_context(Quiet)?;
     let mut tpl = TopicPartitionList::new();
     let mut open: BTreeMap<i32, i64> = BTreeMap::new();
-    let mut earliest_retained = i64::MAX;
     for r in &ranges {
-        let (low, _) = c.fetch_watermarks(&topic, r.partition, Duration::from_secs(15))?;
-        earliest_retained = earliest_retained.min(low);
         if let Some(end) = r.end.filter(|&e| e > r.start) {
             tpl.add_partition_offset(&topic, r.partition, Offset::Offset(r.start))?;
             open.insert(r.partition, end);
@@ -235,7 +232,7 @@ fn frames(
             }
         }
     }
-    Ok((by_seq.into_values().collect(), earliest_retained))
+    Ok(by_seq.into_values().collect())
 }
 
 fn unit_name(u: SampleUnit) -> &'static str {
@@ -335,7 +332,7 @@ pub fn export_session(
         ),
         None => Position::Earliest,
     };
-    let (frames, _) = frames(settings, topics, session, from)?;
+    let frames = frames(settings, topics, session, from)?;
     let retention_days = EEG_FRAMES.retention_ms.unwrap_or(0) / 86_400_000;
     let started_text = state
         .as_ref()
@@ -398,17 +395,8 @@ pub fn export_session(
     // Checked before writing, so a refused export leaves nothing behind; the error
     // depends on each channel's range only.
     if let Some(max) = options.max_error {
-        let (dmin, dmax) = match options.format {
-            WriteFormat::EdfPlus => (-32_768f64, 32_767f64),
-            WriteFormat::BdfPlus => (-8_388_608f64, 8_388_607f64),
-        };
         for (c, ch) in rec.channels.iter().enumerate() {
-            let (lo, hi) = ch
-                .iter()
-                .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| {
-                    (l.min(f64::from(v)), h.max(f64::from(v)))
-                });
-            let error = (hi - lo).max(2.0) / (dmax - dmin) / 2.0;
+            let error = writer::scaling(ch, options.format).max_error;
             if error > max {
                 return Err(ExportError::TooCoarse {
                     session: session.to_owned(),

@@ -203,6 +203,41 @@ fn civil(secs: i64) -> (i64, u32, u32, u32, u32, u32) {
     )
 }
 
+/// A channel's scaling as a file of `format` writes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scaling {
+    /// The physical minimum and maximum as written (enclosing every sample).
+    pub physical: (f64, f64),
+    /// The largest difference between a sample and what a reader gets back.
+    pub max_error: f64,
+    texts: (String, String),
+}
+
+/// How `samples` are scaled in a file of `format`, and the error that leaves: what
+/// [`write`] does, so a caller can check before writing.
+pub fn scaling(samples: &[f32], format: WriteFormat) -> Scaling {
+    let (dmin, dmax) = format.digital();
+    let (mut lo, mut hi) = samples
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| {
+            (l.min(f64::from(v)), h.max(f64::from(v)))
+        });
+    if !lo.is_finite() || !hi.is_finite() {
+        (lo, hi) = (-1.0, 1.0);
+    }
+    if hi - lo < 1e-6 {
+        lo -= 1.0;
+        hi += 1.0;
+    }
+    let (ls, l) = fmt8(lo, false);
+    let (hs, h) = fmt8(hi, true);
+    Scaling {
+        physical: (l, h),
+        max_error: (h - l) / f64::from(dmax - dmin) / 2.0,
+        texts: (ls, hs),
+    }
+}
+
 /// Writes `rec` to `out`.
 pub fn write<W: Write>(rec: &Recording, out: W) -> Result<Written, WriteError> {
     let mut out = std::io::BufWriter::with_capacity(1 << 16, out);
@@ -261,30 +296,14 @@ pub fn write<W: Write>(rec: &Recording, out: W) -> Result<Written, WriteError> {
 
     // Scaling: physical range enclosing every sample, as written.
     let (dmin, dmax) = rec.format.digital();
-    let mut physical = Vec::with_capacity(ns);
-    let mut texts = Vec::with_capacity(ns);
-    for c in &rec.channels {
-        let (mut lo, mut hi) = c
-            .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| {
-                (l.min(f64::from(v)), h.max(f64::from(v)))
-            });
-        if !lo.is_finite() || !hi.is_finite() {
-            (lo, hi) = (-1.0, 1.0);
-        }
-        if hi - lo < 1e-6 {
-            lo -= 1.0;
-            hi += 1.0;
-        }
-        let (ls, l) = fmt8(lo, false);
-        let (hs, h) = fmt8(hi, true);
-        physical.push((l, h));
-        texts.push((ls, hs));
-    }
-    let max_error: Vec<f64> = physical
+    let scalings: Vec<Scaling> = rec
+        .channels
         .iter()
-        .map(|(l, h)| (h - l) / f64::from(dmax - dmin) / 2.0)
+        .map(|c| scaling(c, rec.format))
         .collect();
+    let physical: Vec<(f64, f64)> = scalings.iter().map(|s| s.physical).collect();
+    let texts: Vec<(String, String)> = scalings.iter().map(|s| s.texts.clone()).collect();
+    let max_error: Vec<f64> = scalings.iter().map(|s| s.max_error).collect();
 
     // The header.
     let signals = ns + 1;
