@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use clisonix_edf::writer::{self, Recording, WriteFormat};
 use clisonix_schemas::{encode, examples, SessionId, TenantId, Timestamp};
-use clisonix_topics::consume::{consume, Position, Query};
+use clisonix_topics::consume::{consume, Query};
 use clisonix_topics::export::{export_session, Options};
 use clisonix_topics::{Admin, KafkaSettings, Replication, Topics};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -136,16 +136,7 @@ fn from_the_broker(bootstrap: &str) {
     producer.flush(Duration::from_secs(120)).unwrap();
 
     // consume: every frame decoded to one NDJSON line.
-    let q = Query {
-        topic: frames_topic.clone(),
-        partitions: Vec::new(),
-        from: Position::Earliest,
-        to: None,
-        follow: false,
-        tenant: None,
-        session: None,
-        limit: None,
-    };
+    let q = Query::whole(frames_topic.clone());
     let mut rates = Vec::new();
     let mut cpu = Vec::new();
     for _ in 0..3 {

@@ -103,6 +103,22 @@ pub struct Query {
     pub limit: Option<u64>,
 }
 
+impl Query {
+    /// Every record of `topic` retained now, no filter.
+    pub fn whole(topic: impl Into<String>) -> Query {
+        Query {
+            topic: topic.into(),
+            partitions: Vec::new(),
+            from: Position::Earliest,
+            to: None,
+            follow: false,
+            tenant: None,
+            session: None,
+            limit: None,
+        }
+    }
+}
+
 /// One record read.
 #[derive(Debug, Clone)]
 pub struct Record {

@@ -106,14 +106,8 @@ pub fn session_state(
     session: &str,
 ) -> Result<Option<Value>, ExportError> {
     let q = Query {
-        topic: topics.name(&EEG_SESSIONS),
-        partitions: Vec::new(),
-        from: Position::Earliest,
-        to: None,
-        follow: false,
-        tenant: None,
         session: Some(session.to_owned()),
-        limit: None,
+        ..Query::whole(topics.name(&EEG_SESSIONS))
     };
     let mut last = None;
     consume(
@@ -134,16 +128,7 @@ pub fn session_states(
     settings: &KafkaSettings,
     topics: &Topics,
 ) -> Result<Vec<Value>, ExportError> {
-    let q = Query {
-        topic: topics.name(&EEG_SESSIONS),
-        partitions: Vec::new(),
-        from: Position::Earliest,
-        to: None,
-        follow: false,
-        tenant: None,
-        session: None,
-        limit: None,
-    };
+    let q = Query::whole(topics.name(&EEG_SESSIONS));
     let mut by: BTreeMap<String, Value> = BTreeMap::new();
     consume(
         settings,
@@ -177,14 +162,8 @@ fn frames(
 ) -> Result<Vec<Frame>, ExportError> {
     let topic = topics.name(&EEG_FRAMES);
     let q = Query {
-        topic: topic.clone(),
-        partitions: Vec::new(),
         from,
-        to: None,
-        follow: false,
-        tenant: None,
-        session: None,
-        limit: None,
+        ..Query::whole(&topic)
     };
     let ranges = plan(settings, &q)?;
     let mut config = settings.consumer(&format!("clisonix-export-{}", std::process::id()));
@@ -464,14 +443,9 @@ fn export_features(
     format: FeatureFormat,
 ) -> Result<(PathBuf, u64), ExportError> {
     let q = Query {
-        topic: topics.name(&EEG_FEATURES),
-        partitions: Vec::new(),
         from,
-        to: None,
-        follow: false,
-        tenant: None,
         session: Some(session.to_owned()),
-        limit: None,
+        ..Query::whole(topics.name(&EEG_FEATURES))
     };
     // Newest record per window, in (channel, window) order.
     let mut rows: BTreeMap<(i64, i64), Value> = BTreeMap::new();

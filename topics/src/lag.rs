@@ -256,12 +256,9 @@ pub fn observe(
             // A Clisonix stage commits the oldest record its open sessions still need,
             // with the last record whose outputs are out in the metadata
             // (`emitted_through=N`): that is how far it has consumed.
-            let emitted = e
-                .metadata()
-                .split(';')
-                .find_map(|p| p.strip_prefix("emitted_through="))
-                .and_then(|n| n.parse::<i64>().ok())
-                .filter(|&n| n >= 0);
+            let emitted =
+                crate::offsets::metadata_value(e.metadata(), crate::offsets::EMITTED_THROUGH)
+                    .filter(|&n| n >= 0);
             let c = e
                 .offset()
                 .to_raw()

@@ -503,16 +503,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let read = |topic: &str| -> anyhow::Result<std::collections::BTreeMap<_, _>> {
                 let mut out = std::collections::BTreeMap::new();
                 let mut other = 0u64;
-                let query = Query {
-                    topic: topic.to_owned(),
-                    partitions: Vec::new(),
-                    from: Position::Earliest,
-                    to: None,
-                    follow: false,
-                    tenant: None,
-                    session: None,
-                    limit: None,
-                };
+                let query = Query::whole(topic);
                 consume(
                     &settings,
                     &query,
@@ -854,14 +845,8 @@ fn session_start(
     session: uuid::Uuid,
 ) -> anyhow::Result<Position> {
     let query = Query {
-        topic: topics.name(&clisonix_topics::catalog::EEG_SESSIONS),
-        partitions: Vec::new(),
-        from: Position::Earliest,
-        to: None,
-        follow: false,
-        tenant: None,
         session: Some(session.to_string()),
-        limit: None,
+        ..Query::whole(topics.name(&clisonix_topics::catalog::EEG_SESSIONS))
     };
     let mut started: Option<String> = None;
     consume(

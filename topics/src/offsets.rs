@@ -29,6 +29,18 @@ pub enum ResetError {
     Kafka(#[from] KafkaError),
 }
 
+/// The commit-metadata key under which a Clisonix stage records the last input offset
+/// whose outputs are out (it commits the oldest offset its open state still needs).
+pub const EMITTED_THROUGH: &str = "emitted_through=";
+
+/// The number after `key` in commit metadata such as `emitted_through=12;end=40`.
+pub fn metadata_value(metadata: &str, key: &str) -> Option<i64> {
+    metadata
+        .split(';')
+        .find_map(|part| part.strip_prefix(key))
+        .and_then(|n| n.parse().ok())
+}
+
 /// Where to move a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {

@@ -141,6 +141,90 @@ async fn emit(
     Ok(())
 }
 
+/// What ends a finalized invoice, and where it is written: paid (with the payment's
+/// reference) or void (with why).
+struct Settlement {
+    status: &'static str,
+    at_column: &'static str,
+    text_column: &'static str,
+    /// The text's name in errors, the audit detail and the webhook.
+    key: &'static str,
+    max: usize,
+    /// For a refusal: "only a finalized invoice can be {action}".
+    action: &'static str,
+    audit_action: &'static str,
+    event: &'static str,
+}
+
+const PAID: Settlement = Settlement {
+    status: "paid",
+    at_column: "paid_at",
+    text_column: "payment_reference",
+    key: "reference",
+    max: 200,
+    action: "marked paid",
+    audit_action: "invoice_paid",
+    event: "invoice.paid",
+};
+
+const VOID: Settlement = Settlement {
+    status: "void",
+    at_column: "voided_at",
+    text_column: "void_reason",
+    key: "reason",
+    max: 1000,
+    action: "voided",
+    audit_action: "invoice_voided",
+    event: "invoice.voided",
+};
+
+/// Moves a finalized invoice to `how`, with `text`, in one transaction with its audit
+/// entry and the tenant's webhook; answers when.
+async fn settle(
+    db: &PgPool,
+    invoice: Uuid,
+    how: &Settlement,
+    text_value: &str,
+    by: &Actor,
+) -> Result<DateTime<Utc>, SettleError> {
+    let value = text(how.key, text_value, how.max)?;
+    let mut tx = db.begin().await?;
+    let inv = lock(&mut tx, invoice).await?;
+    if inv.status != InvoiceStatus::Finalized {
+        return Err(SettleError::State {
+            number: inv.label(invoice),
+            status: inv.status.as_str(),
+            wanted: "finalized",
+            action: how.action,
+        });
+    }
+    let sql = format!(
+        "UPDATE invoices SET status = '{}', {at} = now(), {} = $2, updated_at = now() \
+         WHERE id = $1 RETURNING {at}",
+        how.status,
+        how.text_column,
+        at = how.at_column
+    );
+    let at: DateTime<Utc> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(invoice)
+        .bind(&value)
+        .fetch_one(&mut *tx)
+        .await?;
+    let mut detail = serde_json::json!({
+        "invoice_id": invoice,
+        "number": inv.number,
+        "total_minor": inv.total_minor,
+        "currency": inv.currency,
+    });
+    detail[how.key] = serde_json::Value::String(value);
+    audit(&mut tx, inv.tenant, how.audit_action, by, detail.clone()).await?;
+    detail[how.at_column] = serde_json::json!(at);
+    let source = format!("{}:{invoice}", how.event);
+    emit(&mut tx, inv.tenant, how.event, source, detail).await?;
+    tx.commit().await?;
+    Ok(at)
+}
+
 /// Marks a finalized invoice paid, with the payment's reference (a bank transfer's,
 /// say); answers when.
 pub async fn mark_paid(
@@ -149,45 +233,7 @@ pub async fn mark_paid(
     reference: &str,
     by: &Actor,
 ) -> Result<DateTime<Utc>, SettleError> {
-    let reference = text("reference", reference, 200)?;
-    let mut tx = db.begin().await?;
-    let inv = lock(&mut tx, invoice).await?;
-    if inv.status != InvoiceStatus::Finalized {
-        return Err(SettleError::State {
-            number: inv.label(invoice),
-            status: inv.status.as_str(),
-            wanted: "finalized",
-            action: "marked paid",
-        });
-    }
-    let paid_at: DateTime<Utc> = sqlx::query_scalar(
-        "UPDATE invoices SET status = 'paid', paid_at = now(), payment_reference = $2, updated_at = now() \
-         WHERE id = $1 RETURNING paid_at",
-    )
-    .bind(invoice)
-    .bind(&reference)
-    .fetch_one(&mut *tx)
-    .await?;
-    let detail = serde_json::json!({
-        "invoice_id": invoice,
-        "number": inv.number,
-        "total_minor": inv.total_minor,
-        "currency": inv.currency,
-        "reference": reference,
-    });
-    audit(&mut tx, inv.tenant, "invoice_paid", by, detail.clone()).await?;
-    let mut payload = detail;
-    payload["paid_at"] = serde_json::json!(paid_at);
-    emit(
-        &mut tx,
-        inv.tenant,
-        "invoice.paid",
-        format!("invoice.paid:{invoice}"),
-        payload,
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(paid_at)
+    settle(db, invoice, &PAID, reference, by).await
 }
 
 /// Voids a finalized invoice (it was issued in error and is not owed); answers when.
@@ -197,45 +243,7 @@ pub async fn void(
     reason: &str,
     by: &Actor,
 ) -> Result<DateTime<Utc>, SettleError> {
-    let reason = text("reason", reason, 1000)?;
-    let mut tx = db.begin().await?;
-    let inv = lock(&mut tx, invoice).await?;
-    if inv.status != InvoiceStatus::Finalized {
-        return Err(SettleError::State {
-            number: inv.label(invoice),
-            status: inv.status.as_str(),
-            wanted: "finalized",
-            action: "voided",
-        });
-    }
-    let voided_at: DateTime<Utc> = sqlx::query_scalar(
-        "UPDATE invoices SET status = 'void', voided_at = now(), void_reason = $2, updated_at = now() \
-         WHERE id = $1 RETURNING voided_at",
-    )
-    .bind(invoice)
-    .bind(&reason)
-    .fetch_one(&mut *tx)
-    .await?;
-    let detail = serde_json::json!({
-        "invoice_id": invoice,
-        "number": inv.number,
-        "total_minor": inv.total_minor,
-        "currency": inv.currency,
-        "reason": reason,
-    });
-    audit(&mut tx, inv.tenant, "invoice_voided", by, detail.clone()).await?;
-    let mut payload = detail;
-    payload["voided_at"] = serde_json::json!(voided_at);
-    emit(
-        &mut tx,
-        inv.tenant,
-        "invoice.voided",
-        format!("invoice.voided:{invoice}"),
-        payload,
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(voided_at)
+    settle(db, invoice, &VOID, reason, by).await
 }
 
 /// Issues a credit note of `amount_minor` on a finalized or paid invoice.

@@ -23,6 +23,7 @@ use clisonix_stage::{OutputTopic, RecordMeta, Rejection, Stage};
 use clisonix_topics::catalog::{
     AUDIO_CHUNKS, CATALOG, DEAD_LETTERS, EEG_FEATURES, EEG_SESSIONS, USAGE_EVENTS,
 };
+use clisonix_topics::offsets::{metadata_value, EMITTED_THROUGH as METADATA_KEY};
 use clisonix_topics::{KafkaSettings, Topics};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -36,18 +37,9 @@ use tracing::{info, warn};
 use crate::http::Health;
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
-const METADATA_KEY: &str = "emitted_through=";
 /// A replay's end offset of the partition, kept with its progress so a resumed run
 /// reads exactly what the first start planned.
 const END_KEY: &str = "end=";
-
-/// The number after `key` in commit metadata such as `emitted_through=12;end=40`.
-fn metadata_value(metadata: &str, key: &str) -> Option<i64> {
-    metadata
-        .split(';')
-        .find_map(|part| part.strip_prefix(key))
-        .and_then(|n| n.parse().ok())
-}
 const LAG_EVERY: Duration = Duration::from_secs(5);
 const IDLE_TICK: Duration = Duration::from_millis(250);
 /// How often the stage gets its idle call ([`Stage::idle`]).
@@ -726,14 +718,9 @@ pub async fn replay<S: Stage + 'static>(
     // before, else the spec resolved now (and committed at once, so a resumed run
     // reads the same records).
     let query = clisonix_topics::consume::Query {
-        topic: input.clone(),
-        partitions: Vec::new(),
         from: spec.from,
         to: spec.to,
-        follow: false,
-        tenant: None,
-        session: None,
-        limit: None,
+        ..clisonix_topics::consume::Query::whole(&input)
     };
     let planned = block_in_place(|| clisonix_topics::consume::plan(&config.kafka, &query))
         .map_err(|e| RuntimeError::Replay(e.to_string()))?;

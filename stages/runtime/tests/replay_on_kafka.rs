@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use clisonix_e2e::TestEnv;
 use clisonix_schemas::{SessionId, TenantId};
 use clisonix_topics::catalog::{EEG_FEATURES, EEG_FRAMES};
-use clisonix_topics::consume::{consume, Position, Query};
+use clisonix_topics::consume::{consume, Query};
 use clisonix_topics::diff::{diff, key, Key, Tolerance};
 use clisonix_topics::Topics;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -47,16 +47,7 @@ fn replay(
 
 fn features(env: &TestEnv, topic: &str) -> BTreeMap<Key, Value> {
     let mut out = BTreeMap::new();
-    let q = Query {
-        topic: topic.to_owned(),
-        partitions: Vec::new(),
-        from: Position::Earliest,
-        to: None,
-        follow: false,
-        tenant: None,
-        session: None,
-        limit: None,
-    };
+    let q = Query::whole(topic);
     consume(
         &env.kafka,
         &q,
@@ -72,16 +63,7 @@ fn features(env: &TestEnv, topic: &str) -> BTreeMap<Key, Value> {
 
 /// How many records `topic` holds now (0 while it does not exist).
 fn count(env: &TestEnv, topic: &str) -> usize {
-    let q = Query {
-        topic: topic.to_owned(),
-        partitions: Vec::new(),
-        from: Position::Earliest,
-        to: None,
-        follow: false,
-        tenant: None,
-        session: None,
-        limit: None,
-    };
+    let q = Query::whole(topic);
     let mut n = 0;
     match consume(
         &env.kafka,
