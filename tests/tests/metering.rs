@@ -2,7 +2,10 @@
 //! killed with -9 twice and restarted; then the topics are replayed from the start
 //! into the same database by a new consumer group. Every hour's totals equal what
 //! ingest accepted (the usage events' sums, per tenant, meter and hour), sessions'
-//! time equals their samples, and the replay changes nothing.
+//! time equals their samples, and the replay changes nothing. Last, a metering replay
+//! run (`clisonix-stage --replay audit metering`), killed with -9 mid-way and resumed,
+//! recounts everything into its own schema: equal to live, hour by hour, with the live
+//! tables untouched.
 
 mod common;
 #[path = "../../stages/runtime/tests/common/mod.rs"]
@@ -26,12 +29,22 @@ type Totals = BTreeMap<(Uuid, String, DateTime<Utc>), i64>;
 
 /// `usage_hourly` as (tenant, meter, hour) -> quantity.
 async fn hourly(p: &Pipeline) -> Totals {
-    let rows: Vec<(Uuid, String, DateTime<Utc>, i64)> = sqlx::query_as(
-        "SELECT tenant_id, meter, hour, sum(quantity)::bigint FROM usage_hourly GROUP BY 1, 2, 3",
-    )
-    .fetch_all(&p.db.pool)
-    .await
-    .unwrap();
+    hourly_in(p, "public").await
+}
+
+/// A schema's `usage_hourly` and `usage_carried` as (tenant, meter, hour) -> quantity.
+async fn hourly_in(p: &Pipeline, schema: &str) -> Totals {
+    let sql = format!(
+        "SELECT tenant_id, meter, hour, sum(quantity)::bigint FROM ( \
+             SELECT tenant_id, meter, hour, quantity FROM \"{schema}\".usage_hourly \
+             UNION ALL \
+             SELECT tenant_id, meter, occurred_hour, quantity FROM \"{schema}\".usage_carried) u \
+         GROUP BY 1, 2, 3"
+    );
+    let rows: Vec<(Uuid, String, DateTime<Utc>, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .fetch_all(&p.db.pool)
+        .await
+        .unwrap();
     rows.into_iter()
         .map(|(t, m, h, q)| ((t, m, h), q))
         .collect()
@@ -230,5 +243,123 @@ async fn kill_9_twice_and_a_replay_leave_every_hour_equal_to_what_ingest_accepte
     }
     assert_eq!(hourly(&p).await, got, "the replay counted nothing twice");
     drop(replay);
+
+    // A metering replay run into its own schema, killed once it has counted some.
+    let live_before = live_state(&p).await;
+    let schema_offsets = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT coalesce(sum(next_offset), 0)::bigint FROM replay_audit.metering_offsets",
+        )
+        .fetch_one(&p.db.pool)
+        .await
+        .unwrap_or(0)
+    };
+    let mut run = StageProcess::spawn_with_env(
+        &p.env,
+        &p.topics,
+        "ignored",
+        "audit",
+        10,
+        &["--replay", "audit", "metering"],
+        &vars,
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while schema_offsets().await < 200 {
+        assert!(Instant::now() < deadline, "{}", run.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    run.kill9();
+    let counted_when_killed = schema_offsets().await;
+    assert!(
+        counted_when_killed < inputs as i64,
+        "killed mid-way: {counted_when_killed} of {inputs}"
+    );
+    let out = std::process::Command::new(stages::stage_binary())
+        .args(["--bootstrap", &p.env.kafka.bootstrap])
+        .args(["--topic-prefix", p.topics.prefix()])
+        .args(["--replay", "audit", "--batch-max", "50", "metering"])
+        .env("DATABASE_URL", &url)
+        .env("CLISONIX_MIGRATE", "false")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    // Every planned offset read: the records, and the transaction markers between them.
+    let read: usize = stderr
+        .split("replay audit of metering done: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        read >= inputs,
+        "{read} offsets of {inputs} records: {stderr}"
+    );
+    assert_eq!(
+        hourly_in(&p, "replay_audit").await,
+        got,
+        "the resumed run counted every record once, as live did"
+    );
+    // Its summary: per meter, the run's usage against live's, no hour differing.
+    for meter in [
+        "bytes",
+        "channel_ms",
+        "device_ms",
+        "feature_windows",
+        "frames",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(meter))
+            .unwrap_or_else(|| panic!("{meter} missing:\n{stdout}"));
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cols[1], cols[2], "{line}");
+        assert_eq!(cols[3], "0", "{line}");
+        assert_eq!(cols[4], "0", "no hour differs: {line}");
+    }
+    assert_eq!(live_state(&p).await, live_before, "live tables untouched");
+    // Started again, a finished run reads nothing and counts nothing.
+    let again = std::process::Command::new(stages::stage_binary())
+        .args(["--bootstrap", &p.env.kafka.bootstrap])
+        .args(["--topic-prefix", p.topics.prefix()])
+        .args(["--replay", "audit", "metering"])
+        .env("DATABASE_URL", &url)
+        .env("CLISONIX_MIGRATE", "false")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert_eq!(hourly_in(&p, "replay_audit").await, got);
     p.stop().await;
+}
+
+/// Everything metering writes or moves in the live schema, as text.
+async fn live_state(p: &Pipeline) -> Vec<String> {
+    let mut state = Vec::new();
+    for table in [
+        "usage_hourly",
+        "usage_carried",
+        "usage_sessions",
+        "usage_alerts",
+        "metering_offsets",
+        "metering_events",
+        "subscriptions",
+        "billing_periods",
+        "webhook_events",
+    ] {
+        let sql = format!(
+            "SELECT coalesce(string_agg(t::text, '|' ORDER BY t::text), '') FROM public.{table} t"
+        );
+        state.push(
+            sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql))
+                .fetch_one(&p.db.pool)
+                .await
+                .unwrap(),
+        );
+    }
+    state
 }

@@ -9,6 +9,7 @@
 //! input offsets, which is what makes the counts exact.
 
 pub mod clean;
+pub mod replay;
 pub mod store;
 
 use clisonix_schemas::{Features, SessionId, SessionState, TenantId, UsageEvent, UsageKind};
@@ -27,6 +28,17 @@ pub enum Input {
     Usage(UsageEvent),
     Session(SessionState),
     Features(Box<Features>),
+}
+
+impl Input {
+    /// The session the record belongs to, when it belongs to one.
+    pub fn session_id(&self) -> Option<SessionId> {
+        match self {
+            Input::Usage(e) => e.session_id,
+            Input::Session(s) => Some(s.session_id),
+            Input::Features(f) => Some(f.session_id),
+        }
+    }
 }
 
 /// A quantity a tenant used at a moment (milliseconds since the epoch), in a session

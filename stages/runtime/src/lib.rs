@@ -17,4 +17,4 @@ pub use metering::Metering;
 pub use metrics::StageMetrics;
 pub use runner::{replay, run, ReplayProgress, ReplaySpec, RuntimeConfig, RuntimeError};
 pub use sink::Sink;
-pub use tables::{run_tables, TableWriter, TablesConfig};
+pub use tables::{replay_tables, run_tables, TableRange, TableWriter, TablesConfig};

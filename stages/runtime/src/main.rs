@@ -48,7 +48,11 @@ Examples:
   # The same build over two sessions, everything retained of them; run again to resume
   clisonix-stage --replay check --sessions 3f0c...,9a1d... albi
 
-  # Then compare: clisonix-topics diff eeg.features replay.win4.eeg.features";
+  # Then compare: clisonix-topics diff eeg.features replay.win4.eeg.features
+
+  # Metering recounted over everything retained, into the Postgres schema replay_audit
+  # (live usage untouched); prints per meter the run's usage against live's
+  DATABASE_URL=postgres://... clisonix-stage --replay audit metering";
 
 #[derive(Debug, Parser)]
 #[command(name = "clisonix-stage", version, about = "Run a Clisonix stream stage", after_help = EXAMPLES)]
@@ -82,7 +86,8 @@ struct Cli {
     batch_linger_ms: u64,
     /// Replay instead of running live: this run's name (letters, digits, - and _).
     /// Reads the live input over --from..--to, writes replay.<RUN>.<topic> under the
-    /// group replay.<RUN>.<stage>, stops at the end; the same name resumes the run
+    /// group replay.<RUN>.<stage> (metering: into the Postgres schema replay_<RUN>),
+    /// stops at the end; the same name resumes the run
     #[arg(long, global = true)]
     replay: Option<String>,
     /// Replay from: earliest, an offset, an RFC 3339 time, or a duration back (-2h)
@@ -224,11 +229,9 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
                 "--replay {run:?}: a run's name is 1 to 64 letters, digits, - and _"
             );
             anyhow::ensure!(
-                matches!(
-                    cli.stage,
-                    StageCmd::Albi { .. } | StageCmd::Jona { .. } | StageCmd::Sessions { .. }
-                ),
-                "--replay runs albi, jona or sessions (the sink and metering write Postgres)"
+                !matches!(cli.stage, StageCmd::Sink { .. }),
+                "--replay runs albi, jona, sessions or metering (the sink only stores what \
+                 the stages wrote: replay the stage, then read its replay topics)"
             );
             let now = chrono::Utc::now();
             let position = |s: &str| {
@@ -329,6 +332,9 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
             database_url,
             migrate,
         } => {
+            if let Some(spec) = replay {
+                return replay_metering(&database_url, migrate, config, spec).await;
+            }
             let pool = database(&database_url, migrate).await?;
             let topics = config.topics.clone();
             serve_with(cli.http_addr, |health, shutdown| {
@@ -368,6 +374,56 @@ async fn database(url: &str, migrate: bool) -> anyhow::Result<sqlx::PgPool> {
     Ok(pool)
 }
 
+/// A replay's progress line on stderr: a bar, input offsets, rate and ETA; redrawn in place
+/// on a terminal, a line every 5 s otherwise.
+fn progress_line() -> impl FnMut(clisonix_stage_runtime::ReplayProgress) + Send {
+    use std::io::{IsTerminal, Write};
+    let started = std::time::Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut last_print = std::time::Instant::now() - Duration::from_secs(10);
+    let mut first_read: Option<u64> = None;
+    let mut finished_shown = false;
+    move |p| {
+        let first = *first_read.get_or_insert(p.read);
+        if p.finished && std::mem::replace(&mut finished_shown, true) {
+            return;
+        }
+        if !p.finished && last_print.elapsed() < Duration::from_millis(if tty { 250 } else { 5000 })
+        {
+            return;
+        }
+        last_print = std::time::Instant::now();
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        let rate = (p.read - first) as f64 / secs;
+        let left = p.total.saturating_sub(p.read);
+        let eta = if rate > 0.0 {
+            format!("{:.0} s", left as f64 / rate)
+        } else {
+            "-".into()
+        };
+        let pct = if p.total == 0 {
+            100.0
+        } else {
+            100.0 * p.read as f64 / p.total as f64
+        };
+        let filled = (pct / 5.0).round() as usize;
+        let line = format!(
+            "[{}{}] {pct:5.1}%  {}/{} offsets  {rate:.0} offsets/s  ETA {eta}",
+            "#".repeat(filled.min(20)),
+            ".".repeat(20 - filled.min(20)),
+            p.read,
+            p.total
+        );
+        let mut err = std::io::stderr();
+        let _ = if tty {
+            write!(err, "\r{line}")
+        } else {
+            writeln!(err, "{line}")
+        };
+        let _ = err.flush();
+    }
+}
+
 /// Replays `stage` as `spec` says, with a progress line on stderr, until done (or
 /// Ctrl-C / SIGTERM: the run resumes when started again with the same name).
 async fn run_replay<S: Stage + 'static>(
@@ -375,70 +431,24 @@ async fn run_replay<S: Stage + 'static>(
     config: RuntimeConfig,
     spec: clisonix_stage_runtime::ReplaySpec,
 ) -> anyhow::Result<()> {
-    use std::io::{IsTerminal, Write};
     let name = stage.name();
     let out = spec.topics(&config.topics);
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
     let started = std::time::Instant::now();
-    let tty = std::io::stderr().is_terminal();
-    let mut last_print = std::time::Instant::now() - Duration::from_secs(10);
-    let mut first_read: Option<u64> = None;
-    let mut finished_shown = false;
     let done = clisonix_stage_runtime::replay(
         stage,
         config,
         spec.clone(),
         Health::default(),
-        move |p| {
-            let first = *first_read.get_or_insert(p.read);
-            if p.finished && std::mem::replace(&mut finished_shown, true) {
-                return;
-            }
-            if !p.finished
-                && last_print.elapsed() < Duration::from_millis(if tty { 250 } else { 5000 })
-            {
-                return;
-            }
-            last_print = std::time::Instant::now();
-            let secs = started.elapsed().as_secs_f64().max(1e-3);
-            let rate = (p.read - first) as f64 / secs;
-            let left = p.total.saturating_sub(p.read);
-            let eta = if rate > 0.0 {
-                format!("{:.0} s", left as f64 / rate)
-            } else {
-                "-".into()
-            };
-            let pct = if p.total == 0 {
-                100.0
-            } else {
-                100.0 * p.read as f64 / p.total as f64
-            };
-            let filled = (pct / 5.0).round() as usize;
-            let line = format!(
-                "[{}{}] {pct:5.1}%  {}/{} records  {rate:.0} records/s  ETA {eta}",
-                "#".repeat(filled.min(20)),
-                ".".repeat(20 - filled.min(20)),
-                p.read,
-                p.total
-            );
-            let mut err = std::io::stderr();
-            let _ = if tty {
-                write!(err, "\r{line}")
-            } else {
-                writeln!(err, "{line}")
-            };
-            let _ = err.flush();
-        },
+        progress_line(),
         shutdown,
     )
     .await?;
-    if tty {
-        eprintln!();
-    }
+    end_progress_line();
     if done.finished {
         eprintln!(
-            "replay {} of {name} done: {} records read in {:.1} s; outputs in {}eeg.features, {}audio.chunks, {}eeg.sessions",
+            "replay {} of {name} done: {} input offsets read in {:.1} s; outputs in {}eeg.features, {}audio.chunks, {}eeg.sessions",
             spec.run,
             done.read,
             started.elapsed().as_secs_f64(),
@@ -447,10 +457,197 @@ async fn run_replay<S: Stage + 'static>(
             out.prefix()
         );
     } else {
-        eprintln!(
-            "replay {} stopped at {}/{} records; start it again with --replay {} to resume",
-            spec.run, done.read, done.total, spec.run
+        stopped(&spec, done);
+    }
+    Ok(())
+}
+
+fn end_progress_line() {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+}
+
+fn stopped(spec: &clisonix_stage_runtime::ReplaySpec, at: clisonix_stage_runtime::ReplayProgress) {
+    eprintln!(
+        "replay {} stopped at {}/{} records; start it again with --replay {} to resume",
+        spec.run, at.read, at.total, spec.run
+    );
+}
+
+/// Replays metering as `spec` says into the Postgres schema `replay_<run>` (a copy of
+/// the metering tables beside the live ones, which it never writes), then prints per
+/// meter the run's usage against live's in the same hours.
+async fn replay_metering(
+    database_url: &str,
+    migrate: bool,
+    config: RuntimeConfig,
+    spec: clisonix_stage_runtime::ReplaySpec,
+) -> anyhow::Result<()> {
+    use clisonix_metering::replay::{PlannedRange, ReplaySchema, RunPlan, MAX_RUN};
+    use clisonix_topics::catalog::{EEG_FEATURES, EEG_SESSIONS, USAGE_EVENTS};
+    use clisonix_topics::consume::{plan, Query};
+    anyhow::ensure!(
+        spec.run.len() <= MAX_RUN,
+        "--replay {:?}: a metering run's name is at most {MAX_RUN} characters (it names \
+         the Postgres schema replay_<run>)",
+        spec.run
+    );
+    let pool = database(database_url, migrate).await?;
+    let schema = ReplaySchema::prepare(&pool, &spec.run)
+        .await
+        .context("creating the run's tables")?;
+    let out = spec.topics(&config.topics);
+    let kafka = config.kafka.clone();
+    tokio::task::block_in_place(|| {
+        clisonix_topics::Admin::connect(&kafka)
+            .and_then(|a| a.ensure(&out, clisonix_topics::Replication::Auto))
+    })
+    .context("creating the run's topics")?;
+    let mut run_plan = schema.plan(&pool).await.context("reading the run's plan")?;
+    if run_plan.ranges.is_empty() {
+        let mut ranges = Vec::new();
+        for input in [&USAGE_EVENTS, &EEG_SESSIONS, &EEG_FEATURES] {
+            let topic = config.topics.name(input);
+            let query = Query {
+                from: spec.from,
+                to: spec.to,
+                ..Query::whole(&topic)
+            };
+            let planned = tokio::task::block_in_place(|| plan(&kafka, &query))
+                .with_context(|| format!("planning {topic}"))?;
+            ranges.extend(planned.into_iter().map(|r| PlannedRange {
+                topic: topic.clone(),
+                partition: r.partition,
+                start: r.start,
+                end: r.end.unwrap_or(r.start),
+            }));
+        }
+        let mut sessions = spec.sessions.clone();
+        sessions.sort();
+        run_plan = schema
+            .record_plan(&pool, &RunPlan { ranges, sessions })
+            .await
+            .context("recording the run's plan")?;
+    } else {
+        let mut asked = spec.sessions.clone();
+        asked.sort();
+        anyhow::ensure!(
+            asked.is_empty() || asked == run_plan.sessions,
+            "run {:?} was started with other sessions ({}); a run resumes as it started: \
+             give another name for another selection",
+            spec.run,
+            if run_plan.sessions.is_empty() {
+                "all".to_owned()
+            } else {
+                run_plan.sessions.join(",")
+            }
         );
+    }
+    let next = schema
+        .next_offsets(&pool)
+        .await
+        .context("reading the run's offsets")?;
+    let ranges = run_plan
+        .ranges
+        .iter()
+        .map(|r| clisonix_stage_runtime::tables::TableRange {
+            topic: r.topic.clone(),
+            partition: r.partition,
+            planned: r.start,
+            start: next
+                .get(&(r.topic.clone(), r.partition))
+                .map_or(r.start, |&n| n.max(r.start)),
+            end: r.end,
+        })
+        .collect();
+    // Connections that count into the run's copy of the tables.
+    let search_path = schema.search_path();
+    let replay_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(10))
+        .after_connect(move |conn, _| {
+            let search_path = search_path.clone();
+            Box::pin(async move {
+                sqlx::query("SELECT set_config('search_path', $1, false)")
+                    .bind(search_path)
+                    .execute(conn)
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .connect(database_url)
+        .await
+        .context("connecting to Postgres")?;
+    let sessions: std::collections::HashSet<uuid::Uuid> = run_plan
+        .sessions
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let keep = move |input: &clisonix_metering::Input| {
+        sessions.is_empty()
+            || input
+                .session_id()
+                .is_some_and(|s| sessions.contains(&s.as_uuid()))
+    };
+    let health = Health::default();
+    let metering = Metering::new(
+        MeteringStore::new(replay_pool),
+        &config.topics,
+        health.metrics.clone(),
+    );
+    let tables = TablesConfig {
+        group: format!("{}{}", out.prefix(), clisonix_stage_runtime::metering::NAME),
+        topics: out,
+        ..tables_config(config)
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signals(shutdown.clone()));
+    let started = std::time::Instant::now();
+    let done = clisonix_stage_runtime::tables::replay_tables(
+        metering,
+        tables,
+        ranges,
+        keep,
+        health,
+        progress_line(),
+        shutdown,
+    )
+    .await?;
+    end_progress_line();
+    if !done.finished {
+        stopped(&spec, done);
+        return Ok(());
+    }
+    eprintln!(
+        "replay {} of metering done: {} input offsets read in {:.1} s; usage in the Postgres schema {}",
+        spec.run,
+        done.read,
+        started.elapsed().as_secs_f64(),
+        schema.name
+    );
+    let compared = schema
+        .compare(&pool)
+        .await
+        .context("comparing with live usage")?;
+    println!(
+        "{:<18} {:>16} {:>16} {:>16}  hours differing",
+        "meter", "replay", "live", "difference"
+    );
+    for c in &compared {
+        println!(
+            "{:<18} {:>16} {:>16} {:>16}  {} of {}",
+            c.meter,
+            c.replay,
+            c.live,
+            c.replay - c.live,
+            c.hours_differing,
+            c.hours
+        );
+    }
+    if compared.is_empty() {
+        println!("(the run counted no usage)");
     }
     Ok(())
 }

@@ -679,7 +679,8 @@ impl ReplaySpec {
     }
 }
 
-/// A replay's progress: input records read of those planned.
+/// A replay's progress: input offsets read of those planned (records, and the
+/// transaction markers between them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplayProgress {
     pub read: u64,

@@ -149,7 +149,7 @@ async fn replays_are_deterministic_resumable_and_leave_the_live_stage_alone() {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("replay same of albi done: 640 records read"),
+        stderr.contains("replay same of albi done: 640 input offsets read"),
         "{stderr}"
     );
     let same = Topics::new(format!("replay.same.{}", topics.prefix()));
