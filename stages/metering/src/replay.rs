@@ -17,8 +17,9 @@
 //! same records.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Row;
 
 use crate::store::StoreError;
@@ -138,6 +139,27 @@ impl ReplaySchema {
     /// The `search_path` of the connections that count into the copy.
     pub fn search_path(&self) -> String {
         format!("{}, {}", quoted(&self.name), quoted(&self.live))
+    }
+
+    /// Connections to `url` that count into the copy: a [`crate::MeteringStore`] on
+    /// them writes the run's tables.
+    pub async fn connect(&self, url: &str, connections: u32) -> Result<PgPool, StoreError> {
+        let search_path = self.search_path();
+        Ok(PgPoolOptions::new()
+            .max_connections(connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _| {
+                let search_path = search_path.clone();
+                Box::pin(async move {
+                    sqlx::query("SELECT set_config('search_path', $1, false)")
+                        .bind(search_path)
+                        .execute(conn)
+                        .await
+                        .map(|_| ())
+                })
+            })
+            .connect(url)
+            .await?)
     }
 
     /// The run's plan, as first recorded (empty before).

@@ -7,7 +7,7 @@ use clisonix_e2e::{TestDatabase, TestEnv};
 use clisonix_metering::replay::{PlannedRange, ReplaySchema, RunPlan};
 use clisonix_metering::{Input, MeteringStore, Position};
 use clisonix_schemas::{examples, TenantId, Timestamp, UsageKind};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::PgPool;
 use uuid::Uuid;
 
 async fn database() -> TestDatabase {
@@ -35,25 +35,6 @@ fn frames(tenant: TenantId, quantity: i64, offset: i64) -> (Position, Option<Inp
     (position, Some(Input::Usage(e)))
 }
 
-async fn replay_pool(db: &TestDatabase, schema: &ReplaySchema) -> PgPool {
-    let search_path = schema.search_path();
-    PgPoolOptions::new()
-        .max_connections(2)
-        .after_connect(move |conn, _| {
-            let search_path = search_path.clone();
-            Box::pin(async move {
-                sqlx::query("SELECT set_config('search_path', $1, false)")
-                    .bind(search_path)
-                    .execute(conn)
-                    .await
-                    .map(|_| ())
-            })
-        })
-        .connect(&db.url())
-        .await
-        .unwrap()
-}
-
 async fn scalar(pool: &PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
@@ -78,7 +59,7 @@ async fn a_run_counts_into_its_own_schema_and_never_into_live() {
     let schema = ReplaySchema::prepare(&db.pool, "audit-1").await.unwrap();
     assert_eq!(schema.name, "replay_audit-1");
     assert_eq!(schema.live, "public");
-    let run = MeteringStore::new(replay_pool(&db, &schema).await);
+    let run = MeteringStore::new(schema.connect(&db.url(), 2).await.unwrap());
     // The same record, and one that crosses the free plan's 288,000 included frames:
     // the run records the threshold in its copy; no webhook is written anywhere.
     let second = frames(tenant, 300_000, 1);

@@ -563,21 +563,8 @@ async fn replay_metering(
         })
         .collect();
     // Connections that count into the run's copy of the tables.
-    let search_path = schema.search_path();
-    let replay_pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(Duration::from_secs(10))
-        .after_connect(move |conn, _| {
-            let search_path = search_path.clone();
-            Box::pin(async move {
-                sqlx::query("SELECT set_config('search_path', $1, false)")
-                    .bind(search_path)
-                    .execute(conn)
-                    .await
-                    .map(|_| ())
-            })
-        })
-        .connect(database_url)
+    let replay_pool = schema
+        .connect(database_url, 4)
         .await
         .context("connecting to Postgres")?;
     let sessions: std::collections::HashSet<uuid::Uuid> = run_plan
