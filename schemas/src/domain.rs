@@ -160,6 +160,10 @@ pub const SESSION_END_MARKER: &str = "clisonix.end";
 /// `clisonix.audio=audification,parameter_mapping`, read from the session's first frame.
 pub const AUDIO_PRESETS_MARKER: &str = "clisonix.audio=";
 
+/// The name a session lists after [`AUDIO_PRESETS_MARKER`] to have no audio rendered
+/// (`clisonix.audio=none`), whatever the audio stage's defaults are.
+pub const NO_AUDIO: &str = "none";
+
 /// Prefix of the marker ingest puts on a session's first frame, listing the audio
 /// presets the tenant's plan renders, e.g. `clisonix.audio.plan=parameter_mapping`.
 /// Devices cannot send it (ingest refuses it as `bad_marker`). Jona renders only

@@ -31,7 +31,7 @@ use clisonix_ingest_protocol::validate::{validate, validate_view};
 use clisonix_ingest_protocol::{Limits, QuotaDetail, Reason, Rejection};
 use clisonix_schemas::{
     decode, encode, listed_in, DeviceId, Frame, Marker, SampleUnit, SessionId, TenantId, Timestamp,
-    AUDIO_PLAN_MARKER, AUDIO_PRESETS_MARKER,
+    AUDIO_PLAN_MARKER, AUDIO_PRESETS_MARKER, NO_AUDIO,
 };
 use clisonix_tenancy::quota::{Amounts, QuotaBook, Refusal};
 use sqlx::PgPool;
@@ -102,7 +102,7 @@ fn picked_presets<'a>(labels: impl IntoIterator<Item = &'a str>) -> Vec<String> 
 pub fn preset_refusal(picked: &[String], plan: &[String]) -> Option<Rejection> {
     let missing: Vec<&str> = picked
         .iter()
-        .filter(|p| !plan.contains(p))
+        .filter(|p| p.as_str() != NO_AUDIO && !plan.contains(p))
         .map(String::as_str)
         .collect();
     if missing.is_empty() {

@@ -9,7 +9,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use clisonix_player::http::Format;
-use clisonix_schemas::{Frame, Marker, SessionId, AUDIO_PLAN_MARKER, AUDIO_PRESETS_MARKER};
+use clisonix_schemas::{
+    Frame, Marker, SessionId, AUDIO_PLAN_MARKER, AUDIO_PRESETS_MARKER, SESSION_END_MARKER,
+};
 use common::{frames, recording_path, set_plan, TestIngest};
 
 fn picking(mut frame: Frame, presets: &str) -> Frame {
@@ -52,6 +54,26 @@ async fn presets_outside_the_plan_are_refused_and_first_frames_carry_the_plans()
     let a = t.post(&[forged], Format::Json).await;
     assert_eq!(a.status, 422, "{}", String::from_utf8_lossy(&a.body));
     assert_eq!(a.json()["error"]["code"], "bad_marker");
+
+    // Asking for no audio is never refused, whatever the plan renders (a session of
+    // one frame, ended by it).
+    let mut silent = picking(frames(SessionId::random(), 1, 4, 32).remove(0), "none");
+    silent.markers.push(Marker {
+        sample_offset: 0,
+        duration_us: None,
+        label: SESSION_END_MARKER.into(),
+    });
+    let a = t.post(std::slice::from_ref(&silent), Format::Json).await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let got = t.read_frames(&consumer, 1).await;
+    assert_eq!(
+        labels(&got[0].1),
+        [
+            format!("{AUDIO_PRESETS_MARKER}none").as_str(),
+            SESSION_END_MARKER,
+            &format!("{AUDIO_PLAN_MARKER}parameter_mapping")
+        ]
+    );
 
     // A session picking what the plan renders: its first frame (only) goes out with
     // the plan's list added after the device's markers.
@@ -156,5 +178,6 @@ async fn presets_outside_the_plan_are_refused_and_first_frames_carry_the_plans()
             &format!("{AUDIO_PLAN_MARKER}audification,parameter_mapping")
         ]
     );
+
     t.stop().await;
 }

@@ -66,7 +66,7 @@ struct Cli {
     #[arg(long, default_value = "player")]
     device_prefix: String,
     /// Audio presets each session asks for (comma-separated, e.g.
-    /// audification,parameter_mapping; default: the audio stage's own)
+    /// audification,parameter_mapping; none: no audio; default: the audio stage's own)
     #[arg(long)]
     audio_presets: Option<String>,
     /// Leave sessions open at the end (default: the last frame ends its session)

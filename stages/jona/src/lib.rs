@@ -26,7 +26,7 @@ pub mod presets;
 
 use clisonix_schemas::{
     listed_in, AudioChunk, Frame, SampleUnit, Timestamp, UsageEvent, UsageKind, AUDIO_PLAN_MARKER,
-    AUDIO_PRESETS_MARKER,
+    AUDIO_PRESETS_MARKER, NO_AUDIO,
 };
 use clisonix_stage::{
     check_same_stream, check_samples, Arrival, Output, OutputTopic, Placement, RecordMeta,
@@ -130,15 +130,16 @@ impl Jona {
         self.sessions.values().filter(|s| !s.ended).count()
     }
 
-    /// The presets a session's first frame asks for, or the defaults; of those, only
-    /// the ones its plan renders when ingest listed them on the frame.
+    /// The presets a session's first frame asks for (none for `clisonix.audio=none`), or
+    /// the defaults; of those, only the ones its plan renders when ingest listed them
+    /// on the frame.
     fn presets_of(&self, frame: &Frame) -> Vec<Preset> {
         let labels = || frame.markers.iter().map(|m| m.label.as_str());
-        let mut chosen: Vec<Preset> = listed_in(labels(), AUDIO_PRESETS_MARKER)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(Preset::parse)
-            .collect();
+        let listed = listed_in(labels(), AUDIO_PRESETS_MARKER).unwrap_or_default();
+        if listed.contains(&NO_AUDIO) {
+            return Vec::new();
+        }
+        let mut chosen: Vec<Preset> = listed.into_iter().filter_map(Preset::parse).collect();
         chosen.sort();
         chosen.dedup();
         if chosen.is_empty() {

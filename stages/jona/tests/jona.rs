@@ -325,6 +325,16 @@ fn a_session_picks_its_presets_in_its_first_frame() {
     frames[0].markers[0].label = format!("{AUDIO_PRESETS_MARKER}audification");
     let one = run(JonaConfig::default(), &frames);
     assert!(one.iter().all(|c| c.preset == "audification"));
+    // `none` asks for no audio, whatever the defaults and whatever else is listed.
+    for list in ["none", "none,audification"] {
+        frames[0].markers[0].label = format!("{AUDIO_PRESETS_MARKER}{list}");
+        let mut jona = Jona::new(with_presets(&Preset::ALL));
+        let mut all = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            jona.process(f.clone(), meta(i as i64), &mut all).unwrap();
+        }
+        assert!(all.is_empty(), "{list}: no chunks and no usage events");
+    }
 }
 
 #[test]
