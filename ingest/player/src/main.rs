@@ -72,6 +72,16 @@ struct Cli {
     /// Leave sessions open at the end (default: the last frame ends its session)
     #[arg(long)]
     no_end: bool,
+    /// Play only the first this many seconds of the recording.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Session ids for the first devices, one per line (the rest get random ones).
+    #[arg(long, value_name = "FILE")]
+    sessions: Option<PathBuf>,
+    /// Write when each frame was acknowledged, a line per frame:
+    /// device index, session id, seq, microseconds since the Unix epoch (tab-separated).
+    #[arg(long, value_name = "FILE")]
+    acks: Option<PathBuf>,
     /// No progress line.
     #[arg(long, short)]
     quiet: bool,
@@ -84,12 +94,33 @@ async fn main() -> ExitCode {
         eprintln!("error: --devices and --batch must be at least 1, --speed at least 0");
         return ExitCode::from(2);
     }
-    let recording = match load(&cli.recording, cli.frame_ms) {
+    if cli.seconds.is_some_and(|s| s.is_nan() || s <= 0.0) {
+        eprintln!("error: --seconds must be above 0");
+        return ExitCode::from(2);
+    }
+    let mut recording = match load(&cli.recording, cli.frame_ms) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e:#}");
             return ExitCode::FAILURE;
         }
+    };
+    if let Some(seconds) = cli.seconds {
+        let frames = (seconds / recording.frame_seconds()).ceil().max(1.0) as usize;
+        recording.frames.truncate(frames);
+    }
+    let session_ids = match &cli.sessions {
+        None => Vec::new(),
+        Some(path) => match std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| clisonix_player::play::parse_session_ids(&text))
+        {
+            Ok(ids) => ids,
+            Err(e) => {
+                eprintln!("error: --sessions {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
     };
     let options = PlayOptions {
         url: cli.url,
@@ -111,7 +142,7 @@ async fn main() -> ExitCode {
         progress: !cli.quiet,
         audio_presets: cli.audio_presets,
         end_sessions: !cli.no_end,
-        session_ids: Vec::new(),
+        session_ids,
     };
     eprintln!(
         "playing {} ({} channels at {} Hz, {} frames of {} samples, {:.0} s) as {} device(s) to {}",
@@ -128,6 +159,14 @@ async fn main() -> ExitCode {
         Ok(report) => {
             for (device, session) in &report.sessions {
                 println!("{device}\t{session}");
+            }
+            if let Some(path) = &cli.acks {
+                let written = std::fs::File::create(path)
+                    .and_then(|f| report.write_acks(std::io::BufWriter::new(f)));
+                if let Err(e) = written {
+                    eprintln!("error: writing {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
             }
             eprintln!("{}", report.summary());
             if report.rejected.is_empty() {

@@ -89,7 +89,32 @@ pub struct PlayReport {
     pub acked_at: Vec<Vec<(u64, std::time::SystemTime)>>,
 }
 
+/// Session ids, one per line (blank lines skipped), as `clisonix-player --sessions`
+/// reads them.
+pub fn parse_session_ids(text: &str) -> Result<Vec<SessionId>, String> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| SessionId::parse(l.trim()).map_err(|e| format!("line {}: {e}", i + 1)))
+        .collect()
+}
+
 impl PlayReport {
+    /// Writes when each frame was acknowledged, a line per frame: the device's index,
+    /// its session, the frame's seq, microseconds since the Unix epoch (tab-separated).
+    pub fn write_acks(&self, mut out: impl std::io::Write) -> std::io::Result<()> {
+        for (device, acks) in self.acked_at.iter().enumerate() {
+            let session = &self.sessions[device].1;
+            for (seq, at) in acks {
+                let us = at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros());
+                writeln!(out, "{device}\t{session}\t{seq}\t{us}")?;
+            }
+        }
+        out.flush()
+    }
+
     pub fn percentile_ms(&self, p: f64) -> Option<f64> {
         if self.latencies_us.is_empty() {
             return None;
@@ -356,5 +381,47 @@ async fn draw(progress: Arc<Progress>, total: usize, start: Instant) {
             let _ = writeln!(err, "{line}");
         }
         let _ = err.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_are_read_a_line_each_and_a_bad_one_is_named_by_its_line() {
+        let (a, b) = (SessionId::random(), SessionId::random());
+        assert_eq!(
+            parse_session_ids(&format!("{a}\n\n  {b}  \n")).unwrap(),
+            vec![a, b]
+        );
+        let err = parse_session_ids(&format!("{a}\nnot-an-id\n")).unwrap_err();
+        assert!(err.starts_with("line 2:"), "{err}");
+    }
+
+    #[test]
+    fn acks_are_written_a_line_per_frame_in_microseconds() {
+        let session = SessionId::random();
+        let at = std::time::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+        let report = PlayReport {
+            sessions: vec![(DeviceId::parse("d-0").unwrap(), session)],
+            frames: 2,
+            acked: 2,
+            duplicates: 0,
+            resumed: 0,
+            rejected: Vec::new(),
+            resent: 0,
+            reconnects: 0,
+            bytes: 0,
+            elapsed: Duration::ZERO,
+            latencies_us: Vec::new(),
+            acked_at: vec![vec![(0, at), (1, at + Duration::from_micros(1))]],
+        };
+        let mut out = Vec::new();
+        report.write_acks(&mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("0\t{session}\t0\t1700000000123456\n0\t{session}\t1\t1700000000123457\n")
+        );
     }
 }
