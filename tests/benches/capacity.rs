@@ -55,6 +55,8 @@ const FRAMES_PER_CHUNK: u64 = 8;
 const WATCHED_LIVE: usize = 100;
 const POLLED: usize = 10;
 const POLL_EVERY: Duration = Duration::from_millis(50);
+/// Each polled session has a key of its own (20 requests/s each); the watchers share.
+const READ_KEYS: usize = POLLED;
 
 const BINARIES: [(&str, &str); 4] = [
     ("clisonix-gateway", "clisonix-gateway"),
@@ -132,6 +134,24 @@ fn spawn(logs: &Path, name: &str, bin: &str, args: &[&str], vars: &[(&str, Strin
         name: name.to_owned(),
         child,
     }
+}
+
+/// A new read key of the tenant whose admin holds `access_token`.
+async fn read_key(gateway: &str, access_token: &str, n: usize) -> String {
+    let mut c = Client::new(gateway, "").unwrap();
+    let body = serde_json::json!({"name": format!("capacity read {n}"), "scopes": ["read"]});
+    let a = c
+        .send(
+            "POST",
+            "/v1/api-keys",
+            Some("application/json"),
+            body.to_string().into_bytes(),
+            Some(access_token),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
+    a.json()["key"].as_str().unwrap().to_owned()
 }
 
 async fn wait_healthy(url: &str, what: &str) {
@@ -296,20 +316,7 @@ impl Processes {
 /// When each window index arrived on a session's live stream, until it ends.
 async fn watch_live(gateway: String, key: String, session: SessionId) -> BTreeMap<u64, SystemTime> {
     let mut seen = BTreeMap::new();
-    let mut c = Client::new(&gateway, &key).unwrap();
-    let path = format!("/v1/sessions/{session}");
     let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Ok(a) = c.send("GET", &path, None, Vec::new(), Some(&key)).await {
-            if a.status == 200 {
-                break;
-            }
-        }
-        if Instant::now() > deadline {
-            return seen;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     // Reconnects (resuming after the last window seen) until the stream says the
     // session ended.
     loop {
@@ -321,11 +328,12 @@ async fn watch_live(gateway: String, key: String, session: SessionId) -> BTreeMa
         let mut ws = match tokio_tungstenite::connect_async(url.as_str()).await {
             Ok((ws, _)) => ws,
             Err(e) => {
-                eprintln!("live {session}: connecting: {e}");
+                // 404 until the session's first state is stored.
                 if Instant::now() > deadline {
+                    eprintln!("live {session}: connecting: {e}");
                     return seen;
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
                 continue;
             }
         };
@@ -472,7 +480,9 @@ struct Bench {
     gateway: String,
     ingest: String,
     ingest_key: String,
-    read_key: String,
+    /// Read keys: each key's requests are limited by the plan's rate, so the
+    /// observers spread over several.
+    read_keys: Vec<String>,
     services: Vec<Service>,
     logs: PathBuf,
     seconds: f64,
@@ -550,17 +560,20 @@ impl Bench {
             );
             p
         };
+        let key = |i: usize| self.read_keys[i % self.read_keys.len()].clone();
         let live: Vec<_> = watched
             .iter()
-            .map(|s| tokio::spawn(watch_live(self.gateway.clone(), self.read_key.clone(), *s)))
+            .enumerate()
+            .map(|(i, s)| tokio::spawn(watch_live(self.gateway.clone(), key(i), *s)))
             .collect();
         let stop_polls = tokio_util::sync::CancellationToken::new();
         let polls: Vec<_> = polled
             .iter()
-            .map(|(s, a)| {
+            .enumerate()
+            .map(|(i, (s, a))| {
                 tokio::spawn(poll_api(
                     self.gateway.clone(),
-                    self.read_key.clone(),
+                    key(i),
                     *s,
                     windows,
                     if *a { chunks } else { 0 },
@@ -824,6 +837,10 @@ fn main() {
         clisonix_dev::run::choose_plan(&gateway, &tenant.access_token, "enterprise")
             .await
             .expect("choosing enterprise");
+        let mut read_keys = vec![tenant.read_key.clone()];
+        for i in 1..READ_KEYS {
+            read_keys.push(read_key(&gateway, &tenant.access_token, i).await);
+        }
         tokio::time::sleep(Duration::from_secs(2)).await;
         let bench = Bench {
             env: env.clone(),
@@ -831,7 +848,7 @@ fn main() {
             gateway,
             ingest,
             ingest_key: tenant.ingest_key,
-            read_key: tenant.read_key,
+            read_keys,
             services,
             logs: logs.clone(),
             seconds,
