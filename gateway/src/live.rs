@@ -3,14 +3,21 @@
 //! as a binary message) as the sink stores them, in order, and ends when the session
 //! has ended and everything is out.
 //!
-//! What is pushed is read from the database, so it is exactly what the results API
-//! returns; a client resumes with `from_window` and `from_chunk` after a reconnect.
-//! The sink's commit notifications (`LISTEN`, [`clisonix_sink::CHANNEL`]) wake the
-//! streams of the sessions they name at once; a poll every two seconds covers a lost
-//! notification or a reconnecting listener.
+//! Windows come from the committed `eeg.features` topic as Albi writes them
+//! ([`LiveFeed`]: read-committed, so a window pushed is one the sink will store), so a
+//! window is out as soon as its last channel is, without waiting for the sink's
+//! batch, its database commit and a read back. The database is the stream's catch-up
+//! (the windows stored before it connected, or from `from_window`) and its fallback
+//! (a window whose records the feed did not bring, e.g. when a stream fell behind):
+//! what is pushed is exactly what the results API returns, whichever way it came
+//! (tested). Audio chunks are read from the database. A client resumes with
+//! `from_window` and `from_chunk` after a reconnect. The sink's commit notifications
+//! (`LISTEN`, [`clisonix_sink::CHANNEL`]) wake the streams of the sessions they name
+//! at once; a poll every two seconds covers a lost notification or a reconnecting
+//! listener.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::QueryRejection;
@@ -18,12 +25,16 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use clisonix_schemas::{decode, FeatureKey, Features};
+use clisonix_topics::KafkaSettings;
 use futures::{SinkExt, StreamExt};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::Message as _;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{PgPool, Row};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -42,26 +53,153 @@ const SETTLE: Duration = Duration::from_secs(6);
 /// Feature rows and audio chunks read per round.
 const ROWS_PER_READ: i64 = 8_192;
 const CHUNKS_PER_READ: i64 = 16;
+/// Feature records a stream's feed holds before it falls back to the database.
+const FEED_QUEUE: usize = 4096;
+/// Windows a stream assembles at once from the feed (later ones come from the
+/// database).
+const PENDING_WINDOWS: usize = 64;
 const NORMAL: u16 = 1000;
 const GOING_AWAY: u16 = 1001;
 
-/// The fan-out of the sink's notifications to live streams, and their shutdown.
+type Subscribers = Arc<Mutex<HashMap<Uuid, Vec<mpsc::Sender<Arc<Features>>>>>>;
+
+/// Feature records from the committed topic, handed to the live streams of their
+/// sessions. Each gateway reads every partition in a group of its own, from the end
+/// (it pushes what is new; what is older is in the database), and commits nothing.
+#[derive(Clone)]
+pub struct LiveFeed {
+    subscribers: Subscribers,
+    consumer: Arc<StreamConsumer>,
+}
+
+impl std::fmt::Debug for LiveFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveFeed").finish_non_exhaustive()
+    }
+}
+
+impl LiveFeed {
+    /// Subscribes to `topic` (the deployed name of `eeg.features`).
+    pub fn start(
+        settings: &KafkaSettings,
+        topic: String,
+    ) -> Result<LiveFeed, rdkafka::error::KafkaError> {
+        let group = format!("clisonix-gateway-live-{}", Uuid::new_v4().simple());
+        let consumer: StreamConsumer = settings
+            .consumer(&group)
+            .set("auto.offset.reset", "latest")
+            .set("fetch.wait.max.ms", "10")
+            .create()?;
+        consumer.subscribe(&[&topic])?;
+        Ok(LiveFeed {
+            subscribers: Arc::default(),
+            consumer: Arc::new(consumer),
+        })
+    }
+
+    /// Hands records to subscribers until `stop` is cancelled. Only the keys of
+    /// records no stream watches are decoded.
+    async fn run(self, stop: CancellationToken) {
+        let mut warned: Option<Instant> = None;
+        loop {
+            let m = tokio::select! {
+                _ = stop.cancelled() => return,
+                m = self.consumer.recv() => m,
+            };
+            let m = match m {
+                Ok(m) => m,
+                Err(error) => {
+                    // Once a minute at most (an unknown topic is reported at every
+                    // metadata refresh); streams keep reading the database meanwhile.
+                    if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                        tracing::warn!(%error, "the live feed cannot read the features topic; live streams read the database");
+                        warned = Some(Instant::now());
+                    }
+                    continue;
+                }
+            };
+            let Some(session) = m
+                .key()
+                .and_then(|k| decode::<FeatureKey>(k).ok())
+                .map(|k| k.session_id.as_uuid())
+            else {
+                continue;
+            };
+            let senders = match self.subscribers.lock().expect("not poisoned").get(&session) {
+                Some(s) => s.clone(),
+                None => continue,
+            };
+            let Some(features) = m.payload().and_then(|v| decode::<Features>(v).ok()) else {
+                continue;
+            };
+            let features = Arc::new(features);
+            for tx in senders {
+                // A full queue drops the record: that stream takes the window from the
+                // database instead.
+                let _ = tx.try_send(features.clone());
+            }
+        }
+    }
+
+    /// The records of `session` from now on, until the receiver is dropped.
+    fn subscribe(&self, session: Uuid) -> Subscription {
+        let (tx, rx) = mpsc::channel(FEED_QUEUE);
+        let mut subscribers = self.subscribers.lock().expect("not poisoned");
+        let list = subscribers.entry(session).or_default();
+        list.retain(|s| !s.is_closed());
+        list.push(tx);
+        Subscription {
+            rx,
+            session,
+            subscribers: self.subscribers.clone(),
+        }
+    }
+}
+
+/// A stream's share of the feed; unsubscribes when dropped.
+struct Subscription {
+    rx: mpsc::Receiver<Arc<Features>>,
+    session: Uuid,
+    subscribers: Subscribers,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.rx.close();
+        let mut subscribers = self.subscribers.lock().expect("not poisoned");
+        if let Some(list) = subscribers.get_mut(&self.session) {
+            list.retain(|s| !s.is_closed());
+            if list.is_empty() {
+                subscribers.remove(&self.session);
+            }
+        }
+    }
+}
+
+/// The fan-out of the sink's notifications and of the feed to live streams, and their
+/// shutdown.
 #[derive(Debug, Clone)]
 pub struct LiveHub {
     wake: broadcast::Sender<Arc<str>>,
+    feed: Option<LiveFeed>,
     pub stop: CancellationToken,
     pub streams: TaskTracker,
 }
 
 impl LiveHub {
-    /// Listens on the sink's channel until `stop` is cancelled, reconnecting as needed.
-    pub fn start(pool: PgPool) -> LiveHub {
+    /// Listens on the sink's channel, and runs `feed` when there is one, until `stop`
+    /// is cancelled, reconnecting as needed.
+    pub fn start(pool: PgPool, feed: Option<LiveFeed>) -> LiveHub {
         let (wake, _) = broadcast::channel(4096);
         let hub = LiveHub {
             wake,
+            feed: feed.clone(),
             stop: CancellationToken::new(),
             streams: TaskTracker::new(),
         };
+        if let Some(feed) = feed {
+            tokio::spawn(feed.run(hub.stop.clone()));
+        }
         let (tx, stop) = (hub.wake.clone(), hub.stop.clone());
         tokio::spawn(async move {
             while !stop.is_cancelled() {
@@ -144,6 +282,8 @@ pub async fn live(
     };
     let stream = Stream {
         pool: state.pool.clone(),
+        windows_pushed: state.metrics.live_windows.clone(),
+        pending: BTreeMap::new(),
         tenant: reader.tenant,
         session: id,
         channels: session.channel_labels.len(),
@@ -165,6 +305,9 @@ pub async fn live(
 
 struct Stream {
     pool: PgPool,
+    windows_pushed: prometheus::IntCounterVec,
+    /// Windows being assembled from the feed: their channels so far.
+    pending: BTreeMap<u64, Vec<Arc<Features>>>,
     tenant: Uuid,
     session: Uuid,
     channels: usize,
@@ -209,6 +352,8 @@ impl Stream {
     ) -> Result<(), anyhow::Error> {
         let (mut tx, mut rx) = socket.split();
         let mut wake = hub.wake.subscribe();
+        // Subscribed before the first read, so no window falls between the two.
+        let mut feed = hub.feed.as_ref().map(|f| f.subscribe(self.session));
         let mut first = first;
         first["type"] = json!("session");
         tx.send(text(&first)).await?;
@@ -254,6 +399,17 @@ impl Stream {
                         None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(()),
                         Some(Ok(_)) => continue,
                     },
+                    Some(f) = async {
+                        match feed.as_mut() {
+                            Some(sub) => sub.rx.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        if self.take(f, &mut tx).await? {
+                            quiet_since = Instant::now();
+                        }
+                        continue;
+                    }
                     w = wake.recv() => match w {
                         Ok(payload) if !payload.ends_with(&id) => continue,
                         Ok(payload) if self.preset.is_none() && payload.starts_with("audio:") => continue,
@@ -266,6 +422,56 @@ impl Stream {
                 }
             }
         }
+    }
+
+    /// Adds a record from the feed to its window, and sends the windows it completes
+    /// (in order, each with every channel); whether it sent any.
+    async fn take<S>(&mut self, f: Arc<Features>, tx: &mut S) -> Result<bool, anyhow::Error>
+    where
+        S: futures::Sink<Message, Error = axum::Error> + Unpin,
+    {
+        let next = u64::try_from(self.next_window).unwrap_or(0);
+        if f.window_index < next {
+            return Ok(false);
+        }
+        if self.channels == 0
+            || (!self.pending.contains_key(&f.window_index)
+                && self.pending.len() >= PENDING_WINDOWS)
+        {
+            // A session without channels, or a window too far ahead: the database
+            // brings these.
+            return Ok(false);
+        }
+        let window = self.pending.entry(f.window_index).or_default();
+        if !window.iter().any(|c| c.channel_index == f.channel_index) {
+            window.push(f);
+        }
+        let mut sent = false;
+        loop {
+            let next = u64::try_from(self.next_window).unwrap_or(0);
+            let complete = self
+                .pending
+                .get(&next)
+                .is_some_and(|chs| chs.len() >= self.channels);
+            if !complete {
+                break;
+            }
+            let mut channels = self.pending.remove(&next).unwrap_or_default();
+            channels.sort_by_key(|f| f.channel_index);
+            let start =
+                chrono::DateTime::from_timestamp_micros(channels[0].window_start.as_micros())
+                    .unwrap_or_default();
+            let values: Vec<Value> = channels
+                .iter()
+                .map(|f| Value::Object(results::feature_values_of(f)))
+                .collect();
+            let m = json!({"type": "features", "window_index": self.next_window, "window_start": results::rfc3339(start), "channels": values});
+            tx.send(text(&m)).await?;
+            self.windows_pushed.with_label_values(&["topic"]).inc();
+            self.next_window += 1;
+            sent = true;
+        }
+        Ok(sent)
     }
 
     /// Sends every complete window and every chunk not yet sent; whether it sent any.
@@ -304,9 +510,13 @@ impl Stream {
             }
             let m = json!({"type": "features", "window_index": w, "window_start": start, "channels": channels});
             tx.send(text(&m)).await?;
+            self.windows_pushed.with_label_values(&["database"]).inc();
             self.next_window = w + 1;
             progressed = true;
         }
+        // What the feed held of windows now sent is not needed.
+        let next = u64::try_from(self.next_window).unwrap_or(0);
+        self.pending.retain(|w, _| *w >= next);
         let Some(preset) = &self.preset else {
             return Ok(progressed);
         };
@@ -346,5 +556,56 @@ impl Stream {
             progressed = true;
         }
         Ok(progressed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clisonix_schemas::examples;
+    use clisonix_sink::{Results, SinkRecord};
+
+    /// What the live stream pushes of a record from the feed is what it (and the API)
+    /// read of the row the sink stores of it: every field, missing and non-finite
+    /// values included.
+    #[tokio::test]
+    async fn a_channel_from_the_feed_equals_the_same_channel_read_from_the_database() {
+        let db = clisonix_e2e::TestEnv::get().fresh_database().await;
+        sqlx::migrate!("./migrations").run(&db.pool).await.unwrap();
+        let mut records = vec![examples::features(1), examples::features(2)];
+        records[1].abs.theta = Some(f64::NAN);
+        records[1].total_abs = None;
+        records[1].quality.flat = true;
+        records[1].quality.line_noise_60hz = Some(f64::INFINITY);
+        records[1].channel_index = 7;
+        let sink: Vec<SinkRecord> = records
+            .iter()
+            .map(|f| SinkRecord::Features(Box::new(f.clone())))
+            .collect();
+        Results::new(db.pool.clone())
+            .write(&sink.iter().collect::<Vec<_>>())
+            .await
+            .unwrap();
+        for f in &records {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT channel_index, channel_label, {} FROM features \
+                 WHERE session_id = $1 AND window_index = $2",
+                results::scalar_feature_columns()
+            )))
+            .bind(f.session_id.as_uuid())
+            .bind(f.window_index as i64)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            let stored = feature_values(&row).unwrap();
+            let fed = results::feature_values_of(f);
+            assert_eq!(
+                serde_json::to_string(&fed).unwrap(),
+                serde_json::to_string(&stored).unwrap(),
+                "the same keys, in the same order, with the same values"
+            );
+            assert!(fed.values().filter(|v| v.is_null()).count() <= 3);
+        }
+        db.drop_now().await;
     }
 }

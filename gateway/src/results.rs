@@ -483,6 +483,56 @@ pub(crate) fn scalar_features(
         .collect()
 }
 
+/// A feature record's channel as the live stream and the API show it: its index,
+/// label and default features, the same values and order as a row read with
+/// [`scalar_feature_columns`] (what the sink stores of the record).
+pub(crate) fn feature_values_of(
+    f: &clisonix_schemas::Features,
+) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::json;
+    let float = |v: Option<f64>| json!(v.filter(|v| v.is_finite()));
+    let q = &f.quality;
+    let mut m = serde_json::Map::new();
+    m.insert("channel_index".into(), json!(f.channel_index as i32));
+    m.insert("channel_label".into(), json!(f.channel_label));
+    for (name, _) in default_features() {
+        let value = match name {
+            "abs_delta" => float(f.abs.delta),
+            "abs_theta" => float(f.abs.theta),
+            "abs_alpha" => float(f.abs.alpha),
+            "abs_beta" => float(f.abs.beta),
+            "abs_gamma" => float(f.abs.gamma),
+            "total_abs" => float(f.total_abs),
+            "rel_delta" => float(f.rel.delta),
+            "rel_theta" => float(f.rel.theta),
+            "rel_alpha" => float(f.rel.alpha),
+            "rel_beta" => float(f.rel.beta),
+            "rel_gamma" => float(f.rel.gamma),
+            "peak_alpha_hz" => float(f.peak_alpha_hz),
+            "peak_alpha_psd" => float(f.peak_alpha_psd),
+            "spectral_entropy" => float(f.spectral_entropy),
+            "hjorth_activity" => float(f.hjorth.activity),
+            "hjorth_mobility" => float(f.hjorth.mobility),
+            "hjorth_complexity" => float(f.hjorth.complexity),
+            "aperiodic_exponent" => float(f.aperiodic_exponent),
+            "flat" => json!(q.flat),
+            "clipped_fraction" => float(Some(q.clipped_fraction)),
+            "line_noise_50hz" => float(q.line_noise_50hz),
+            "line_noise_60hz" => float(q.line_noise_60hz),
+            "seq_gaps" => json!(q.seq_gaps as i32),
+            "duplicate_frames" => json!(q.duplicate_frames as i32),
+            "out_of_order_frames" => json!(q.out_of_order_frames as i32),
+            "algorithm_version" => json!(f.algorithm_version),
+            "unit" => json!(f.unit.symbol()),
+            "psd_resolution_hz" => float(Some(f.psd_resolution_hz)),
+            // Every default feature is above (tested); a new one must be added.
+            _ => serde_json::Value::Null,
+        };
+        m.insert(name.to_owned(), value);
+    }
+    m
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Format {
     Json,

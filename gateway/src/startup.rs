@@ -18,7 +18,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use clisonix_topics::catalog::USAGE_EVENTS;
+use clisonix_topics::catalog::{EEG_FEATURES, USAGE_EVENTS};
 use clisonix_topics::{KafkaSettings, Topics};
 
 use crate::accounts;
@@ -30,7 +30,7 @@ pub use clisonix_service::http::{observed, shutdown_on_signal};
 use crate::error::ApiError;
 use crate::keys::KeyVerifier;
 use crate::limits::{AttemptLimiter, PlanRates, RequestLimiter};
-use crate::live::LiveHub;
+use crate::live::{LiveFeed, LiveHub};
 use crate::members;
 use crate::results;
 use crate::tenant;
@@ -61,6 +61,8 @@ pub struct ApiMetrics {
     pub stripe_errors: IntCounterVec,
     /// Webhook delivery attempts by outcome (`delivered`, `retrying`, `failed`).
     pub webhook_deliveries: IntCounterVec,
+    /// Windows pushed on live streams, by where they were read (`topic`, `database`).
+    pub live_windows: IntCounterVec,
 }
 
 impl ApiMetrics {
@@ -148,6 +150,17 @@ impl ApiMetrics {
         registry
             .register(Box::new(webhook_deliveries.clone()))
             .expect("registered once");
+        let live_windows = IntCounterVec::new(
+            Opts::new(
+                "clisonix_live_windows_total",
+                "Feature windows pushed on live streams, by where they were read",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(live_windows.clone()))
+            .expect("registered once");
         registry
             .register(Box::new(invoices.clone()))
             .expect("registered once");
@@ -178,6 +191,7 @@ impl ApiMetrics {
             stripe_webhooks,
             stripe_errors,
             webhook_deliveries,
+            live_windows,
         }
     }
 }
@@ -420,6 +434,18 @@ impl Application {
                 None
             }
         };
+        // Live streams take windows from the committed features topic as Albi writes
+        // them (the database remains their catch-up and their fallback).
+        let feed = match &config.kafka_bootstrap {
+            Some(bootstrap) => Some(
+                LiveFeed::start(
+                    &KafkaSettings::new(bootstrap, "clisonix-gateway-live"),
+                    Topics::new(config.topic_prefix.clone()).name(&EEG_FEATURES),
+                )
+                .context("starting the live feed")?,
+            ),
+            None => None,
+        };
         let state = AppState {
             api_usage,
             stripe: crate::stripe::client(&config),
@@ -431,7 +457,7 @@ impl Application {
             )),
             request_limits: Arc::new(RequestLimiter::default()),
             plan_rates: Arc::new(PlanRates::default()),
-            live: LiveHub::start(pool.clone()),
+            live: LiveHub::start(pool.clone(), feed),
             pool,
             keys: Keys::new(&config),
             config: Arc::new(config),

@@ -55,7 +55,8 @@ const FRAMES_PER_CHUNK: u64 = 8;
 const WATCHED_LIVE: usize = 100;
 const POLLED: usize = 10;
 const POLL_EVERY: Duration = Duration::from_millis(50);
-/// Each polled session has a key of its own (20 requests/s each); the watchers share.
+/// Each polled session has a key of its own (up to 40 requests/s each); the watchers
+/// share them.
 const READ_KEYS: usize = POLLED;
 
 const BINARIES: [(&str, &str); 4] = [
@@ -371,8 +372,11 @@ async fn watch_live(gateway: String, key: String, session: SessionId) -> BTreeMa
     }
 }
 
-/// When each window and chunk became readable through the API, by polling a
-/// session's detail until it has `windows` windows and `chunks` chunks.
+/// When each window (all its channels) and chunk became readable through the API, by
+/// polling a session's features from its first incomplete window on
+/// (`GET /v1/sessions/{id}/features?from_window=…&features=abs_alpha&format=csv`) and,
+/// for a session with audio, its detail (`GET /v1/sessions/{id}`: chunks stored),
+/// until it has `windows` windows and `chunks` chunks.
 #[derive(Debug, Default)]
 struct Readable {
     windows: BTreeMap<u64, SystemTime>,
@@ -387,30 +391,52 @@ async fn poll_api(
     chunks: u64,
     stop: tokio_util::sync::CancellationToken,
 ) -> Readable {
+    const CHANNELS: usize = 32;
     let mut got = Readable::default();
     let mut c = Client::new(&gateway, &key).unwrap();
-    let path = format!("/v1/sessions/{session}");
     while !stop.is_cancelled() {
-        if let Ok(a) = c.send("GET", &path, None, Vec::new(), Some(&key)).await {
-            let now = SystemTime::now();
-            if a.status == 200 {
-                let v = a.json();
-                let w = v["feature_windows"].as_u64().unwrap_or(0);
-                for i in 0..w {
-                    got.windows.entry(i).or_insert(now);
-                }
-                let ch = v["audio"]
-                    .as_array()
-                    .and_then(|a| a.first())
-                    .and_then(|p| p["chunks"].as_u64())
-                    .unwrap_or(0);
-                for i in 0..ch {
-                    got.chunks.entry(i).or_insert(now);
-                }
-                if w >= windows && ch >= chunks {
-                    break;
+        let next = got.windows.len() as u64;
+        if next < windows {
+            let path = format!(
+                "/v1/sessions/{session}/features?from_window={next}&features=abs_alpha&format=csv"
+            );
+            if let Ok(a) = c.send("GET", &path, None, Vec::new(), Some(&key)).await {
+                let now = SystemTime::now();
+                if a.status == 200 {
+                    let mut rows: BTreeMap<u64, usize> = BTreeMap::new();
+                    for line in String::from_utf8_lossy(&a.body).lines().skip(1) {
+                        if let Some(Ok(w)) = line.split(',').next().map(str::parse::<u64>) {
+                            *rows.entry(w).or_default() += 1;
+                        }
+                    }
+                    // Readable in order: a window counts once it and those before it
+                    // are complete.
+                    let mut w = next;
+                    while rows.get(&w) == Some(&CHANNELS) {
+                        got.windows.insert(w, now);
+                        w += 1;
+                    }
                 }
             }
+        }
+        if (got.chunks.len() as u64) < chunks {
+            let path = format!("/v1/sessions/{session}");
+            if let Ok(a) = c.send("GET", &path, None, Vec::new(), Some(&key)).await {
+                let now = SystemTime::now();
+                if a.status == 200 {
+                    let ch = a.json()["audio"]
+                        .as_array()
+                        .and_then(|a| a.first())
+                        .and_then(|p| p["chunks"].as_u64())
+                        .unwrap_or(0);
+                    for i in 0..ch {
+                        got.chunks.entry(i).or_insert(now);
+                    }
+                }
+            }
+        }
+        if got.windows.len() as u64 >= windows && got.chunks.len() as u64 >= chunks {
+            break;
         }
         tokio::time::sleep(POLL_EVERY).await;
     }

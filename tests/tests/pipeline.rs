@@ -273,7 +273,11 @@ async fn a_streamed_recording_is_readable_and_audible_through_the_api() {
 
     // The live stream pushed every window in order with all channels, every chunk with
     // its PCM, then the end.
-    let (windows, chunks, end) = live.await.unwrap();
+    let (live_windows, chunks, end) = live.await.unwrap();
+    let windows: Vec<i64> = live_windows
+        .iter()
+        .map(|w| w["window_index"].as_i64().unwrap())
+        .collect();
     assert_eq!(windows, (0..119).collect::<Vec<i64>>());
     assert_eq!(
         chunks.iter().map(|(i, _)| *i).collect::<Vec<i64>>(),
@@ -289,8 +293,23 @@ async fn a_streamed_recording_is_readable_and_audible_through_the_api() {
         p.tenant.read_key
     ))
     .await;
-    assert_eq!(windows, (100..119).collect::<Vec<i64>>());
+    let indexes: Vec<i64> = windows
+        .iter()
+        .map(|w| w["window_index"].as_i64().unwrap())
+        .collect();
+    assert_eq!(indexes, (100..119).collect::<Vec<i64>>());
     assert!(chunks.is_empty());
+    // The first stream took its windows from the features topic as Albi wrote them;
+    // the resumed one, connected after the session ended, from the database: the same
+    // windows, value for value.
+    assert_eq!(windows[..], live_windows[100..]);
+    let metrics = p.reader("").get("/metrics").await.unwrap();
+    let from_topic: f64 = String::from_utf8_lossy(&metrics.body)
+        .lines()
+        .find_map(|l| l.strip_prefix("clisonix_live_windows_total{source=\"topic\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(from_topic > 0.0, "no window was pushed from the topic");
 
     // A user's token reads the same; another tenant sees nothing.
     let mut user = p.reader(&p.tenant.access_token);
@@ -350,9 +369,9 @@ fn parse_wav(bytes: &[u8]) -> (u32, u16, &[u8]) {
     )
 }
 
-/// Reads a live stream to its end: the windows and audio chunks in arrival order, and
-/// the end message.
-async fn watch(url: String) -> (Vec<i64>, Vec<(i64, Vec<u8>)>, Value) {
+/// Reads a live stream to its end: the window messages and audio chunks in arrival
+/// order, and the end message.
+async fn watch(url: String) -> (Vec<Value>, Vec<(i64, Vec<u8>)>, Value) {
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
         .await
         .unwrap();
@@ -377,7 +396,7 @@ async fn watch(url: String) -> (Vec<i64>, Vec<(i64, Vec<u8>)>, Value) {
                     "features" => {
                         assert_eq!(v["channels"].as_array().unwrap().len(), 32);
                         assert!(v["channels"][0]["rel_alpha"].is_number());
-                        windows.push(v["window_index"].as_i64().unwrap());
+                        windows.push(v);
                     }
                     "audio" => pending = Some(v["chunk_index"].as_i64().unwrap()),
                     "end" => return (windows, chunks, v),
