@@ -153,6 +153,12 @@ async fn serve(socket: WebSocket, state: AppState, tenant: TenantId, shutdown: C
         .expect("preparing frames does not panic");
         next_index += count;
         ingest.count_rejections(&results);
+        // Whether a frame failed now (the broker or database away, ingest overloaded),
+        // as opposed to frames held back behind an earlier failure: only the former
+        // pauses reading.
+        let mut failed = results
+            .iter()
+            .any(|r| r.error.as_ref().is_some_and(Rejection::retryable));
         for chunk in chunks(ready, MAX_GROUP) {
             let (chunk, held) = hold_back(&mut hold, chunk, ingest.retry_after);
             ingest.count_rejections(&held);
@@ -167,22 +173,23 @@ async fn serve(socket: WebSocket, state: AppState, tenant: TenantId, shutdown: C
                 .min()
             {
                 hold = Some(first_failed);
+                failed = true;
             }
             results.extend(published);
         }
         results.sort_by_key(|r| r.index);
-        let retry = results
-            .iter()
-            .any(|r| r.error.as_ref().is_some_and(Rejection::retryable));
         for m in answers(&results) {
             if tx.send(text(&m)).await.is_err() {
                 reader.abort();
                 return;
             }
         }
-        if retry {
+        if failed {
             // The broker or database is unavailable: stop reading for a while, so the
-            // device holds its frames instead of ingest.
+            // device holds its frames instead of ingest. Frames only held back (sent
+            // before the device heard of the failure) are refused without a pause:
+            // pausing for each group of them kept a device's backlog waiting for
+            // about a minute after the broker was back.
             tokio::time::sleep(ingest.retry_after).await;
         }
     }
