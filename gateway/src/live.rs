@@ -61,7 +61,9 @@ const PENDING_WINDOWS: usize = 64;
 const NORMAL: u16 = 1000;
 const GOING_AWAY: u16 = 1001;
 
-type Subscribers = Arc<Mutex<HashMap<Uuid, Vec<mpsc::Sender<Arc<Features>>>>>>;
+/// Streams by the (tenant, session) they read: a session id is the device's choice,
+/// so two tenants may use the same one, and each sees only its own.
+type Subscribers = Arc<Mutex<HashMap<(Uuid, Uuid), Vec<mpsc::Sender<Arc<Features>>>>>>;
 
 /// Feature records from the committed topic, handed to the live streams of their
 /// sessions. Each gateway reads every partition in a group of its own, from the end
@@ -89,6 +91,9 @@ impl LiveFeed {
             .consumer(&group)
             .set("auto.offset.reset", "latest")
             .set("fetch.wait.max.ms", "10")
+            // Records are handed on as they come: a small read-ahead is enough, and
+            // keeps the gateway's memory flat (librdkafka's default is 64 MB).
+            .set("queued.max.messages.kbytes", "8192")
             .create()?;
         consumer.subscribe(&[&topic])?;
         Ok(LiveFeed {
@@ -118,31 +123,42 @@ impl LiveFeed {
                     continue;
                 }
             };
-            let Some(session) = m
-                .key()
-                .and_then(|k| decode::<FeatureKey>(k).ok())
-                .map(|k| k.session_id.as_uuid())
-            else {
-                continue;
-            };
-            let senders = match self.subscribers.lock().expect("not poisoned").get(&session) {
-                Some(s) => s.clone(),
-                None => continue,
-            };
-            let Some(features) = m.payload().and_then(|v| decode::<Features>(v).ok()) else {
-                continue;
-            };
-            let features = Arc::new(features);
-            for tx in senders {
-                // A full queue drops the record: that stream takes the window from the
-                // database instead.
-                let _ = tx.try_send(features.clone());
+            if let (Some(key), Some(value)) = (m.key(), m.payload()) {
+                self.dispatch(key, value);
             }
         }
     }
 
-    /// The records of `session` from now on, until the receiver is dropped.
-    fn subscribe(&self, session: Uuid) -> Subscription {
+    /// Hands a record (its key and value as on the topic) to the streams of its tenant's
+    /// session; the value is decoded only when a stream watches it.
+    fn dispatch(&self, key: &[u8], value: &[u8]) {
+        let Some(session) = decode::<FeatureKey>(key)
+            .ok()
+            .map(|k| (k.tenant_id.as_uuid(), k.session_id.as_uuid()))
+        else {
+            return;
+        };
+        let senders = match self.subscribers.lock().expect("not poisoned").get(&session) {
+            Some(s) => s.clone(),
+            None => return,
+        };
+        let Some(features) = decode::<Features>(value)
+            .ok()
+            .filter(|f| (f.tenant_id.as_uuid(), f.session_id.as_uuid()) == session)
+        else {
+            return;
+        };
+        let features = Arc::new(features);
+        for tx in senders {
+            // A full queue drops the record: that stream takes the window from the
+            // database instead.
+            let _ = tx.try_send(features.clone());
+        }
+    }
+
+    /// The records of `tenant`'s `session` from now on, until the receiver is dropped.
+    fn subscribe(&self, tenant: Uuid, session: Uuid) -> Subscription {
+        let session = (tenant, session);
         let (tx, rx) = mpsc::channel(FEED_QUEUE);
         let mut subscribers = self.subscribers.lock().expect("not poisoned");
         let list = subscribers.entry(session).or_default();
@@ -159,7 +175,7 @@ impl LiveFeed {
 /// A stream's share of the feed; unsubscribes when dropped.
 struct Subscription {
     rx: mpsc::Receiver<Arc<Features>>,
-    session: Uuid,
+    session: (Uuid, Uuid),
     subscribers: Subscribers,
 }
 
@@ -353,14 +369,19 @@ impl Stream {
         let (mut tx, mut rx) = socket.split();
         let mut wake = hub.wake.subscribe();
         // Subscribed before the first read, so no window falls between the two.
-        let mut feed = hub.feed.as_ref().map(|f| f.subscribe(self.session));
+        let mut feed = hub
+            .feed
+            .as_ref()
+            .map(|f| f.subscribe(self.tenant, self.session));
         let mut first = first;
         first["type"] = json!("session");
         tx.send(text(&first)).await?;
         let id = self.session.to_string();
         let mut quiet_since = Instant::now();
         loop {
-            let progressed = self.push(&mut tx).await?;
+            // The database first (what was stored before, or what the feed missed),
+            // then what the feed completed after it.
+            let progressed = self.push(&mut tx).await? | self.flush(&mut tx).await?;
             if progressed {
                 quiet_since = Instant::now();
                 continue;
@@ -446,6 +467,15 @@ impl Stream {
         if !window.iter().any(|c| c.channel_index == f.channel_index) {
             window.push(f);
         }
+        self.flush(tx).await
+    }
+
+    /// Sends the windows the feed completed from the next one on, in order; whether it
+    /// sent any.
+    async fn flush<S>(&mut self, tx: &mut S) -> Result<bool, anyhow::Error>
+    where
+        S: futures::Sink<Message, Error = axum::Error> + Unpin,
+    {
         let mut sent = false;
         loop {
             let next = u64::try_from(self.next_window).unwrap_or(0);
@@ -562,8 +592,32 @@ impl Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clisonix_schemas::examples;
+    use clisonix_schemas::{encode, examples, TenantId};
     use clisonix_sink::{Results, SinkRecord};
+
+    /// A session id is the device's to choose: a stream gets its own tenant's records
+    /// of it, never another tenant's with the same id; and none once it is gone.
+    #[tokio::test]
+    async fn the_feed_hands_a_record_only_to_the_streams_of_its_tenants_session() {
+        let feed = LiveFeed::start(
+            &KafkaSettings::new("127.0.0.1:1", "test"),
+            "eeg.features".into(),
+        )
+        .unwrap();
+        let mine = examples::features(1);
+        let mut theirs = mine.clone();
+        theirs.tenant_id = TenantId::random();
+        let (tenant, session) = (mine.tenant_id.as_uuid(), mine.session_id.as_uuid());
+        let mut sub = feed.subscribe(tenant, session);
+        for f in [&theirs, &mine] {
+            feed.dispatch(&encode(&f.key()).unwrap(), &encode(f).unwrap());
+        }
+        let got = sub.rx.try_recv().unwrap();
+        assert_eq!(*got, mine);
+        assert!(sub.rx.try_recv().is_err(), "the other tenant's record");
+        drop(sub);
+        assert!(feed.subscribers.lock().unwrap().is_empty());
+    }
 
     /// What the live stream pushes of a record from the feed is what it (and the API)
     /// read of the row the sink stores of it: every field, missing and non-finite
