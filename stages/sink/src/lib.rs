@@ -62,8 +62,8 @@ pub struct Written {
     pub audio_chunks: u64,
 }
 
-/// Features per INSERT statement (Postgres allows 65535 bind parameters; a features
-/// row takes 39).
+/// Features per INSERT statement (its arrays bound the statement's size, not the
+/// number of parameters).
 const FEATURE_ROWS_PER_STATEMENT: usize = 1_500;
 const AUDIO_ROWS_PER_STATEMENT: usize = 200;
 
@@ -129,10 +129,16 @@ impl Results {
         for part in audio.chunks(AUDIO_ROWS_PER_STATEMENT) {
             written.audio_chunks += insert_audio(&mut tx, part).await?;
         }
-        for (kind, session) in touched {
-            sqlx::query("SELECT pg_notify($1, $2)")
+        // One statement for every session touched (a round trip each was most of a
+        // batch's statements at a hundred devices).
+        if !touched.is_empty() {
+            let payloads: Vec<String> = touched
+                .iter()
+                .map(|(kind, session)| format!("{kind}:{session}"))
+                .collect();
+            sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
                 .bind(CHANNEL)
-                .bind(format!("{kind}:{session}"))
+                .bind(&payloads)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -192,61 +198,74 @@ pub fn psd_bytes(psd: &[f64]) -> Vec<u8> {
     psd.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// Inserts feature rows in one statement whose text never changes (the rows travel as
+/// one array per column), so Postgres parses and plans it once per connection rather
+/// than once per batch size.
 async fn insert_features(
     tx: &mut Transaction<'_, Postgres>,
     rows: &[&Features],
 ) -> Result<u64, sqlx::Error> {
-    let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
+    fn col<'a, T>(rows: &[&'a Features], f: impl Fn(&'a Features) -> T) -> Vec<T> {
+        rows.iter().map(|r| f(r)).collect()
+    }
+    let done = sqlx::query(
         "INSERT INTO features (session_id, window_index, channel_index, tenant_id, channel_label, \
          window_start, window_start_sample, window_samples, sample_rate_hz, unit, algorithm_version, \
          abs_delta, abs_theta, abs_alpha, abs_beta, abs_gamma, total_abs, \
          rel_delta, rel_theta, rel_alpha, rel_beta, rel_gamma, peak_alpha_hz, peak_alpha_psd, \
          spectral_entropy, hjorth_activity, hjorth_mobility, hjorth_complexity, aperiodic_exponent, \
          flat, clipped_fraction, line_noise_50hz, line_noise_60hz, seq_gaps, duplicate_frames, \
-         out_of_order_frames, psd_resolution_hz, psd) ",
-    );
-    q.push_values(rows, |mut b, f| {
-        b.push_bind(f.session_id.as_uuid())
-            .push_bind(i64_of(f.window_index))
-            .push_bind(f.channel_index as i32)
-            .push_bind(f.tenant_id.as_uuid())
-            .push_bind(&f.channel_label)
-            .push_bind(micros(f.window_start))
-            .push_bind(i64_of(f.window_start_sample))
-            .push_bind(f.window_samples as i32)
-            .push_bind(f.sample_rate_hz)
-            .push_bind(f.unit.symbol())
-            .push_bind(&f.algorithm_version)
-            .push_bind(f.abs.delta)
-            .push_bind(f.abs.theta)
-            .push_bind(f.abs.alpha)
-            .push_bind(f.abs.beta)
-            .push_bind(f.abs.gamma)
-            .push_bind(f.total_abs)
-            .push_bind(f.rel.delta)
-            .push_bind(f.rel.theta)
-            .push_bind(f.rel.alpha)
-            .push_bind(f.rel.beta)
-            .push_bind(f.rel.gamma)
-            .push_bind(f.peak_alpha_hz)
-            .push_bind(f.peak_alpha_psd)
-            .push_bind(f.spectral_entropy)
-            .push_bind(f.hjorth.activity)
-            .push_bind(f.hjorth.mobility)
-            .push_bind(f.hjorth.complexity)
-            .push_bind(f.aperiodic_exponent)
-            .push_bind(f.quality.flat)
-            .push_bind(f.quality.clipped_fraction)
-            .push_bind(f.quality.line_noise_50hz)
-            .push_bind(f.quality.line_noise_60hz)
-            .push_bind(f.quality.seq_gaps as i32)
-            .push_bind(f.quality.duplicate_frames as i32)
-            .push_bind(f.quality.out_of_order_frames as i32)
-            .push_bind(f.psd_resolution_hz)
-            .push_bind(psd_bytes(&f.psd));
-    });
-    q.push(" ON CONFLICT (session_id, window_index, channel_index) DO NOTHING");
-    Ok(q.build().execute(&mut **tx).await?.rows_affected())
+         out_of_order_frames, psd_resolution_hz, psd) \
+         SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::int[], $4::uuid[], $5::text[], \
+             $6::timestamptz[], $7::bigint[], $8::int[], $9::float8[], $10::text[], $11::text[], \
+             $12::float8[], $13::float8[], $14::float8[], $15::float8[], $16::float8[], $17::float8[], \
+             $18::float8[], $19::float8[], $20::float8[], $21::float8[], $22::float8[], \
+             $23::float8[], $24::float8[], $25::float8[], $26::float8[], $27::float8[], \
+             $28::float8[], $29::float8[], $30::bool[], $31::float8[], $32::float8[], \
+             $33::float8[], $34::int[], $35::int[], $36::int[], $37::float8[], $38::bytea[]) \
+         ON CONFLICT (session_id, window_index, channel_index) DO NOTHING",
+    )
+    .bind(col(rows, |f| f.session_id.as_uuid()))
+    .bind(col(rows, |f| i64_of(f.window_index)))
+    .bind(col(rows, |f| f.channel_index as i32))
+    .bind(col(rows, |f| f.tenant_id.as_uuid()))
+    .bind(col(rows, |f| f.channel_label.as_str()))
+    .bind(col(rows, |f| micros(f.window_start)))
+    .bind(col(rows, |f| i64_of(f.window_start_sample)))
+    .bind(col(rows, |f| f.window_samples as i32))
+    .bind(col(rows, |f| f.sample_rate_hz))
+    .bind(col(rows, |f| f.unit.symbol()))
+    .bind(col(rows, |f| f.algorithm_version.as_str()))
+    .bind(col(rows, |f| f.abs.delta))
+    .bind(col(rows, |f| f.abs.theta))
+    .bind(col(rows, |f| f.abs.alpha))
+    .bind(col(rows, |f| f.abs.beta))
+    .bind(col(rows, |f| f.abs.gamma))
+    .bind(col(rows, |f| f.total_abs))
+    .bind(col(rows, |f| f.rel.delta))
+    .bind(col(rows, |f| f.rel.theta))
+    .bind(col(rows, |f| f.rel.alpha))
+    .bind(col(rows, |f| f.rel.beta))
+    .bind(col(rows, |f| f.rel.gamma))
+    .bind(col(rows, |f| f.peak_alpha_hz))
+    .bind(col(rows, |f| f.peak_alpha_psd))
+    .bind(col(rows, |f| f.spectral_entropy))
+    .bind(col(rows, |f| f.hjorth.activity))
+    .bind(col(rows, |f| f.hjorth.mobility))
+    .bind(col(rows, |f| f.hjorth.complexity))
+    .bind(col(rows, |f| f.aperiodic_exponent))
+    .bind(col(rows, |f| f.quality.flat))
+    .bind(col(rows, |f| f.quality.clipped_fraction))
+    .bind(col(rows, |f| f.quality.line_noise_50hz))
+    .bind(col(rows, |f| f.quality.line_noise_60hz))
+    .bind(col(rows, |f| f.quality.seq_gaps as i32))
+    .bind(col(rows, |f| f.quality.duplicate_frames as i32))
+    .bind(col(rows, |f| f.quality.out_of_order_frames as i32))
+    .bind(col(rows, |f| f.psd_resolution_hz))
+    .bind(col(rows, |f| psd_bytes(&f.psd)))
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected())
 }
 
 /// PCM as stored: signed 16-bit little-endian.
