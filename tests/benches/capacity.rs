@@ -671,6 +671,10 @@ impl Bench {
             .flat_map(|(_, path)| read_acks(path))
             .collect();
         let acked: usize = acks.values().map(BTreeMap::len).sum();
+        for (_, path) in &players {
+            // Tens of MB at a thousand devices; the logs stay.
+            let _ = std::fs::remove_file(path);
+        }
 
         // Drain: the watched sessions' windows pushed, the polled ones readable, no lag.
         let drain_deadline = Instant::now() + Duration::from_secs(180);
