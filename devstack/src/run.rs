@@ -275,24 +275,7 @@ pub async fn sign_up(gateway: &str, name: &str) -> anyhow::Result<Tenant> {
         .to_owned();
     let mut keys = Vec::new();
     for scope in ["ingest", "read"] {
-        let body = json!({"name": format!("{name} {scope}"), "scopes": [scope]});
-        let a = c
-            .send(
-                "POST",
-                "/v1/api-keys",
-                Some("application/json"),
-                body.to_string().into_bytes(),
-                Some(&access_token),
-            )
-            .await?;
-        if a.status != 201 {
-            bail!(
-                "creating a key failed: {} {}",
-                a.status,
-                String::from_utf8_lossy(&a.body)
-            );
-        }
-        keys.push(a.json()["key"].as_str().unwrap_or_default().to_owned());
+        keys.push(create_key(gateway, &access_token, &format!("{name} {scope}"), scope).await?);
     }
     let read_key = keys.pop().unwrap_or_default();
     let ingest_key = keys.pop().unwrap_or_default();
@@ -303,6 +286,35 @@ pub async fn sign_up(gateway: &str, name: &str) -> anyhow::Result<Tenant> {
         ingest_key,
         read_key,
     })
+}
+
+/// Creates an API key named `name` with one `scope` for the tenant whose admin holds
+/// `access_token` (`POST /v1/api-keys`); returns its secret.
+pub async fn create_key(
+    gateway: &str,
+    access_token: &str,
+    name: &str,
+    scope: &str,
+) -> anyhow::Result<String> {
+    let mut c = Client::new(gateway, "")?;
+    let body = json!({"name": name, "scopes": [scope]});
+    let a = c
+        .send(
+            "POST",
+            "/v1/api-keys",
+            Some("application/json"),
+            body.to_string().into_bytes(),
+            Some(access_token),
+        )
+        .await?;
+    if a.status != 201 {
+        bail!(
+            "creating a key failed: {} {}",
+            a.status,
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+    Ok(a.json()["key"].as_str().unwrap_or_default().to_owned())
 }
 
 /// Moves the tenant whose admin holds `access_token` to the plan `plan_id`, the way

@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use clisonix_e2e::TestEnv;
+use clisonix_e2e::{free_port, TestEnv};
 use clisonix_player::http::Client;
 use clisonix_schemas::SessionId;
 use clisonix_topics::catalog::{
@@ -89,14 +89,6 @@ fn build_binaries() {
     assert!(status.success(), "building the release binaries failed");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A service process, its log kept in a temporary folder.
 struct Service {
     name: String,
@@ -135,24 +127,6 @@ fn spawn(logs: &Path, name: &str, bin: &str, args: &[&str], vars: &[(&str, Strin
         name: name.to_owned(),
         child,
     }
-}
-
-/// A new read key of the tenant whose admin holds `access_token`.
-async fn read_key(gateway: &str, access_token: &str, n: usize) -> String {
-    let mut c = Client::new(gateway, "").unwrap();
-    let body = serde_json::json!({"name": format!("capacity read {n}"), "scopes": ["read"]});
-    let a = c
-        .send(
-            "POST",
-            "/v1/api-keys",
-            Some("application/json"),
-            body.to_string().into_bytes(),
-            Some(access_token),
-        )
-        .await
-        .unwrap();
-    assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
-    a.json()["key"].as_str().unwrap().to_owned()
 }
 
 async fn wait_healthy(url: &str, what: &str) {
@@ -869,7 +843,12 @@ fn main() {
             .expect("choosing enterprise");
         let mut read_keys = vec![tenant.read_key.clone()];
         for i in 1..READ_KEYS {
-            read_keys.push(read_key(&gateway, &tenant.access_token, i).await);
+            let name = format!("capacity read {i}");
+            read_keys.push(
+                clisonix_dev::run::create_key(&gateway, &tenant.access_token, &name, "read")
+                    .await
+                    .expect("creating a read key"),
+            );
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
         let bench = Bench {

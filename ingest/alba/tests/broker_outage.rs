@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use clisonix_dev::kafka::{KafkaNode, VERSION};
 use clisonix_dev::stack::cache_dir;
-use clisonix_e2e::TestEnv;
+use clisonix_e2e::{free_port, TestEnv};
 use clisonix_player::http::Format;
 use clisonix_player::stream::{stream_frames, Progress, StreamOptions};
 use clisonix_schemas::SessionId;
@@ -21,14 +21,6 @@ use common::{frames, TestIngest};
 
 /// Frames the device sends ahead without an answer.
 const WINDOW: usize = 512;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Stops the private broker and deletes its data however the test ends.
 struct NodeGuard(KafkaNode);

@@ -70,7 +70,7 @@ impl Default for PlayOptions {
 }
 
 /// What a play did, all devices together.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct PlayReport {
     pub sessions: Vec<(DeviceId, SessionId)>,
     pub frames: usize,
@@ -405,17 +405,8 @@ mod tests {
         let at = std::time::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
         let report = PlayReport {
             sessions: vec![(DeviceId::parse("d-0").unwrap(), session)],
-            frames: 2,
-            acked: 2,
-            duplicates: 0,
-            resumed: 0,
-            rejected: Vec::new(),
-            resent: 0,
-            reconnects: 0,
-            bytes: 0,
-            elapsed: Duration::ZERO,
-            latencies_us: Vec::new(),
             acked_at: vec![vec![(0, at), (1, at + Duration::from_micros(1))]],
+            ..PlayReport::default()
         };
         let mut out = Vec::new();
         report.write_acks(&mut out).unwrap();

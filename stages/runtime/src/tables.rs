@@ -93,7 +93,24 @@ struct Tables<'a, W: TableWriter> {
     health: &'a Health,
 }
 
-impl<W: TableWriter> Tables<'_, W> {
+impl<'a, W: TableWriter> Tables<'a, W> {
+    fn new(
+        writer: &'a W,
+        config: &TablesConfig,
+        health: &'a Health,
+    ) -> Result<Tables<'a, W>, RuntimeError> {
+        Ok(Tables {
+            writer,
+            producer: config
+                .kafka
+                .producer()
+                .create()
+                .map_err(kafka("creating the producer"))?,
+            dead_letters: config.topics.name(&DEAD_LETTERS),
+            health,
+        })
+    }
+
     /// Decodes a batch; what does not decode goes to the dead-letter topic and reaches
     /// the writer as `None`.
     async fn decode(
@@ -242,14 +259,6 @@ async fn gather<X: ConsumerContext + 'static>(
     (batch, at_end)
 }
 
-fn producer(config: &TablesConfig) -> Result<FutureProducer, RuntimeError> {
-    config
-        .kafka
-        .producer()
-        .create()
-        .map_err(kafka("creating the producer"))
-}
-
 /// Runs `writer` until `shutdown` is cancelled (after the batch in hand is written and
 /// committed, or abandoned uncommitted if the database is away) or Kafka fails.
 pub async fn run_tables<W: TableWriter>(
@@ -264,12 +273,7 @@ pub async fn run_tables<W: TableWriter>(
         .consumer(&config.group)
         .create_with_context(DefaultConsumerContext)
         .map_err(kafka("creating the consumer"))?;
-    let tables = Tables {
-        writer: &writer,
-        producer: producer(&config)?,
-        dead_letters: config.topics.name(&DEAD_LETTERS),
-        health: &health,
-    };
+    let tables = Tables::new(&writer, &config, &health)?;
     let inputs = writer.inputs();
     let names: Vec<&str> = inputs.iter().map(String::as_str).collect();
     consumer.subscribe(&names).map_err(kafka("subscribing"))?;
@@ -342,12 +346,7 @@ pub async fn replay_tables<W: TableWriter>(
         .set("enable.partition.eof", "true")
         .create_with_context(Quiet)
         .map_err(kafka("creating the consumer"))?;
-    let tables = Tables {
-        writer: &writer,
-        producer: producer(&config)?,
-        dead_letters: config.topics.name(&DEAD_LETTERS),
-        health: &health,
-    };
+    let tables = Tables::new(&writer, &config, &health)?;
     let key = |r: &TableRange| (r.topic.clone(), r.partition);
     let ends: BTreeMap<(String, i32), i64> = ranges.iter().map(|r| (key(r), r.end)).collect();
     // The next offset to read per partition, as far as this run knows.
