@@ -66,6 +66,7 @@ impl Services {
 
         let mut config = clisonix_gateway::Config::defaults();
         config.database_url = clisonix_gateway::config::Secret::new(database.clone());
+        config.audio_store = Some(stack.audio_store.clone());
         config.listen = options.gateway;
         config.kafka_bootstrap = Some(stack.bootstrap());
         config.topic_prefix = stack.topics.prefix().to_owned();
@@ -109,8 +110,17 @@ impl Services {
             .connect(&database)
             .await
             .context("connecting the sink and metering to Postgres")?;
-        let sink = Sink::new(clisonix_sink::Results::new(pool.clone()), &stack.topics)
-            .with_retention(Duration::from_secs(600), StageMetrics::default());
+        let audio = clisonix_audio::AudioStore::from_url(&stack.audio_store)
+            .context("opening the audio store")?;
+        let sink = Sink::new(
+            clisonix_sink::Results::new(pool.clone(), audio),
+            &stack.topics,
+        )
+        .with_retention(
+            Duration::from_secs(600),
+            Duration::from_secs(600),
+            StageMetrics::default(),
+        );
         services.tables(stack, sink);
         let metering = Metering::new(
             clisonix_metering::MeteringStore::new(pool),

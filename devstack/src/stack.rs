@@ -23,6 +23,9 @@ pub struct Stack {
     pub stripe_mock: StripeMock,
     /// The tests' Python environment (independent implementations to check against).
     pub python: crate::python::Python,
+    /// Where the sink writes audio and the gateway reads it (`CLISONIX_AUDIO_STORE`;
+    /// by default the folder `.dev/audio`).
+    pub audio_store: String,
 }
 
 /// What `up` started (so a caller can stop exactly that again).
@@ -88,6 +91,8 @@ impl Stack {
                 port: port("CLISONIX_STRIPE_MOCK_PORT", 12111)?,
             },
             python: crate::python::Python::new(root, &cache_dir()?),
+            audio_store: env("CLISONIX_AUDIO_STORE")
+                .unwrap_or_else(|| format!("file://{}", state.join("audio").display())),
         })
     }
 
@@ -113,6 +118,7 @@ impl Stack {
             ("CLISONIX_KAFKA_BOOTSTRAP", self.bootstrap()),
             ("DATABASE_URL", self.postgres.url()),
             ("CLISONIX_STRIPE_API_BASE", self.stripe_mock.url()),
+            ("CLISONIX_AUDIO_STORE", self.audio_store.clone()),
         ];
         if let Ok(python) = self.python.interpreter() {
             vars.push(("CLISONIX_PYTHON", python.display().to_string()));

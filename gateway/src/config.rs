@@ -66,6 +66,10 @@ pub struct Config {
     /// Of those, at most this many to one endpoint
     /// (`CLISONIX_WEBHOOK_ENDPOINT_CONCURRENCY`, 1 to 100).
     pub webhook_endpoint_concurrency: i32,
+    /// Where the sink writes audio chunks (`CLISONIX_AUDIO_STORE`: `file:///a/folder`
+    /// or `s3://bucket[/prefix]`, the same as the sink's); without it only chunks
+    /// stored inline in Postgres by earlier versions can be served.
+    pub audio_store: Option<String>,
 }
 
 impl Config {
@@ -108,6 +112,7 @@ impl Config {
             webhook_first_retry: Duration::from_secs(5),
             webhook_concurrency: 32,
             webhook_endpoint_concurrency: 4,
+            audio_store: None,
         }
     }
 
@@ -216,6 +221,11 @@ impl Config {
         });
         parse("STRIPE_SECRET_KEY", &mut |v| {
             c.stripe_secret_key = Some(Secret::new(v));
+            Ok(())
+        });
+        parse("CLISONIX_AUDIO_STORE", &mut |v| {
+            clisonix_audio::AudioStore::from_url(v).map_err(|e| e.to_string())?;
+            c.audio_store = Some(v.to_owned());
             Ok(())
         });
         parse("CLISONIX_STRIPE_API_BASE", &mut |v| {

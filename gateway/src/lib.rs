@@ -4,6 +4,7 @@
 
 pub mod accounts;
 pub mod api_usage;
+pub mod audio;
 pub mod auth;
 pub mod billing;
 pub mod config;

@@ -298,6 +298,7 @@ pub async fn live(
     };
     let stream = Stream {
         pool: state.pool.clone(),
+        audio: state.audio.clone(),
         windows_pushed: state.metrics.live_windows.clone(),
         pending: BTreeMap::new(),
         tenant: reader.tenant,
@@ -321,6 +322,7 @@ pub async fn live(
 
 struct Stream {
     pool: PgPool,
+    audio: Option<clisonix_audio::AudioStore>,
     windows_pushed: prometheus::IntCounterVec,
     /// Windows being assembled from the feed: their channels so far.
     pending: BTreeMap<u64, Vec<Arc<Features>>>,
@@ -550,11 +552,12 @@ impl Stream {
         let Some(preset) = &self.preset else {
             return Ok(progressed);
         };
-        let chunks = sqlx::query(
-            "SELECT chunk_index, preset_version, start_frame, frames, eeg_start, sample_rate_hz, channels, pcm \
+        let chunks = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT chunk_index, preset_version, start_frame, frames, eeg_start, {} \
              FROM audio_chunks WHERE session_id = $1 AND tenant_id = $2 AND preset = $3 AND chunk_index >= $4 \
              ORDER BY chunk_index LIMIT $5",
-        )
+            crate::audio::COLUMNS
+        )))
         .bind(self.session)
         .bind(self.tenant)
         .bind(preset)
@@ -579,8 +582,10 @@ impl Stream {
                 "sample_rate_hz": c.try_get::<i32, _>("sample_rate_hz")?,
                 "channels": c.try_get::<i16, _>("channels")?,
             });
+            let pcm = crate::audio::Stored::from_row(c)?
+                .pcm(self.audio.as_ref())
+                .await?;
             tx.send(text(&m)).await?;
-            let pcm: Vec<u8> = c.try_get("pcm")?;
             tx.send(Message::Binary(pcm.into())).await?;
             self.next_chunk = index + 1;
             progressed = true;
@@ -636,10 +641,13 @@ mod tests {
             .iter()
             .map(|f| SinkRecord::Features(Box::new(f.clone())))
             .collect();
-        Results::new(db.pool.clone())
-            .write(&sink.iter().collect::<Vec<_>>())
-            .await
-            .unwrap();
+        Results::new(
+            db.pool.clone(),
+            clisonix_audio::AudioStore::from_url(&db.audio_store()).unwrap(),
+        )
+        .write(&sink.iter().collect::<Vec<_>>())
+        .await
+        .unwrap();
         for f in &records {
             let row = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT channel_index, channel_label, {} FROM features \

@@ -60,6 +60,7 @@ impl Modify for BearerAuth {
         crate::results::get_session,
         crate::results::features,
         crate::results::audio,
+        crate::results::audio_chunk,
         crate::live::live,
         crate::plans::list,
         crate::plans::get,

@@ -1038,6 +1038,7 @@ pub async fn audio(
         }
     };
     let pool = state.pool.clone();
+    let store = state.audio.clone();
     let preset_name = preset.preset.clone();
     let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::spawn(async move {
@@ -1055,37 +1056,25 @@ pub async fn audio(
             })
             .collect();
         for group in wanted.chunks(CHUNKS_PER_FETCH) {
-            let indexes: Vec<i64> = group.iter().map(|s| s.chunk_index).collect();
-            let fetched = sqlx::query(
-                "SELECT chunk_index, pcm FROM audio_chunks WHERE session_id = $1 AND preset = $2 \
-                 AND chunk_index = ANY($3) ORDER BY chunk_index",
-            )
-            .bind(id)
-            .bind(&preset_name)
-            .bind(&indexes)
-            .fetch_all(&pool)
-            .await;
-            let rows = match fetched {
-                Ok(rows) => rows,
+            let pcm = match fetch_pcm(&pool, store.as_ref(), id, &preset_name, group).await {
+                Ok(pcm) => pcm,
                 Err(e) => {
                     tracing::error!(error = %e, "reading audio failed mid-answer");
                     let _ = tx.send(Err(std::io::Error::other(e))).await;
                     return;
                 }
             };
-            let by_index: BTreeMap<i64, Vec<u8>> = rows
-                .iter()
-                .filter_map(|r| Some((r.try_get("chunk_index").ok()?, r.try_get("pcm").ok()?)))
-                .collect();
-            for span in group {
-                let Some(pcm) = by_index.get(&span.chunk_index) else {
-                    let _ = tx
-                        .send(Err(std::io::Error::other("a chunk vanished")))
-                        .await;
-                    return;
-                };
+            for (span, pcm) in group.iter().zip(pcm) {
                 let from = data_start.saturating_sub(span.data_start) as usize;
                 let to = ((data_end - span.data_start).min(span.bytes)) as usize;
+                if pcm.len() < to {
+                    let _ = tx
+                        .send(Err(std::io::Error::other(
+                            "a chunk is shorter than its row says",
+                        )))
+                        .await;
+                    return;
+                }
                 if tx
                     .send(Ok(Bytes::copy_from_slice(&pcm[from..to])))
                     .await
@@ -1110,6 +1099,117 @@ pub async fn audio(
         if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
             h.insert(CONTENT_RANGE, v);
         }
+    }
+    Ok(response)
+}
+
+/// The PCM of a group of chunks, in the group's order (objects fetched and decoded
+/// concurrently).
+async fn fetch_pcm(
+    pool: &sqlx::PgPool,
+    store: Option<&clisonix_audio::AudioStore>,
+    session: Uuid,
+    preset: &str,
+    group: &[ChunkSpan],
+) -> Result<Vec<Vec<u8>>, crate::audio::ReadError> {
+    use crate::audio::{ReadError, Stored};
+    let indexes: Vec<i64> = group.iter().map(|s| s.chunk_index).collect();
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT chunk_index, {} FROM audio_chunks WHERE session_id = $1 AND preset = $2 \
+         AND chunk_index = ANY($3) ORDER BY chunk_index",
+        crate::audio::COLUMNS
+    )))
+    .bind(session)
+    .bind(preset)
+    .bind(&indexes)
+    .fetch_all(pool)
+    .await?;
+    let mut by_index = BTreeMap::new();
+    for r in &rows {
+        by_index.insert(r.try_get::<i64, _>("chunk_index")?, Stored::from_row(r)?);
+    }
+    let reads = group.iter().map(|span| {
+        let stored = by_index.remove(&span.chunk_index);
+        async move {
+            match stored {
+                Some(s) => s.pcm(store).await,
+                // Retention deleted the session while it was being read.
+                None => Err(ReadError::Database(sqlx::Error::RowNotFound)),
+            }
+        }
+    });
+    futures::future::try_join_all(reads).await
+}
+
+/// Which chunk: its preset (default as for the WAV file).
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ChunkQuery {
+    /// The preset (default: `parameter_mapping` if rendered, else the first one).
+    pub preset: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/sessions/{id}/audio/chunks/{chunk_index}", tag = "results", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The session"), ("chunk_index" = i64, Path, description = "The chunk, from 0"), ChunkQuery),
+    responses((status = 200, description = "The chunk's audio as lossless FLAC (16-bit), as stored: a fraction of the WAV's size", content_type = "audio/flac"),
+              (status = 404, description = "No such session in this tenant, or no such chunk (for this preset)", body = crate::openapi::ErrorBody),
+              (status = 503, description = "The audio store cannot be read now", body = crate::openapi::ErrorBody),
+              (status = 401, description = "Missing or invalid token or key", body = crate::openapi::ErrorBody)))]
+/// `GET /v1/sessions/{id}/audio/chunks/{chunk_index}`: one chunk as FLAC, the compressed
+/// form bulk readers fetch chunk by chunk (the session's detail says how many there are).
+pub async fn audio_chunk(
+    State(state): State<AppState>,
+    reader: Reader,
+    Path((id, chunk_index)): Path<(Uuid, i64)>,
+    query: Result<Query<ChunkQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(query_error)?;
+    let presets = audio_presets(&state, reader, id).await?;
+    if presets.is_empty() {
+        find_session(&state, reader, id).await?;
+    }
+    let preset = match &q.preset {
+        Some(p) => p.clone(),
+        None => presets
+            .iter()
+            .find(|s| s.preset == "parameter_mapping")
+            .or(presets.first())
+            .map(|s| s.preset.clone())
+            .unwrap_or_default(),
+    };
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT preset_version, {} FROM audio_chunks \
+         WHERE session_id = $1 AND tenant_id = $2 AND preset = $3 AND chunk_index = $4",
+        crate::audio::COLUMNS
+    )))
+    .bind(id)
+    .bind(reader.tenant)
+    .bind(&preset)
+    .bind(chunk_index)
+    .fetch_optional(&state.pool)
+    .await?
+    .ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "audio_not_found",
+            format!("no {preset} audio chunk {chunk_index} for this session"),
+        )
+    })?;
+    let stored = crate::audio::Stored::from_row(&row)?;
+    let etag = match &stored {
+        crate::audio::Stored::Object(key) => format!("\"{}\"", key.digest()),
+        crate::audio::Stored::Inline { .. } => format!(
+            "\"{id}-{preset}-{}-{chunk_index}\"",
+            row.try_get::<String, _>("preset_version")?
+        ),
+    };
+    let flac = stored.flac(state.audio.as_ref()).await?;
+    let mut response = Response::new(Body::from(flac));
+    let h = response.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("audio/flac"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("private, no-cache"));
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(ETAG, v);
     }
     Ok(response)
 }

@@ -212,6 +212,8 @@ pub struct AppState {
     pub api_usage: Option<Arc<ApiUsage>>,
     /// Stripe's API, when `STRIPE_SECRET_KEY` is set.
     pub stripe: Option<Arc<clisonix_billing::stripe::Stripe>>,
+    /// The audio store the sink writes chunks to (`CLISONIX_AUDIO_STORE`).
+    pub audio: Option<clisonix_audio::AudioStore>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -243,6 +245,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sessions/{id}", get(results::get_session))
         .route("/v1/sessions/{id}/features", get(results::features))
         .route("/v1/sessions/{id}/audio", get(results::audio))
+        .route(
+            "/v1/sessions/{id}/audio/chunks/{chunk_index}",
+            get(results::audio_chunk),
+        )
         .route("/v1/sessions/{id}/live", get(crate::live::live))
         .route("/v1/plans", get(crate::plans::list))
         .route(
@@ -446,8 +452,18 @@ impl Application {
             ),
             None => None,
         };
+        let audio = match &config.audio_store {
+            Some(url) => {
+                Some(clisonix_audio::AudioStore::from_url(url).context("opening the audio store")?)
+            }
+            None => {
+                tracing::warn!("CLISONIX_AUDIO_STORE is not set: audio the sink stored as objects cannot be served");
+                None
+            }
+        };
         let state = AppState {
             api_usage,
+            audio: audio.clone(),
             stripe: crate::stripe::client(&config),
             api_keys: Arc::new(KeyVerifier::new(pool.clone())),
             login_limits: Arc::new(AttemptLimiter::new(

@@ -781,6 +781,7 @@ async fn the_openapi_document_describes_every_route() {
         "GET /v1/sessions/{id}",
         "GET /v1/sessions/{id}/features",
         "GET /v1/sessions/{id}/audio",
+        "GET /v1/sessions/{id}/audio/chunks/{chunk_index}",
         "GET /v1/sessions/{id}/live",
         "GET /v1/plans",
         "GET /v1/subscription",

@@ -798,6 +798,7 @@ fn main() {
         let ingest = format!("http://127.0.0.1:{ingest_port}");
         let common_vars = vec![
             ("DATABASE_URL", database_url.clone()),
+            ("CLISONIX_AUDIO_STORE", db.audio_store()),
             ("CLISONIX_KAFKA_BOOTSTRAP", env.kafka.bootstrap.clone()),
             ("CLISONIX_TOPIC_PREFIX", topics.prefix().to_owned()),
         ];

@@ -213,6 +213,14 @@ pub struct TestDatabase {
 }
 
 impl TestDatabase {
+    /// An audio store of this database's own (a folder named after it), for a sink
+    /// and a gateway on this database.
+    pub fn audio_store(&self) -> String {
+        let dir = std::env::temp_dir().join(format!("clisonix-audio-{}", self.name));
+        std::fs::create_dir_all(&dir).expect("the temporary directory is writable");
+        format!("file://{}", dir.display())
+    }
+
     /// A connection URL for this database (for services that connect themselves).
     pub fn url(&self) -> String {
         self.options

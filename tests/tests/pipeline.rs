@@ -271,6 +271,42 @@ async fn a_streamed_recording_is_readable_and_audible_through_the_api() {
     );
     assert_eq!(part_data, &data[..part_data.len()]);
 
+    // Chunk by chunk as FLAC: each decodes to its stretch of the WAV, bit for bit, at a
+    // fraction of its bytes.
+    let mut offset = 0;
+    let (mut flac_bytes, mut pcm_bytes) = (0, 0);
+    for index in 0..239 {
+        let chunk = reader
+            .get(&format!("/v1/sessions/{session}/audio/chunks/{index}"))
+            .await
+            .unwrap();
+        assert_eq!(chunk.status, 200, "{}", text(&chunk));
+        assert_eq!(chunk.headers["content-type"], "audio/flac");
+        let pcm = clisonix_audio::flac::decode(&chunk.body).unwrap();
+        assert_eq!((pcm.channels, pcm.sample_rate_hz), (2, 44_100));
+        let bytes = clisonix_sink::pcm_bytes(&pcm.samples);
+        assert_eq!(
+            bytes[..],
+            data[offset..offset + bytes.len()],
+            "chunk {index}"
+        );
+        offset += bytes.len();
+        (flac_bytes, pcm_bytes) = (flac_bytes + chunk.body.len(), pcm_bytes + bytes.len());
+    }
+    assert_eq!(offset, data.len());
+    assert!(
+        flac_bytes * 3 < pcm_bytes,
+        "{flac_bytes} bytes of FLAC for {pcm_bytes} of PCM"
+    );
+    let missing = reader
+        .get(&format!("/v1/sessions/{session}/audio/chunks/239"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (missing.status, missing.json()["error"]["code"].as_str()),
+        (404, Some("audio_not_found"))
+    );
+
     // The live stream pushed every window in order with all channels, every chunk with
     // its PCM, then the end.
     let (live_windows, chunks, end) = live.await.unwrap();
@@ -323,7 +359,7 @@ async fn a_streamed_recording_is_readable_and_audible_through_the_api() {
     let mut other = p.reader(&p.other.read_key);
     let list = other.get("/v1/sessions").await.unwrap();
     assert_eq!(list.json()["sessions"].as_array().unwrap().len(), 0);
-    for path in ["", "/features", "/audio"] {
+    for path in ["", "/features", "/audio", "/audio/chunks/0"] {
         let a = other
             .get(&format!("/v1/sessions/{session}{path}"))
             .await

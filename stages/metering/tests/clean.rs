@@ -119,7 +119,10 @@ async fn clean_channel_time_of_the_reference_recording_equals_the_rule_applied_b
     .await
     .unwrap();
     assert_eq!(stored, want);
-    let results = clisonix_sink::Results::new(db.pool.clone());
+    let results = clisonix_sink::Results::new(
+        db.pool.clone(),
+        clisonix_audio::AudioStore::from_url(&db.audio_store()).unwrap(),
+    );
     let records: Vec<clisonix_sink::SinkRecord> = features
         .into_iter()
         .map(|f| clisonix_sink::SinkRecord::Features(Box::new(f)))

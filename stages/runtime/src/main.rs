@@ -151,6 +151,19 @@ enum StageCmd {
         /// (0: never)
         #[arg(long, env = "CLISONIX_RETENTION_SWEEP_SECONDS", default_value_t = 600)]
         retention_sweep_seconds: u64,
+        /// Where audio chunks go, as FLAC: file:///a/folder (or a path) or
+        /// s3://bucket[/prefix] (configured by the AWS_* variables); the gateway reads
+        /// the same store
+        #[arg(long, env = "CLISONIX_AUDIO_STORE")]
+        audio_store: String,
+        /// An audio object no row names is deleted by the sweep after this many
+        /// seconds (a batch in flight is never disturbed; this only spares work)
+        #[arg(
+            long,
+            env = "CLISONIX_AUDIO_ORPHAN_GRACE_SECONDS",
+            default_value_t = 600
+        )]
+        audio_orphan_grace_seconds: u64,
     },
     /// Metering: usage.events, eeg.sessions and eeg.features -> usage per tenant,
     /// meter and hour in Postgres, exactly once
@@ -313,14 +326,19 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
             database_url,
             migrate,
             retention_sweep_seconds,
+            audio_store,
+            audio_orphan_grace_seconds,
         } => {
             let pool = database(&database_url, migrate).await?;
+            let audio = clisonix_audio::AudioStore::from_url(&audio_store)
+                .context("opening the audio store (--audio-store, CLISONIX_AUDIO_STORE)")?;
             let topics = config.topics.clone();
             serve_with(cli.http_addr, |health, shutdown| {
-                let mut sink = Sink::new(clisonix_sink::Results::new(pool), &topics);
+                let mut sink = Sink::new(clisonix_sink::Results::new(pool, audio), &topics);
                 if retention_sweep_seconds > 0 {
                     sink = sink.with_retention(
                         Duration::from_secs(retention_sweep_seconds),
+                        Duration::from_secs(audio_orphan_grace_seconds),
                         health.metrics.clone(),
                     );
                 }

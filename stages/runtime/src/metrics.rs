@@ -37,6 +37,9 @@ pub struct StageMetrics {
     pub metering_skipped: IntCounterVec,
     /// Sink: rows deleted past their tenant's plan's retention, by table.
     pub results_expired: IntCounterVec,
+    /// Sink: audio objects the object sweep looked at, by outcome (`kept`: a row names
+    /// it; `deleted`: none does).
+    pub audio_objects_swept: IntCounterVec,
 }
 
 impl StageMetrics {
@@ -117,6 +120,11 @@ impl StageMetrics {
             "Result rows deleted past their tenant's plan's retention",
             &["table"],
         );
+        let audio_objects_swept = counter(
+            "clisonix_audio_objects_swept_total",
+            "Audio objects the sink's sweep checked, by outcome (kept: a row names it, deleted: none does)",
+            &["outcome"],
+        );
         let lag = IntGaugeVec::new(
             Opts::new(
                 "clisonix_stage_consumer_lag",
@@ -143,6 +151,7 @@ impl StageMetrics {
             usage_alerts,
             metering_skipped,
             results_expired,
+            audio_objects_swept,
         }
     }
 

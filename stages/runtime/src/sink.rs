@@ -5,7 +5,8 @@
 //! commit is written again and changes nothing; see `clisonix-sink`).
 //!
 //! Between batches it deletes the results its tenants' plans no longer keep
-//! ([`Sink::with_retention`], [`clisonix_sink::retention`]).
+//! ([`Sink::with_retention`], [`clisonix_sink::retention`]), then the audio objects no
+//! row names ([`clisonix_sink::objects`]).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -26,6 +27,9 @@ use crate::tables::TableWriter;
 /// Sessions deleted per transaction by a retention sweep.
 const EXPIRE_BATCH: i64 = 100;
 
+/// Audio objects checked per transaction by an object sweep.
+const SWEEP_BATCH: i64 = 1_000;
+
 /// The sink's name: its consumer group and the `stage` of its dead letters.
 pub const NAME: &str = "sink";
 
@@ -44,10 +48,12 @@ pub struct Sink {
     retention: Option<Retention>,
 }
 
-/// The retention sweep's schedule and what it counts.
+/// The sweeps' schedule and what they count.
 #[derive(Debug)]
 struct Retention {
     every: Duration,
+    /// How old an audio object's check must be before the object sweep looks at it.
+    grace: Duration,
     metrics: StageMetrics,
     swept: Mutex<Option<Instant>>,
 }
@@ -69,10 +75,17 @@ impl Sink {
     }
 
     /// Also deletes, every `every`, the sessions (with their features and audio) older
-    /// than their tenant's plan keeps, counting them in `metrics`.
-    pub fn with_retention(mut self, every: Duration, metrics: StageMetrics) -> Sink {
+    /// than their tenant's plan keeps, and then the audio objects no row names whose
+    /// checks are older than `grace`, counting them in `metrics`.
+    pub fn with_retention(
+        mut self,
+        every: Duration,
+        grace: Duration,
+        metrics: StageMetrics,
+    ) -> Sink {
         self.retention = Some(Retention {
             every,
+            grace,
             metrics,
             swept: Mutex::new(None),
         });
@@ -141,13 +154,20 @@ impl TableWriter for Sink {
         if !due {
             return;
         }
+        *r.swept.lock().expect("not poisoned") = Some(Instant::now());
+        self.expire(r).await;
+        self.sweep_objects(r).await;
+    }
+}
+
+impl Sink {
+    async fn expire(&self, r: &Retention) {
         match self
             .results
             .expire(sqlx::types::chrono::Utc::now(), EXPIRE_BATCH)
             .await
         {
             Ok(expired) => {
-                *r.swept.lock().expect("not poisoned") = Some(Instant::now());
                 let Some(e) = expired else { return };
                 for (table, n) in [
                     ("sessions", e.sessions),
@@ -170,6 +190,35 @@ impl TableWriter for Sink {
             }
             Err(error) => {
                 warn!(%error, "deleting results past their retention failed; trying again soon")
+            }
+        }
+    }
+
+    async fn sweep_objects(&self, r: &Retention) {
+        match self
+            .results
+            .sweep_objects(sqlx::types::chrono::Utc::now(), r.grace, SWEEP_BATCH)
+            .await
+        {
+            Ok(Some(s)) => {
+                let swept = &r.metrics.audio_objects_swept;
+                swept
+                    .with_label_values(&["kept"])
+                    .inc_by(s.checked - s.deleted);
+                swept.with_label_values(&["deleted"]).inc_by(s.deleted);
+                if s.deleted > 0 {
+                    info!(
+                        checked = s.checked,
+                        deleted = s.deleted,
+                        "deleted audio objects no row names"
+                    );
+                }
+            }
+            Ok(None) => {
+                info!("the audio object sweep waited too long for the sink's writes; next time")
+            }
+            Err(error) => {
+                warn!(%error, "sweeping audio objects failed; trying again soon")
             }
         }
     }

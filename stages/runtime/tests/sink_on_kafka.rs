@@ -77,7 +77,10 @@ fn spawn_sink(
         "s",
         batch,
         &["sink"],
-        &[("DATABASE_URL", &db.url())],
+        &[
+            ("DATABASE_URL", &db.url()),
+            ("CLISONIX_AUDIO_STORE", &db.audio_store()),
+        ],
     )
 }
 
@@ -145,17 +148,40 @@ async fn results_land_in_postgres_once_and_replays_change_nothing() {
         row.get::<Vec<u8>, _>("psd"),
         clisonix_sink::psd_bytes(&f.psd)
     );
-    let a: AudioChunk = decode(&audio[5].value).unwrap();
-    let pcm: Vec<u8> = sqlx::query_scalar(
-        "SELECT pcm FROM audio_chunks WHERE session_id = $1 AND preset = $2 AND chunk_index = $3",
-    )
-    .bind(a.session_id.as_uuid())
-    .bind(&a.preset)
-    .bind(a.chunk_index as i64)
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
-    assert_eq!(pcm, clisonix_sink::pcm_bytes(&a.pcm));
+    // Every chunk's row names its object, none holds PCM, and each object decodes to
+    // its record's PCM bit for bit.
+    let store = clisonix_audio::AudioStore::from_url(&db.audio_store()).unwrap();
+    for record in &audio {
+        let a: AudioChunk = decode(&record.value).unwrap();
+        let (key, bytes, inline): (String, i32, bool) = sqlx::query_as(
+            "SELECT object_key, object_bytes, pcm IS NOT NULL FROM audio_chunks \
+             WHERE session_id = $1 AND preset = $2 AND chunk_index = $3",
+        )
+        .bind(a.session_id.as_uuid())
+        .bind(&a.preset)
+        .bind(a.chunk_index as i64)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert!(!inline, "no PCM in Postgres");
+        let flac = store
+            .get(&clisonix_audio::ObjectKey::parse(&key).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(flac.len(), bytes as usize);
+        let back = clisonix_audio::flac::decode(&flac).unwrap();
+        assert_eq!(
+            back.samples, a.pcm,
+            "chunk {} of {}",
+            a.chunk_index, a.preset
+        );
+        assert_eq!(back.channels, a.channels);
+        assert_eq!(back.sample_rate_hz, a.sample_rate_hz);
+    }
+    let objects: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(store.list())
+        .await
+        .unwrap();
+    assert_eq!(objects.len(), audio.len(), "an object per chunk");
     let last: SessionState = decode(&states.last().unwrap().value).unwrap();
     let (status, frames_seen, reason): (String, i64, Option<String>) =
         sqlx::query_as("SELECT status, frames, end_reason FROM sessions WHERE session_id = $1")

@@ -9,6 +9,10 @@
 //! - features and audio chunks are keyed like their records and inserted with
 //!   `ON CONFLICT DO NOTHING` (stages are deterministic: a record written again is the
 //!   same record);
+//! - an audio chunk's PCM goes to the audio store as FLAC before its row, under a key
+//!   derived from its bytes, so a chunk written again reuses its object (see
+//!   [`objects`] for the order of the writes and the sweep that collects objects no
+//!   row names);
 //! - a session's row is replaced only by a state at least as far along (more frames
 //!   processed, or the same and ended), so an old state re-read cannot undo a newer one.
 //!
@@ -21,10 +25,14 @@
 
 use std::collections::BTreeSet;
 
+pub mod objects;
 pub mod retention;
 
+use clisonix_audio::AudioStore;
 use clisonix_schemas::{AudioChunk, Features, SessionState, SessionStatus};
 use sqlx::{PgPool, Postgres, QueryBuilder, Transaction};
+
+use crate::objects::EncodedChunk;
 
 /// The `LISTEN` channel the sink notifies on commit. Payload: `<kind>:<session id>`,
 /// kind one of `features`, `audio`, `session`.
@@ -50,8 +58,16 @@ impl SinkRecord {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("writing results to Postgres: {0}")]
-pub struct WriteError(#[from] sqlx::Error);
+pub enum WriteError {
+    #[error("writing results to Postgres: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("writing audio: {0}")]
+    Audio(#[from] clisonix_audio::StoreError),
+    #[error("encoding audio: {0}")]
+    Encode(#[from] clisonix_audio::flac::FlacError),
+    #[error("the audio encoder panicked: {0}")]
+    Panicked(String),
+}
 
 /// Rows a batch inserted or updated (fewer than its records when some were already
 /// there).
@@ -67,10 +83,11 @@ pub struct Written {
 const FEATURE_ROWS_PER_STATEMENT: usize = 1_500;
 const AUDIO_ROWS_PER_STATEMENT: usize = 200;
 
-/// The results database.
+/// The results database and the audio store beside it.
 #[derive(Debug, Clone)]
 pub struct Results {
     pool: PgPool,
+    audio: AudioStore,
 }
 
 fn status(s: SessionStatus) -> &'static str {
@@ -92,21 +109,40 @@ fn i64_of(v: u64) -> i64 {
 }
 
 impl Results {
-    pub fn new(pool: PgPool) -> Results {
-        Results { pool }
+    pub fn new(pool: PgPool, audio: AudioStore) -> Results {
+        Results { pool, audio }
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 
-    /// Writes a batch in one transaction and notifies the sessions it touched.
+    pub fn audio(&self) -> &AudioStore {
+        &self.audio
+    }
+
+    /// Writes a batch in one transaction and notifies the sessions it touched. Its
+    /// audio chunks' objects are written first (see [`objects`]).
     pub async fn write(&self, records: &[&SinkRecord]) -> Result<Written, WriteError> {
+        let chunks: Vec<&AudioChunk> = records
+            .iter()
+            .filter_map(|r| match r {
+                SinkRecord::Audio(a) => Some(a),
+                _ => None,
+            })
+            .collect();
+        let encoded = objects::encode(&chunks).await?;
+        if !encoded.is_empty() {
+            self.will_write(&encoded).await?;
+        }
         let mut tx = self.pool.begin().await?;
+        if !encoded.is_empty() {
+            objects::hold_sweep(&mut tx).await?;
+            self.put_objects(&encoded).await?;
+        }
         let mut written = Written::default();
         let mut touched: BTreeSet<(&'static str, uuid::Uuid)> = BTreeSet::new();
         let mut features: Vec<&Features> = Vec::new();
-        let mut audio: Vec<&AudioChunk> = Vec::new();
         for r in records.iter().copied() {
             match r {
                 SinkRecord::Session(s) => {
@@ -119,14 +155,13 @@ impl Results {
                 }
                 SinkRecord::Audio(a) => {
                     touched.insert(("audio", a.session_id.as_uuid()));
-                    audio.push(a);
                 }
             }
         }
         for part in features.chunks(FEATURE_ROWS_PER_STATEMENT) {
             written.features += insert_features(&mut tx, part).await?;
         }
-        for part in audio.chunks(AUDIO_ROWS_PER_STATEMENT) {
+        for part in encoded.chunks(AUDIO_ROWS_PER_STATEMENT) {
             written.audio_chunks += insert_audio(&mut tx, part).await?;
         }
         // One statement for every session touched (a round trip each was most of a
@@ -268,21 +303,23 @@ async fn insert_features(
     Ok(done.rows_affected())
 }
 
-/// PCM as stored: signed 16-bit little-endian.
+/// PCM as stored inline by earlier versions, and as the live stream and the WAV file
+/// carry it: signed 16-bit little-endian.
 pub fn pcm_bytes(pcm: &[i16]) -> Vec<u8> {
     pcm.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 async fn insert_audio(
     tx: &mut Transaction<'_, Postgres>,
-    rows: &[&AudioChunk],
+    rows: &[EncodedChunk<'_>],
 ) -> Result<u64, sqlx::Error> {
     let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
         "INSERT INTO audio_chunks (session_id, preset, chunk_index, tenant_id, preset_version, \
          start_frame, frames, eeg_start, sample_rate_hz, channels, source_first_seq, \
-         source_last_seq, pcm) ",
+         source_last_seq, object_key, object_bytes) ",
     );
-    q.push_values(rows, |mut b, a| {
+    q.push_values(rows, |mut b, e| {
+        let a = e.chunk;
         let frames = a.pcm.len() / usize::from(a.channels.max(1));
         b.push_bind(a.session_id.as_uuid())
             .push_bind(&a.preset)
@@ -296,7 +333,8 @@ async fn insert_audio(
             .push_bind(i16::try_from(a.channels).unwrap_or(i16::MAX))
             .push_bind(i64_of(a.source_first_seq))
             .push_bind(i64_of(a.source_last_seq))
-            .push_bind(pcm_bytes(&a.pcm));
+            .push_bind(e.key.as_str())
+            .push_bind(i32::try_from(e.flac.len()).unwrap_or(i32::MAX));
     });
     q.push(" ON CONFLICT (session_id, preset, chunk_index) DO NOTHING");
     Ok(q.build().execute(&mut **tx).await?.rows_affected())

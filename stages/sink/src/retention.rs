@@ -4,6 +4,9 @@
 //! transaction, so the results API never shows part of an expired session. Usage
 //! (`usage_sessions`, `usage_hourly`) is billing data and is not touched.
 //!
+//! Their audio objects are left to the object sweep ([`crate::objects`]): each deleted
+//! row's object gets a check that is due at once, so the sweep that follows deletes it.
+//!
 //! The sink runs it every few minutes; with several sink instances one sweeps at a
 //! time (a transaction-scoped advisory lock, [`LOCK`]), the others skip that round.
 //! A plan's retention is read at each sweep: a tenant moving to a plan with a shorter
@@ -52,7 +55,10 @@ impl Results {
                      WHERE r.last_frame_at < $1 - make_interval(days => p.retention_days) \
                      ORDER BY r.last_frame_at LIMIT $2 FOR UPDATE OF r), \
                  f AS (DELETE FROM features WHERE session_id IN (SELECT session_id FROM doomed) RETURNING 1), \
-                 a AS (DELETE FROM audio_chunks WHERE session_id IN (SELECT session_id FROM doomed) RETURNING 1), \
+                 a AS (DELETE FROM audio_chunks WHERE session_id IN (SELECT session_id FROM doomed) RETURNING object_key), \
+                 o AS (INSERT INTO audio_object_checks (object_key, created_at) \
+                       SELECT object_key, '-infinity' FROM a WHERE object_key IS NOT NULL \
+                       ON CONFLICT (object_key) DO UPDATE SET created_at = '-infinity'), \
                  s AS (DELETE FROM sessions WHERE session_id IN (SELECT session_id FROM doomed) RETURNING 1) \
                  SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM f), (SELECT count(*) FROM a)",
             )

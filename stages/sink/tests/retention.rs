@@ -64,7 +64,8 @@ async fn results_past_their_plans_retention_are_deleted_and_nothing_else() {
         .run(pool)
         .await
         .unwrap();
-    let results = Results::new(pool.clone());
+    let audio = clisonix_audio::AudioStore::from_url(&db.audio_store()).unwrap();
+    let results = Results::new(pool.clone(), audio.clone());
     // Free keeps 7 days, enterprise 365.
     let free = tenant(pool, "free").await;
     let big = tenant(pool, "big").await;
@@ -102,6 +103,22 @@ async fn results_past_their_plans_retention_are_deleted_and_nothing_else() {
             .await
             .unwrap();
     assert_eq!(usage, 1, "usage is billing data, kept");
+    // The expired chunk's object goes at the object sweep that follows, whatever the
+    // grace; the others' stay.
+    let objects = || async {
+        futures::TryStreamExt::try_collect::<Vec<_>>(audio.list())
+            .await
+            .unwrap()
+            .len()
+    };
+    assert_eq!(objects().await, 3);
+    let swept = results
+        .sweep_objects(Utc::now(), std::time::Duration::from_secs(3600), 100)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((swept.checked, swept.deleted), (1, 1));
+    assert_eq!(objects().await, 2);
     let again = results.expire(Utc::now(), 1).await.unwrap().unwrap();
     assert_eq!(again.sessions, 0);
 

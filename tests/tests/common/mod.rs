@@ -37,6 +37,8 @@ pub struct Pipeline {
     pub db: TestDatabase,
     pub gateway: String,
     pub ingest: String,
+    /// The audio store the sink writes to and the gateway reads (`CLISONIX_AUDIO_STORE`).
+    pub audio_store: String,
     pub tenant: Tenant,
     pub other: Tenant,
     pub stop: CancellationToken,
@@ -77,9 +79,11 @@ impl Pipeline {
         let db = env.fresh_database().await;
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
+        let audio_store = db.audio_store();
 
         let mut config = clisonix_gateway::Config::defaults();
         config.database_url = clisonix_gateway::config::Secret::new(db.url());
+        config.audio_store = Some(audio_store.clone());
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.kafka_bootstrap = Some(env.kafka.bootstrap.clone());
         config.topic_prefix = topics.prefix().to_owned();
@@ -123,6 +127,7 @@ impl Pipeline {
             db,
             gateway,
             ingest,
+            audio_store,
             stop,
             tasks,
         };
@@ -158,7 +163,8 @@ impl Pipeline {
 
     pub fn spawn_sink(&mut self) {
         let c = stage_config(&self.env, &self.topics, "sink");
-        let sink = Sink::new(Results::new(self.db.pool.clone()), &c.topics);
+        let audio = clisonix_audio::AudioStore::from_url(&self.audio_store).unwrap();
+        let sink = Sink::new(Results::new(self.db.pool.clone(), audio), &c.topics);
         let config = TablesConfig {
             kafka: c.kafka,
             topics: c.topics,
