@@ -412,8 +412,12 @@ pub struct Application {
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Application> {
         use anyhow::Context;
+        // A request waits at most 2 s for a connection: while Postgres is away it is
+        // answered 503 database_unavailable then, rather than hanging for sqlx's
+        // default 30 s.
         let pool = PgPoolOptions::new()
             .max_connections(20)
+            .acquire_timeout(std::time::Duration::from_secs(2))
             .connect(config.database_url.expose())
             .await
             .context("connecting to the database")?;

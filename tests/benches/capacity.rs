@@ -15,8 +15,8 @@
 //! polled every 50 ms), p50/p99/worst; the same for audio chunks readable; how long
 //! after the last frame the pipeline had drained; each process's CPU per device-hour
 //! (from /proc: user + system time over the step, drain included) and its largest RSS;
-//! Postgres's WAL bytes per device-hour. The devices' and this process's (the
-//! observer's) CPU are reported apart from the pipeline's.
+//! Postgres's WAL bytes and the audio objects' bytes per device-hour. The devices' and
+//! this process's (the observer's) CPU are reported apart from the pipeline's.
 //!
 //! A step keeps up when every watched window was pushed, p99 of the live push is under
 //! 1 s, and the pipeline drained within 10 s of the last frame; the first step that
@@ -485,6 +485,8 @@ struct Bench {
     read_keys: Vec<String>,
     services: Vec<Service>,
     logs: PathBuf,
+    /// The folder of the local audio store the sink writes to.
+    audio_dir: PathBuf,
     seconds: f64,
     audio_share: f64,
     tick: f64,
@@ -529,6 +531,24 @@ impl Bench {
             total += observed.lag;
         }
         Some(total)
+    }
+
+    /// Bytes of the audio objects stored so far.
+    fn audio_bytes(&self) -> u64 {
+        fn walk(dir: &std::path::Path) -> u64 {
+            std::fs::read_dir(dir)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .map(|e| match e.file_type() {
+                            Ok(t) if t.is_dir() => walk(&e.path()),
+                            _ => e.metadata().map_or(0, |m| m.len()),
+                        })
+                        .sum()
+                })
+                .unwrap_or(0)
+        }
+        walk(&self.audio_dir)
     }
 
     async fn wal_bytes(&self, pool: &sqlx::PgPool) -> i64 {
@@ -586,6 +606,7 @@ impl Bench {
         let me = std::process::id();
         let cpu0 = processes.sample();
         let ((me0, children0), wal0) = (ticks(me), self.wal_bytes(pool).await);
+        let audio0 = self.audio_bytes();
         let started = Instant::now();
         // The devices: one player with audio, one without.
         let mut players = Vec::new();
@@ -687,6 +708,7 @@ impl Bench {
         let (me1, children1) = ticks(me);
         let devices_ticks = children1.saturating_sub(children0);
         let wal1 = self.wal_bytes(pool).await;
+        let audio1 = self.audio_bytes();
 
         // Latencies from each window's (chunk's) last frame acknowledged.
         let (mut live_ms, mut api_ms, mut chunk_ms) = (
@@ -759,8 +781,9 @@ impl Bench {
             per_dh(me1.saturating_sub(me0)),
         );
         println!(
-            "      RSS MB (start→max):{rss_line}; Postgres WAL {:.0} MB per device-hour",
-            (wal1 - wal0) as f64 / 1e6 / device_hours
+            "      RSS MB (start→max):{rss_line}; Postgres WAL {:.0} MB and audio objects {:.0} MB per device-hour",
+            (wal1 - wal0) as f64 / 1e6 / device_hours,
+            audio1.saturating_sub(audio0) as f64 / 1e6 / device_hours
         );
         Step { keeps_up }
     }
@@ -796,9 +819,11 @@ fn main() {
         let (gateway_port, ingest_port) = (free_port(), free_port());
         let gateway = format!("http://127.0.0.1:{gateway_port}");
         let ingest = format!("http://127.0.0.1:{ingest_port}");
+        let audio_store = db.audio_store();
+        let audio_dir = PathBuf::from(audio_store.trim_start_matches("file://"));
         let common_vars = vec![
             ("DATABASE_URL", database_url.clone()),
-            ("CLISONIX_AUDIO_STORE", db.audio_store()),
+            ("CLISONIX_AUDIO_STORE", audio_store),
             ("CLISONIX_KAFKA_BOOTSTRAP", env.kafka.bootstrap.clone()),
             ("CLISONIX_TOPIC_PREFIX", topics.prefix().to_owned()),
         ];
@@ -861,6 +886,7 @@ fn main() {
             read_keys,
             services,
             logs: logs.clone(),
+            audio_dir,
             seconds,
             audio_share,
             tick: clock_ticks(),

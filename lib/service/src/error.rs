@@ -18,7 +18,7 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub field: Option<String>,
-    /// Seconds to wait, sent as `Retry-After` (429).
+    /// Seconds to wait, sent as `Retry-After` (429, 503).
     pub retry_after: Option<u64>,
     /// More members of the error object, beside `code` and `message` (a quota's
     /// `meter`, `limit`, `used`, `resets_at`).
@@ -70,8 +70,35 @@ impl ApiError {
 }
 
 impl From<sqlx::Error> for ApiError {
+    /// The database out of reach (no connection within the pool's acquire timeout, a
+    /// connection lost, the server shutting down or starting) is a retryable 503
+    /// `database_unavailable` with `Retry-After: 1`; anything else is internal.
     fn from(e: sqlx::Error) -> ApiError {
+        if database_unreachable(&e) {
+            tracing::warn!(error = %e, "the database is out of reach");
+            let mut err = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                "the database cannot be reached now; try again shortly",
+            );
+            err.retry_after = Some(1);
+            return err;
+        }
         ApiError::internal(e)
+    }
+}
+
+/// Whether an error says the database cannot be reached now (rather than that a
+/// statement is wrong).
+pub fn database_unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
+        sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed => true,
+        // Class 08: connection exceptions; 57P01-57P03: shutting down, starting up.
+        sqlx::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.starts_with("08") || ["57P01", "57P02", "57P03"].contains(&&*c)),
+        _ => false,
     }
 }
 

@@ -377,9 +377,11 @@ fn tables_config(config: RuntimeConfig) -> TablesConfig {
 
 /// Connects to Postgres and applies the migrations when asked to.
 async fn database(url: &str, migrate: bool) -> anyhow::Result<sqlx::PgPool> {
+    // While Postgres is away a write gives up after 2 s and is retried (every second
+    // at most: `tables.rs`), so a batch goes in within about a second of its return.
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(2))
         .connect(url)
         .await
         .context("connecting to Postgres")?;

@@ -41,7 +41,9 @@ use crate::{ReplayProgress, RuntimeError};
 
 const LAG_EVERY: Duration = Duration::from_secs(5);
 const IDLE_TICK: Duration = Duration::from_millis(250);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The longest wait between attempts at a batch while the database is away: a retry
+/// is one connection attempt, and the batch should go in soon after its return.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// How a Postgres consumer connects and batches.
 #[derive(Debug, Clone)]
