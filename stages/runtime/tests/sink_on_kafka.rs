@@ -271,3 +271,89 @@ async fn kill_9_mid_stream_and_restart_leaves_every_row_once() {
     db.drop_now().await;
     env.delete_topics(topics.prefix()).await;
 }
+
+/// Stops the private cluster and deletes it however the test ends.
+struct ClusterGuard(clisonix_dev::postgres::Postgres, std::path::PathBuf);
+
+impl Drop for ClusterGuard {
+    fn drop(&mut self) {
+        let _ = self.0.stop();
+        let _ = std::fs::remove_dir_all(&self.1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_postgres_outage_the_sink_writes_its_backlog_within_seconds() {
+    use clisonix_dev::postgres::Postgres;
+    let blocking = |f: Box<dyn FnOnce() -> anyhow::Result<bool> + Send>| async move {
+        tokio::task::spawn_blocking(f).await.unwrap().unwrap()
+    };
+    // A private cluster of its own, so stopping it disturbs no other test.
+    let dir = std::env::temp_dir().join(TestEnv::unique("clisonix-sink-outage-pg"));
+    let pg = Postgres::Private {
+        dir: dir.clone(),
+        port: clisonix_e2e::free_port(),
+    };
+    let _guard = ClusterGuard(pg.clone(), dir.clone());
+    let p = pg.clone();
+    blocking(Box::new(move || p.start())).await;
+    pg.prepare(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../gateway/migrations"))
+        .await
+        .unwrap();
+    let env = TestEnv::get();
+    let topics = env.topics();
+    env.create_catalog(&topics).await;
+    let store = format!("file://{}", dir.join("audio").display());
+    let sink = StageProcess::spawn_with_env(
+        &env,
+        &topics,
+        &TestEnv::unique("sink"),
+        "s",
+        100,
+        &["sink"],
+        &[
+            ("DATABASE_URL", &pg.url()),
+            ("CLISONIX_MIGRATE", "false"),
+            ("CLISONIX_AUDIO_STORE", &store),
+        ],
+    );
+    let (features, _, _) = outputs(&recording(TenantId::random(), SessionId::random(), 160));
+    let (first, second) = features.split_at(features.len() / 2);
+    let producer = env.producer();
+    let feature_rows = || async {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&pg.url()).await?;
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM features")
+            .fetch_one(&mut conn)
+            .await
+    };
+    let wait_for = |want: usize, within: Duration| async move {
+        let since = Instant::now();
+        loop {
+            if feature_rows().await.is_ok_and(|n| n == want as i64) {
+                return since.elapsed();
+            }
+            assert!(
+                since.elapsed() < within,
+                "{want} rows not written within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    produce(&env, &producer, &topics.name(&EEG_FEATURES), first).await;
+    wait_for(first.len(), Duration::from_secs(60)).await;
+
+    // Postgres away while records keep coming: the sink retries, skips nothing.
+    let p = pg.clone();
+    blocking(Box::new(move || p.stop())).await;
+    produce(&env, &producer, &topics.name(&EEG_FEATURES), second).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let p = pg.clone();
+    blocking(Box::new(move || p.start())).await;
+    let caught_up = wait_for(features.len(), Duration::from_secs(30)).await;
+    println!("the sink wrote its backlog {caught_up:?} after Postgres came back");
+    assert!(
+        caught_up < Duration::from_secs(3),
+        "backlog written {caught_up:?} after Postgres's return\n{}",
+        sink.log()
+    );
+}
