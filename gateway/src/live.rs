@@ -301,6 +301,7 @@ pub async fn live(
         audio: state.audio.clone(),
         windows_pushed: state.metrics.live_windows.clone(),
         pending: BTreeMap::new(),
+        fed: false,
         tenant: reader.tenant,
         session: id,
         channels: session.channel_labels.len(),
@@ -326,6 +327,9 @@ struct Stream {
     windows_pushed: prometheus::IntCounterVec,
     /// Windows being assembled from the feed: their channels so far.
     pending: BTreeMap<u64, Vec<Arc<Features>>>,
+    /// The feed has sent windows: from then on the sink's wakes for features are
+    /// skipped while it keeps up (see [`Stream::fed`]).
+    fed: bool,
     tenant: Uuid,
     session: Uuid,
     channels: usize,
@@ -435,6 +439,10 @@ impl Stream {
                     }
                     w = wake.recv() => match w {
                         Ok(payload) if !payload.ends_with(&id) => continue,
+                        // The feed brings the windows: a stored batch would be read
+                        // back for nothing (the poll still reads the database every
+                        // POLL, for a window the feed missed).
+                        Ok(payload) if self.fed() && payload.starts_with("features:") => continue,
                         Ok(payload) if self.preset.is_none() && payload.starts_with("audio:") => continue,
                         // Ours, or missed some: look now, once for all that is queued.
                         _ => {
@@ -445,6 +453,13 @@ impl Stream {
                 }
             }
         }
+    }
+
+    /// Whether the feed keeps this stream complete: it has sent windows, and holds no
+    /// more than two unfinished (more means it missed a record, which the database
+    /// brings: wakes count again).
+    fn fed(&self) -> bool {
+        self.fed && self.pending.len() <= 2
     }
 
     /// Adds a record from the feed to its window, and sends the windows it completes
@@ -501,6 +516,7 @@ impl Stream {
             tx.send(text(&m)).await?;
             self.windows_pushed.with_label_values(&["topic"]).inc();
             self.next_window += 1;
+            self.fed = true;
             sent = true;
         }
         Ok(sent)

@@ -253,8 +253,20 @@ impl Processes {
         }
     }
 
-    /// CPU ticks per process name (Postgres: every backend alive, plus those ended).
-    fn sample(&self) -> BTreeMap<String, u64> {
+    /// CPU ticks per process name (Postgres: every backend alive, plus those ended),
+    /// and Postgres's split by client: the backends of each service (by the
+    /// `application_name` its `DATABASE_URL` sets), `server` (the postmaster and its
+    /// background workers) and `ended` (backends gone since it started).
+    async fn sample(&self, pool: &sqlx::PgPool) -> (BTreeMap<String, u64>, BTreeMap<String, u64>) {
+        let clients: BTreeMap<i32, String> = sqlx::query_as(
+            "SELECT pid, application_name FROM pg_stat_activity WHERE backend_type = 'client backend'",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+        let mut split: BTreeMap<String, u64> = BTreeMap::new();
         let mut out = BTreeMap::new();
         for (name, pid) in &self.services {
             out.insert(name.clone(), ticks(*pid).0);
@@ -264,14 +276,22 @@ impl Processes {
         }
         if let Some(pm) = self.postmaster {
             let (own, ended) = ticks(pm);
-            let children: u64 = pids()
+            *split.entry("server".into()).or_default() += own;
+            *split.entry("ended".into()).or_default() += ended;
+            for p in pids()
                 .into_iter()
                 .filter(|&p| stat_fields(p).and_then(|f| f.first().copied()) == Some(pm as u64))
-                .map(|p| ticks(p).0)
-                .sum();
-            out.insert("postgres".into(), own + ended + children);
+            {
+                let client = match clients.get(&(p as i32)) {
+                    Some(app) if !app.is_empty() => app.clone(),
+                    Some(_) => "observer".into(),
+                    None => "server".into(),
+                };
+                *split.entry(client).or_default() += ticks(p).0;
+            }
+            out.insert("postgres".into(), split.values().sum());
         }
-        out
+        (out, split)
     }
 
     fn rss(&self) -> BTreeMap<String, f64> {
@@ -604,7 +624,7 @@ impl Bench {
 
         let processes = Processes::find(&self.services, &self.env.kafka.bootstrap, pool).await;
         let me = std::process::id();
-        let cpu0 = processes.sample();
+        let (cpu0, pg0) = processes.sample(pool).await;
         let ((me0, children0), wal0) = (ticks(me), self.wal_bytes(pool).await);
         let audio0 = self.audio_bytes();
         let started = Instant::now();
@@ -702,7 +722,7 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let drained_s = ms(SystemTime::now(), last_frame) / 1e3;
-        let cpu1 = processes.sample();
+        let (cpu1, pg1) = processes.sample(pool).await;
         // The players' CPU: they were reaped by this process, so it is in its
         // children's ticks (the services are still running: not in them).
         let (me1, children1) = ticks(me);
@@ -752,6 +772,15 @@ impl Bench {
             pipeline += per_dh(used);
             cpu_line.push_str(&format!(" {name} {:.1}", per_dh(used)));
         }
+        // A backend that ended during the step moves its ticks from its client to
+        // `ended`: the split is approximate, its sum exact.
+        let mut pg_line = String::new();
+        for (client, t1) in &pg1 {
+            let used = t1.saturating_sub(*pg0.get(client).unwrap_or(&0));
+            if used > 0 {
+                pg_line.push_str(&format!(" {client} {:.1}", per_dh(used)));
+            }
+        }
         let mut rss_line = String::new();
         for (name, mb) in &rss_max {
             rss_line.push_str(&format!(
@@ -780,6 +809,7 @@ impl Bench {
             per_dh(devices_ticks),
             per_dh(me1.saturating_sub(me0)),
         );
+        println!("      Postgres's CPU-s per device-hour by client:{pg_line}");
         println!(
             "      RSS MB (start→max):{rss_line}; Postgres WAL {:.0} MB and audio objects {:.0} MB per device-hour",
             (wal1 - wal0) as f64 / 1e6 / device_hours,
@@ -821,6 +851,11 @@ fn main() {
         let ingest = format!("http://127.0.0.1:{ingest_port}");
         let audio_store = db.audio_store();
         let audio_dir = PathBuf::from(audio_store.trim_start_matches("file://"));
+        // Each service's Postgres backends are told apart by their application_name.
+        let named = |service: &str| {
+            let joiner = if database_url.contains('?') { '&' } else { '?' };
+            format!("{database_url}{joiner}application_name={service}")
+        };
         let common_vars = vec![
             ("DATABASE_URL", database_url.clone()),
             ("CLISONIX_AUDIO_STORE", audio_store),
@@ -833,18 +868,22 @@ fn main() {
         vars.push(("CLISONIX_MIGRATE", "true".into()));
         vars.push(("CLISONIX_RATE_MEMBER_PER_MINUTE", "1000000".into()));
         vars.push(("CLISONIX_RATE_PREMIUM_PER_MINUTE", "1000000".into()));
+        vars.push(("DATABASE_URL", named("gateway")));
         services.push(spawn(&logs, "gateway", "clisonix-gateway", &[], &vars));
         wait_healthy(&gateway, "the gateway").await;
         let mut vars = common_vars.clone();
         vars.push(("CLISONIX_INGEST_LISTEN", format!("127.0.0.1:{ingest_port}")));
         vars.push(("CLISONIX_MIGRATE", "false".into()));
         vars.push(("CLISONIX_INGEST_QUOTA_REFRESH_MS", "1000".into()));
+        vars.push(("DATABASE_URL", named("ingest")));
         services.push(spawn(&logs, "ingest", "clisonix-alba", &[], &vars));
         wait_healthy(&ingest, "ingest").await;
         let mut vars = common_vars.clone();
         vars.push(("CLISONIX_MIGRATE", "false".into()));
         for stage in ["albi", "jona", "sessions", "sink", "metering"] {
             let group = format!("{}{stage}", topics.prefix());
+            let mut vars = vars.clone();
+            vars.push(("DATABASE_URL", named(stage)));
             services.push(spawn(
                 &logs,
                 stage,

@@ -79,10 +79,15 @@ struct Cli {
     )]
     http_addr: SocketAddr,
     /// Largest batch (one transaction)
-    #[arg(long, default_value_t = 500, global = true)]
+    #[arg(long, env = "CLISONIX_BATCH_MAX", default_value_t = 500, global = true)]
     batch_max: usize,
     /// How long a batch waits for more records, in milliseconds
-    #[arg(long, default_value_t = 50, global = true)]
+    #[arg(
+        long,
+        env = "CLISONIX_BATCH_LINGER_MS",
+        default_value_t = 50,
+        global = true
+    )]
     batch_linger_ms: u64,
     /// Replay instead of running live: this run's name (letters, digits, - and _).
     /// Reads the live input over --from..--to, writes replay.<RUN>.<topic> under the
