@@ -409,8 +409,12 @@ impl Stream {
                 tx.send(close(NORMAL, "the session ended")).await?;
                 return Ok(());
             }
+            // Ended: look again when it will have been quiet for SETTLE (a full SETTLE
+            // from here could double the wait); otherwise every POLL.
             let wait = if status.as_deref() == Some("ended") {
                 SETTLE
+                    .saturating_sub(quiet_since.elapsed())
+                    .max(Duration::from_millis(50))
             } else {
                 POLL
             };

@@ -16,7 +16,9 @@
 //! after the last frame the pipeline had drained; each process's CPU per device-hour
 //! (from /proc: user + system time over the step, drain included) and its largest RSS;
 //! Postgres's WAL bytes and the audio objects' bytes per device-hour. The devices' and
-//! this process's (the observer's) CPU are reported apart from the pipeline's.
+//! this process's (the observer's) CPU are reported apart from the pipeline's, and so is
+//! the cost of serving the observers: the gateway and its Postgres backends (devices
+//! talk to ingest only; Postgres's CPU is split by each service's application_name).
 //!
 //! A step keeps up when every watched window was pushed, p99 of the live push is under
 //! 1 s, and the pipeline drained within 10 s of the last frame; the first step that
@@ -775,12 +777,24 @@ impl Bench {
         // A backend that ended during the step moves its ticks from its client to
         // `ended`: the split is approximate, its sum exact.
         let mut pg_line = String::new();
+        let mut pg_gateway = 0.0;
         for (client, t1) in &pg1 {
             let used = t1.saturating_sub(*pg0.get(client).unwrap_or(&0));
             if used > 0 {
                 pg_line.push_str(&format!(" {client} {:.1}", per_dh(used)));
             }
+            if client == "gateway" {
+                pg_gateway = per_dh(used);
+            }
         }
+        // The gateway serves only the observers here (devices talk to ingest): it and
+        // its Postgres backends are the cost of reading, apart from the pipeline's.
+        let gateway = cpu1.get("gateway").map_or(0.0, |t1| {
+            per_dh(t1.saturating_sub(*cpu0.get("gateway").unwrap_or(&0)))
+        });
+        let serving = gateway + pg_gateway;
+        let everything = pipeline;
+        let pipeline = everything - serving;
         let mut rss_line = String::new();
         for (name, mb) in &rss_max {
             rss_line.push_str(&format!(
@@ -805,7 +819,7 @@ impl Bench {
             if keeps_up { "keeps up" } else { "DOES NOT KEEP UP" },
         );
         println!(
-            "      CPU-s per device-hour: pipeline {pipeline:.1} ({cpu_line} ); devices {:.1}; observer {:.1}",
+            "      CPU-s per device-hour: pipeline {pipeline:.1} without serving the observers {serving:.1} (gateway {gateway:.1}, its Postgres {pg_gateway:.1}); all {everything:.1} ({cpu_line} ); devices {:.1}; observer {:.1}",
             per_dh(devices_ticks),
             per_dh(me1.saturating_sub(me0)),
         );
