@@ -315,3 +315,62 @@ mod tests {
         assert_eq!(pg.url(), "postgres://clisonix@127.0.0.1:15432/clisonix");
     }
 }
+
+/// A Postgres cluster of one test's own (the cached server, on `port`, its database
+/// migrated), for tests that stop and start Postgres without disturbing the others;
+/// stopped and deleted when dropped. A test helper: it panics when the cluster cannot
+/// start or stop.
+#[derive(Debug)]
+pub struct PrivatePostgres {
+    cluster: Postgres,
+    dir: PathBuf,
+}
+
+impl PrivatePostgres {
+    pub async fn start(port: u16) -> PrivatePostgres {
+        let dir = std::env::temp_dir().join(format!(
+            "clisonix-private-pg-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ));
+        let cluster = Postgres::Private {
+            dir: dir.clone(),
+            port,
+        };
+        let pg = PrivatePostgres { cluster, dir };
+        pg.up().await;
+        pg.cluster
+            .prepare(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../gateway/migrations"))
+            .await
+            .expect("the private database is migrated");
+        pg
+    }
+
+    pub fn url(&self) -> String {
+        self.cluster.url()
+    }
+
+    /// Starts the cluster again (waits until it accepts connections).
+    pub async fn up(&self) {
+        let cluster = self.cluster.clone();
+        tokio::task::spawn_blocking(move || cluster.start())
+            .await
+            .unwrap()
+            .expect("the private Postgres starts");
+    }
+
+    /// Stops the cluster (a fast shutdown: its sessions end).
+    pub async fn down(&self) {
+        let cluster = self.cluster.clone();
+        tokio::task::spawn_blocking(move || cluster.stop())
+            .await
+            .unwrap()
+            .expect("the private Postgres stops");
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self.cluster.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

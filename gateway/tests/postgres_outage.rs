@@ -7,41 +7,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use clisonix_dev::postgres::Postgres;
-use clisonix_e2e::{free_port, TestEnv};
+use clisonix_dev::postgres::PrivatePostgres;
 use clisonix_gateway::{Application, Config};
 use common::{token, TestApp};
 use tokio_util::sync::CancellationToken;
 
-/// Stops the private cluster and deletes it however the test ends.
-struct ClusterGuard(Postgres, std::path::PathBuf);
-
-impl Drop for ClusterGuard {
-    fn drop(&mut self) {
-        let _ = self.0.stop();
-        let _ = std::fs::remove_dir_all(&self.1);
-    }
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_postgres_outage_the_gateway_serves_again_within_seconds() {
-    let dir = std::env::temp_dir().join(TestEnv::unique("clisonix-outage-pg"));
-    let pg = Postgres::Private {
-        dir: dir.clone(),
-        port: free_port(),
-    };
-    let _guard = ClusterGuard(pg.clone(), dir);
-    let p = pg.clone();
-    blocking(move || p.start())
-        .await
-        .expect("the private Postgres starts");
-    pg.prepare(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations"))
-        .await
-        .expect("the database is prepared");
+    let pg = PrivatePostgres::start(clisonix_e2e::free_port()).await;
 
     let mut config = Config::defaults();
     config.database_url = clisonix_gateway::config::Secret::new(pg.url());
@@ -59,8 +32,7 @@ async fn after_a_postgres_outage_the_gateway_serves_again_within_seconds() {
     let access = token(&gateway.signup("outage@example.com").await);
     assert_eq!(gateway.me(&access).await.status, 200);
 
-    let p = pg.clone();
-    blocking(move || p.stop()).await.unwrap();
+    pg.down().await;
     // Away: refused at once, retryably.
     for path in ["/v1/me", "/ready"] {
         let asked = Instant::now();
@@ -80,8 +52,7 @@ async fn after_a_postgres_outage_the_gateway_serves_again_within_seconds() {
         );
     }
 
-    let p = pg.clone();
-    blocking(move || p.start()).await.unwrap();
+    pg.up().await;
     let back = Instant::now();
     let (mut me, mut ready) = (None, None);
     while me.is_none() || ready.is_none() {

@@ -272,34 +272,11 @@ async fn kill_9_mid_stream_and_restart_leaves_every_row_once() {
     env.delete_topics(topics.prefix()).await;
 }
 
-/// Stops the private cluster and deletes it however the test ends.
-struct ClusterGuard(clisonix_dev::postgres::Postgres, std::path::PathBuf);
-
-impl Drop for ClusterGuard {
-    fn drop(&mut self) {
-        let _ = self.0.stop();
-        let _ = std::fs::remove_dir_all(&self.1);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_postgres_outage_the_sink_writes_its_backlog_within_seconds() {
-    use clisonix_dev::postgres::Postgres;
-    let blocking = |f: Box<dyn FnOnce() -> anyhow::Result<bool> + Send>| async move {
-        tokio::task::spawn_blocking(f).await.unwrap().unwrap()
-    };
     // A private cluster of its own, so stopping it disturbs no other test.
-    let dir = std::env::temp_dir().join(TestEnv::unique("clisonix-sink-outage-pg"));
-    let pg = Postgres::Private {
-        dir: dir.clone(),
-        port: clisonix_e2e::free_port(),
-    };
-    let _guard = ClusterGuard(pg.clone(), dir.clone());
-    let p = pg.clone();
-    blocking(Box::new(move || p.start())).await;
-    pg.prepare(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../gateway/migrations"))
-        .await
-        .unwrap();
+    let pg = clisonix_dev::postgres::PrivatePostgres::start(clisonix_e2e::free_port()).await;
+    let dir = std::env::temp_dir().join(TestEnv::unique("clisonix-sink-outage-audio"));
     let env = TestEnv::get();
     let topics = env.topics();
     env.create_catalog(&topics).await;
@@ -343,12 +320,10 @@ async fn after_a_postgres_outage_the_sink_writes_its_backlog_within_seconds() {
     wait_for(first.len(), Duration::from_secs(60)).await;
 
     // Postgres away while records keep coming: the sink retries, skips nothing.
-    let p = pg.clone();
-    blocking(Box::new(move || p.stop())).await;
+    pg.down().await;
     produce(&env, &producer, &topics.name(&EEG_FEATURES), second).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let p = pg.clone();
-    blocking(Box::new(move || p.start())).await;
+    pg.up().await;
     let caught_up = wait_for(features.len(), Duration::from_secs(30)).await;
     println!("the sink wrote its backlog {caught_up:?} after Postgres came back");
     assert!(
