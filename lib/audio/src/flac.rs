@@ -32,21 +32,25 @@ pub struct Pcm {
     pub sample_rate_hz: u32,
 }
 
-/// Encodes 16-bit PCM interleaved by `channels` as a FLAC stream (with its MD5, so a
-/// decoder can check the audio it gets back).
-pub fn encode(pcm: &[i16], channels: u16, sample_rate_hz: u32) -> Result<Vec<u8>, FlacError> {
+/// Whether `samples` interleaved by `channels` at `sample_rate_hz` can be encoded (the
+/// sink refuses a chunk that cannot, as a dead letter, before it reaches a batch).
+pub fn check(samples: usize, channels: u16, sample_rate_hz: u32) -> Result<(), FlacError> {
     if channels == 0 || channels > 8 || sample_rate_hz == 0 || sample_rate_hz > 655_350 {
         return Err(FlacError::Format {
             channels,
             rate: sample_rate_hz,
         });
     }
-    if pcm.len() % usize::from(channels) != 0 {
-        return Err(FlacError::Shape {
-            samples: pcm.len(),
-            channels,
-        });
+    if samples % usize::from(channels) != 0 {
+        return Err(FlacError::Shape { samples, channels });
     }
+    Ok(())
+}
+
+/// Encodes 16-bit PCM interleaved by `channels` as a FLAC stream (with its MD5, so a
+/// decoder can check the audio it gets back).
+pub fn encode(pcm: &[i16], channels: u16, sample_rate_hz: u32) -> Result<Vec<u8>, FlacError> {
+    check(pcm.len(), channels, sample_rate_hz)?;
     let mut config = flacenc::config::Encoder::default();
     config.block_size = BLOCK_SIZE;
     config.multithread = false;

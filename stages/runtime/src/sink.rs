@@ -117,7 +117,13 @@ impl TableWriter for Sink {
             Some(Kind::Features) => {
                 SinkRecord::Features(Box::new(decode::<Features>(bytes).map_err(reject)?))
             }
-            Some(Kind::Audio) => SinkRecord::Audio(decode::<AudioChunk>(bytes).map_err(reject)?),
+            Some(Kind::Audio) => {
+                let chunk = decode::<AudioChunk>(bytes).map_err(reject)?;
+                // A chunk FLAC cannot hold would fail every batch it is in.
+                clisonix_audio::flac::check(chunk.pcm.len(), chunk.channels, chunk.sample_rate_hz)
+                    .map_err(|e| Rejection::new("invalid_audio", e.to_string()))?;
+                SinkRecord::Audio(chunk)
+            }
             None => {
                 return Err(Rejection::new(
                     "unexpected_topic",

@@ -201,6 +201,11 @@ async fn results_land_in_postgres_once_and_replays_change_nothing() {
     // A garbage record on the way is dead-lettered, and the sink goes on.
     env.produce(&producer, &topics.name(&EEG_FEATURES), b"k", b"not avro")
         .await;
+    // So is a chunk FLAC cannot hold (nine channels), which would fail every batch.
+    let mut wide: AudioChunk = decode(&audio[0].value).unwrap();
+    (wide.channels, wide.pcm, wide.chunk_index) = (9, vec![1; 9 * 10], 999);
+    let wide = Output::new(clisonix_stage::OutputTopic::AudioChunks, &wide.key(), &wide);
+    produce(&env, &producer, &topics.name(&AUDIO_CHUNKS), &[wide]).await;
     let marker = {
         let mut s = last.clone();
         s.session_id = SessionId::random();
@@ -219,13 +224,15 @@ async fn results_land_in_postgres_once_and_replays_change_nothing() {
     let letters = env
         .consume(
             &env.consumer(&[&topics.name(&DEAD_LETTERS)]),
-            1,
+            2,
             Duration::from_secs(30),
         )
         .await;
-    let letter: DeadLetter = decode(&letters[0].value).unwrap();
-    assert_eq!(letter.stage, "sink");
-    assert_eq!(letter.value.as_deref(), Some(&b"not avro"[..]));
+    let mut letters: Vec<DeadLetter> = letters.iter().map(|l| decode(&l.value).unwrap()).collect();
+    letters.sort_by_key(|l| l.reason_code.clone());
+    assert!(letters.iter().all(|l| l.stage == "sink"));
+    assert_eq!(letters[0].reason_code, "invalid_audio");
+    assert_eq!(letters[1].value.as_deref(), Some(&b"not avro"[..]));
     drop(sink);
     db.drop_now().await;
     env.delete_topics(topics.prefix()).await;
