@@ -103,7 +103,14 @@ pub struct Swept {
 impl Results {
     /// Step 2: the keys about to be written, committed before any object is.
     pub(crate) async fn will_write(&self, chunks: &[EncodedChunk<'_>]) -> Result<(), WriteError> {
-        let keys: Vec<&str> = chunks.iter().map(|c| c.key.as_str()).collect();
+        // Each key once: a batch may hold a chunk twice (a record produced again), and
+        // one statement cannot update a row twice.
+        let keys: Vec<&str> = chunks
+            .iter()
+            .map(|c| c.key.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         sqlx::query(
             "INSERT INTO audio_object_checks (object_key) SELECT unnest($1::text[]) \
              ON CONFLICT (object_key) DO UPDATE SET created_at = now()",
