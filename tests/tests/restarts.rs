@@ -78,24 +78,7 @@ async fn kill_9_of_jona_and_the_sink_leaves_no_gap_and_no_duplicate() {
     let mut sink =
         StageProcess::spawn_with_env(&p.env, &p.topics, &sink_group, "s", 20, &sink_args, &vars);
 
-    let recording = load(&recording_path(), 125).unwrap();
-    let session = SessionId::random();
-    let report = play(
-        &recording,
-        &PlayOptions {
-            url: p.ingest.clone(),
-            key: p.tenant.ingest_key.clone(),
-            transport: Transport::WebSocket,
-            format: Format::Binary,
-            speed: 0.0,
-            audio_presets: Some(PRESETS.join(",")),
-            session_ids: vec![session],
-            ..PlayOptions::default()
-        },
-    )
-    .await
-    .unwrap();
-    assert_eq!(report.acked, 1904);
+    let (recording, session) = play_session(&p, &PRESETS).await;
 
     let audio_rows = "SELECT count(*) FROM audio_chunks WHERE session_id = $1";
     wait_until(&p, audio_rows, session, 20, &[&jona, &sink]).await;
@@ -155,6 +138,30 @@ async fn kill_9_of_jona_and_the_sink_leaves_no_gap_and_no_duplicate() {
     }
     drop((jona, sink));
     p.stop().await;
+}
+
+/// Streams the reference recording as one new session asking for `presets`, as fast
+/// as ingest takes it, every frame acknowledged.
+async fn play_session(p: &Pipeline, presets: &[&str]) -> (Recording, SessionId) {
+    let recording = load(&recording_path(), 125).unwrap();
+    let session = SessionId::random();
+    let report = play(
+        &recording,
+        &PlayOptions {
+            url: p.ingest.clone(),
+            key: p.tenant.ingest_key.clone(),
+            transport: Transport::WebSocket,
+            format: Format::Binary,
+            speed: 0.0,
+            audio_presets: Some(presets.join(",")),
+            session_ids: vec![session],
+            ..PlayOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.acked, 1904);
+    (recording, session)
 }
 
 /// The audio chunks an uninterrupted Jona renders from the session's frames.
@@ -234,25 +241,8 @@ async fn kill_9_of_the_sink_between_its_objects_and_its_rows_shows_nothing_and_l
         .unwrap();
     let mut sink =
         StageProcess::spawn_with_env(&p.env, &p.topics, &group, "s", 20, &["sink"], &vars);
-    let recording = load(&recording_path(), 125).unwrap();
-    let session = SessionId::random();
     let presets = ["parameter_mapping"];
-    let report = play(
-        &recording,
-        &PlayOptions {
-            url: p.ingest.clone(),
-            key: p.tenant.ingest_key.clone(),
-            transport: Transport::WebSocket,
-            format: Format::Binary,
-            speed: 0.0,
-            audio_presets: Some(presets.join(",")),
-            session_ids: vec![session],
-            ..PlayOptions::default()
-        },
-    )
-    .await
-    .unwrap();
-    assert_eq!(report.acked, 1904);
+    let (recording, session) = play_session(&p, &presets).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while stored_objects(&p).await.is_empty() {
         assert!(

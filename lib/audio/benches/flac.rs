@@ -9,31 +9,22 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clisonix_audio::flac;
-use clisonix_edf::{FrameSpec, Framer, Reader};
 use clisonix_jona::{Jona, JonaConfig, Preset};
-use clisonix_schemas::{AudioChunk, DeviceId, Frame, SessionId, TenantId, Timestamp};
+use clisonix_player::recording::load;
+use clisonix_schemas::{AudioChunk, DeviceId, Frame, SessionId};
 use clisonix_stage::{OutputTopic, RecordMeta, Stage};
 
 fn recording() -> Vec<Frame> {
     let dir = std::env::var_os("CLISONIX_DATA_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"));
-    let file = std::fs::File::open(dir.join("eeglab_sample_32ch_128hz_238s.edf")).unwrap();
-    let mut reader = Reader::new(std::io::BufReader::new(file)).unwrap();
-    let header = reader.header().clone();
-    let spec = FrameSpec {
-        tenant_id: TenantId::random(),
-        device_id: DeviceId::parse("bench").unwrap(),
-        session_id: SessionId::random(),
-        samples_per_frame: 16,
-    };
-    let mut framer = Framer::new(&header, spec).unwrap();
-    let mut frames = Vec::new();
-    while let Some(r) = reader.next_record().unwrap() {
-        framer.push(&r, Timestamp::from_micros(0), &mut frames);
-    }
-    framer.finish(Timestamp::from_micros(0), &mut frames);
-    frames
+    load(&dir.join("eeglab_sample_32ch_128hz_238s.edf"), 125)
+        .unwrap()
+        .for_device(
+            &DeviceId::parse("bench").unwrap(),
+            SessionId::random(),
+            None,
+        )
 }
 
 fn chunks(frames: &[Frame], preset: Preset) -> Vec<AudioChunk> {

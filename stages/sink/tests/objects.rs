@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use clisonix_audio::{flac, AudioStore, ObjectKey, StoredObject};
-use clisonix_e2e::TestEnv;
+use clisonix_e2e::{TestDatabase, TestEnv};
 use clisonix_schemas::{examples, AudioChunk};
 use clisonix_sink::{Results, SinkRecord};
 use futures::TryStreamExt;
@@ -46,16 +46,22 @@ async fn write(results: &Results, chunks: &[AudioChunk]) {
         .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn objects_are_written_before_rows_reused_and_swept_when_no_row_names_them() {
+/// A fresh migrated database, its own audio store, and the results writer on both.
+async fn setup() -> (TestDatabase, AudioStore, Results) {
     let db = TestEnv::get().fresh_database().await;
-    let pool = &db.pool;
     sqlx::migrate!("../../gateway/migrations")
-        .run(pool)
+        .run(&db.pool)
         .await
         .unwrap();
     let store = AudioStore::from_url(&db.audio_store()).unwrap();
-    let results = Results::new(pool.clone(), store.clone());
+    let results = Results::new(db.pool.clone(), store.clone());
+    (db, store, results)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_are_written_before_rows_reused_and_swept_when_no_row_names_them() {
+    let (db, store, results) = setup().await;
+    let pool = &db.pool;
     let hour = Duration::from_secs(3600);
 
     // Three chunks of a session, one of them long enough for several FLAC blocks.
@@ -152,14 +158,8 @@ async fn objects_are_written_before_rows_reused_and_swept_when_no_row_names_them
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweep_waits_for_a_batch_between_its_objects_and_its_commit() {
-    let db = TestEnv::get().fresh_database().await;
+    let (db, _, results) = setup().await;
     let pool = &db.pool;
-    sqlx::migrate!("../../gateway/migrations")
-        .run(pool)
-        .await
-        .unwrap();
-    let store = AudioStore::from_url(&db.audio_store()).unwrap();
-    let results = Results::new(pool.clone(), store.clone());
     sqlx::query(
         "INSERT INTO audio_object_checks (object_key, created_at) VALUES ($1, '-infinity')",
     )
