@@ -416,7 +416,7 @@ async fn receive(
     let producer = producer.expect("a frame was sent, so the transaction began");
     let p = producer.clone();
     let committed = tokio::task::spawn_blocking(move || {
-        p.commit_transaction(Timeout::After(Duration::from_secs(60)))
+        clisonix_topics::client::commit_transaction(&p, Duration::from_secs(60))
     })
     .await
     .map_err(ApiError::internal)

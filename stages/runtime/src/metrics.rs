@@ -21,6 +21,8 @@ pub struct StageMetrics {
     pub processing: HistogramVec,
     /// Time per batch from first record to committed transaction, seconds.
     pub batch: HistogramVec,
+    /// Time to commit a transaction (its records confirmed, then the commit), seconds.
+    pub commit: HistogramVec,
     /// Committed and aborted transactions.
     pub transactions: IntCounterVec,
     /// Records behind the partition's end, by stage and partition.
@@ -95,6 +97,11 @@ impl StageMetrics {
             "Time from a batch's first record to its committed transaction",
             prometheus::exponential_buckets(1e-3, 2.0, 14).expect("valid buckets"),
         );
+        let commit = histogram(
+            "clisonix_stage_commit_seconds",
+            "Time to commit a transaction: its records confirmed, then the commit",
+            prometheus::exponential_buckets(5e-4, 2.0, 12).expect("valid buckets"),
+        );
         let usage = counter(
             "clisonix_usage_total",
             "Usage counted by metering, in the meter's unit",
@@ -144,6 +151,7 @@ impl StageMetrics {
             replayed,
             processing,
             batch,
+            commit,
             transactions,
             lag,
             usage,

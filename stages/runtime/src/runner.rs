@@ -550,7 +550,13 @@ impl<S: Stage> Loop<S> {
             self.producer
                 .send_offsets_to_transaction(&offsets, &group, KAFKA_TIMEOUT)?;
         }
-        self.producer.commit_transaction(KAFKA_TIMEOUT)?;
+        let committing = Instant::now();
+        clisonix_topics::client::commit_transaction(&self.producer, KAFKA_TIMEOUT)?;
+        self.health
+            .metrics
+            .commit
+            .with_label_values(&[self.stage.name()])
+            .observe(committing.elapsed().as_secs_f64());
         Ok(())
     }
 
