@@ -368,6 +368,84 @@ async fn watch_live(gateway: String, key: String, session: SessionId) -> BTreeMa
     }
 }
 
+/// When each watched session's windows were produced by Albi (the latest record
+/// timestamp of its channels, set at the produce call) and became visible to a
+/// read-committed consumer (its last channel received), read from the end of the
+/// features topic by a consumer of this process (assigned, not in a group), until
+/// `stop` is set. It splits the live push's latency into Albi's share, its
+/// transaction's and the gateway's.
+struct Tap {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<BTreeMap<(SessionId, u64), (SystemTime, SystemTime)>>,
+}
+
+impl Tap {
+    fn start(
+        settings: &clisonix_topics::KafkaSettings,
+        topic: String,
+        watched: std::collections::HashSet<SessionId>,
+    ) -> Tap {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::Message as _;
+        let consumer: BaseConsumer = settings
+            .consumer(&format!("capacity-tap-{}", std::process::id()))
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .expect("the tap's consumer");
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .expect("the features topic's metadata");
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        for p in metadata.topics()[0].partitions() {
+            assignment
+                .add_partition_offset(&topic, p.id(), rdkafka::Offset::End)
+                .unwrap();
+        }
+        consumer
+            .assign(&assignment)
+            .expect("assigning the features topic");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen: BTreeMap<(SessionId, u64), (SystemTime, SystemTime, usize)> =
+                BTreeMap::new();
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
+                    continue;
+                };
+                let now = SystemTime::now();
+                let Some(key) = m
+                    .key()
+                    .and_then(|k| clisonix_schemas::decode::<clisonix_schemas::FeatureKey>(k).ok())
+                else {
+                    continue;
+                };
+                if !watched.contains(&key.session_id) {
+                    continue;
+                }
+                let produced = SystemTime::UNIX_EPOCH
+                    + Duration::from_millis(m.timestamp().to_millis().unwrap_or(0).max(0) as u64);
+                let e = seen
+                    .entry((key.session_id, key.window_index))
+                    .or_insert((produced, now, 0));
+                e.0 = e.0.max(produced);
+                e.1 = now;
+                e.2 += 1;
+            }
+            seen.into_iter()
+                .filter(|(_, (_, _, n))| *n >= 32)
+                .map(|(k, (p, v, _))| (k, (p, v)))
+                .collect()
+        });
+        Tap { stop, thread }
+    }
+
+    fn finish(self) -> BTreeMap<(SessionId, u64), (SystemTime, SystemTime)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
 /// When each window (all its channels) and chunk became readable through the API, by
 /// polling a session's features from its first incomplete window on
 /// (`GET /v1/sessions/{id}/features?from_window=…&features=abs_alpha&format=csv`) and,
@@ -603,6 +681,11 @@ impl Bench {
             p
         };
         let key = |i: usize| self.read_keys[i % self.read_keys.len()].clone();
+        let tap = Tap::start(
+            &self.env.kafka,
+            self.topics.name(&EEG_FEATURES),
+            watched.iter().copied().collect(),
+        );
         let live: Vec<_> = watched
             .iter()
             .enumerate()
@@ -653,6 +736,9 @@ impl Bench {
                 .args(["--seconds", &self.seconds.to_string()])
                 .args(["--audio-presets", presets])
                 .args(["--device-prefix", &format!("cap{devices}-{i}")])
+                // Devices switched on at different moments: windows complete at
+                // different times, not all in the same instant every 2 s.
+                .args(["--spread", "2"])
                 .arg("--sessions")
                 .arg(&ids)
                 .arg("--acks")
@@ -706,6 +792,7 @@ impl Bench {
                     .unwrap_or_default(),
             );
         }
+        let hops = tap.finish();
         let mut readable = Vec::new();
         for p in polls {
             let left = drain_deadline.saturating_duration_since(Instant::now());
@@ -738,6 +825,10 @@ impl Bench {
             Latencies::default(),
             Latencies::default(),
         );
+        // The live push in three: ack -> Albi produced the window's records (its fetch,
+        // linger and work), -> visible to a read-committed consumer (its transaction),
+        // -> pushed (the gateway's fetch and the WebSocket).
+        let mut hop_ms: [Latencies; 3] = Default::default();
         let mut missing_live = 0;
         for (s, seen) in watched.iter().zip(&pushed) {
             let Some(a) = acks.get(s) else { continue };
@@ -746,7 +837,14 @@ impl Bench {
                     continue;
                 };
                 match seen.get(&w) {
-                    Some(&t) => live_ms.push(ms(t, ack)),
+                    Some(&t) => {
+                        live_ms.push(ms(t, ack));
+                        if let Some(&(produced, visible)) = hops.get(&(*s, w)) {
+                            hop_ms[0].push(ms(produced, ack));
+                            hop_ms[1].push(ms(visible, produced));
+                            hop_ms[2].push(ms(t, visible));
+                        }
+                    }
                     None => missing_live += 1,
                 }
             }
@@ -817,6 +915,12 @@ impl Bench {
                 String::new()
             },
             if keeps_up { "keeps up" } else { "DOES NOT KEEP UP" },
+        );
+        println!(
+            "      live push in parts, p50 p99 max ms: ack→Albi produced {} | produced→committed {} | committed→pushed {}",
+            hop_ms[0].show(),
+            hop_ms[1].show(),
+            hop_ms[2].show()
         );
         println!(
             "      CPU-s per device-hour: pipeline {pipeline:.1} without serving the observers {serving:.1} (gateway {gateway:.1}, its Postgres {pg_gateway:.1}); all {everything:.1} ({cpu_line} ); devices {:.1}; observer {:.1}",

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use clisonix_player::http::Format;
@@ -82,6 +83,10 @@ struct Cli {
     /// device index, session id, seq, microseconds since the Unix epoch (tab-separated).
     #[arg(long, value_name = "FILE")]
     acks: Option<PathBuf>,
+    /// Start the devices one after another, evenly over this many seconds (default 0:
+    /// all at once, their frames in step), as devices switched on at different moments.
+    #[arg(long, default_value_t = 0.0)]
+    spread: f64,
     /// No progress line.
     #[arg(long, short)]
     quiet: bool,
@@ -92,6 +97,10 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.devices == 0 || cli.batch == 0 || cli.speed.is_nan() || cli.speed < 0.0 {
         eprintln!("error: --devices and --batch must be at least 1, --speed at least 0");
+        return ExitCode::from(2);
+    }
+    if !(cli.spread.is_finite() && (0.0..=86_400.0).contains(&cli.spread)) {
+        eprintln!("error: --spread must be between 0 and 86400 seconds");
         return ExitCode::from(2);
     }
     if cli.seconds.is_some_and(|s| s.is_nan() || s <= 0.0) {
@@ -143,6 +152,7 @@ async fn main() -> ExitCode {
         audio_presets: cli.audio_presets,
         end_sessions: !cli.no_end,
         session_ids,
+        spread: Duration::from_secs_f64(cli.spread),
     };
     eprintln!(
         "playing {} ({} channels at {} Hz, {} frames of {} samples, {:.0} s) as {} device(s) to {}",

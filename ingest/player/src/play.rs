@@ -46,6 +46,9 @@ pub struct PlayOptions {
     pub end_sessions: bool,
     /// Session ids of the first devices (the rest get random ones).
     pub session_ids: Vec<SessionId>,
+    /// Devices start one after another, evenly over this time, as devices switched
+    /// on at different moments do (zero: all at once, their frames in step).
+    pub spread: Duration,
 }
 
 impl Default for PlayOptions {
@@ -65,6 +68,7 @@ impl Default for PlayOptions {
             audio_presets: None,
             end_sessions: true,
             session_ids: Vec::new(),
+            spread: Duration::ZERO,
         }
     }
 }
@@ -171,7 +175,11 @@ pub async fn play(recording: &Recording, options: &PlayOptions) -> anyhow::Resul
             .copied()
             .unwrap_or_else(SessionId::random);
         sessions.push((device.clone(), session));
-        let begin = (!options.original_time).then(Timestamp::now);
+        // Device d starts d/devices of the spread after the first.
+        let offset = options.spread.mul_f64(d as f64 / options.devices as f64);
+        let begin = (!options.original_time).then(|| {
+            Timestamp::from_micros(Timestamp::now().as_micros() + offset.as_micros() as i64)
+        });
         let mut frames = recording.for_device(&device, session, begin);
         mark_session(
             &mut frames,
@@ -184,9 +192,9 @@ pub async fn play(recording: &Recording, options: &PlayOptions) -> anyhow::Resul
             let speed = options.speed;
             let due = move |i: usize| {
                 if speed > 0.0 {
-                    start + Duration::from_secs_f64(i as f64 * frame_s / speed)
+                    start + offset + Duration::from_secs_f64(i as f64 * frame_s / speed)
                 } else {
-                    start
+                    start + offset
                 }
             };
             match options.transport {
