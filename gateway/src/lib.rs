@@ -8,6 +8,7 @@ pub mod audio;
 pub mod auth;
 pub mod billing;
 pub mod config;
+mod feature_parquet;
 pub mod limits;
 pub mod live;
 pub mod members;

@@ -405,7 +405,7 @@ pub async fn get_session(
 // Features
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Column {
+pub(crate) enum Column {
     Float,
     Bool,
     Int,
@@ -538,6 +538,7 @@ enum Format {
     Json,
     Ndjson,
     Csv,
+    Parquet,
 }
 
 impl Format {
@@ -546,6 +547,7 @@ impl Format {
             Format::Json => "application/json",
             Format::Ndjson => "application/x-ndjson",
             Format::Csv => "text/csv; charset=utf-8",
+            Format::Parquet => crate::feature_parquet::CONTENT_TYPE,
         }
     }
 }
@@ -556,7 +558,8 @@ fn format_of(param: Option<&str>, headers: &HeaderMap) -> Result<Format, ApiErro
             "json" => Ok(Format::Json),
             "ndjson" => Ok(Format::Ndjson),
             "csv" => Ok(Format::Csv),
-            _ => Err(invalid("format", "format: json, ndjson or csv")),
+            "parquet" => Ok(Format::Parquet),
+            _ => Err(invalid("format", "format: json, ndjson, csv or parquet")),
         };
     }
     let accept = headers
@@ -565,6 +568,8 @@ fn format_of(param: Option<&str>, headers: &HeaderMap) -> Result<Format, ApiErro
         .unwrap_or("");
     Ok(if accept.contains("text/csv") {
         Format::Csv
+    } else if accept.contains(crate::feature_parquet::CONTENT_TYPE) {
+        Format::Parquet
     } else if accept.contains("ndjson") {
         Format::Ndjson
     } else {
@@ -585,7 +590,7 @@ pub struct FeatureQuery {
     pub channels: Option<String>,
     /// Comma-separated feature names (default: every scalar feature; `psd` on request).
     pub features: Option<String>,
-    /// `json` (default), `ndjson` or `csv`; also chosen by `Accept`.
+    /// `json` (default), `ndjson`, `csv` or `parquet`; also chosen by `Accept`.
     pub format: Option<String>,
 }
 
@@ -717,12 +722,12 @@ const STREAM_PIECE: usize = 64 * 1024;
 
 #[utoipa::path(get, path = "/v1/sessions/{id}/features", tag = "results", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "The session"), FeatureQuery),
-    responses((status = 200, description = "One row per window and channel, in window order: JSON `{session_id, features, rows}`, NDJSON (one row per line) or CSV (a header line, then rows); streamed"),
+    responses((status = 200, description = "One row per window and channel, in window order: JSON `{session_id, features, rows}`, NDJSON (one row per line), CSV (a header line, then rows) or Parquet (`application/vnd.apache.parquet`: window_index, window_start as a UTC timestamp in µs, channel_index, channel_label, then the features; `psd` as a list of doubles); streamed"),
               (status = 404, description = "No such session in this tenant", body = crate::openapi::ErrorBody),
               (status = 422, description = "A query parameter is invalid", body = crate::openapi::ErrorBody),
               (status = 401, description = "Missing or invalid token or key", body = crate::openapi::ErrorBody)))]
 /// `GET /v1/sessions/{id}/features`: a session's features by time range, channels and
-/// feature names, as JSON, NDJSON or CSV, streamed.
+/// feature names, as JSON, NDJSON, CSV or Parquet, streamed.
 pub async fn features(
     State(state): State<AppState>,
     reader: Reader,
@@ -802,6 +807,10 @@ pub async fn features(
             query = query.bind(indexes).bind(labels);
         }
         let mut rows = query.fetch(&pool);
+        if format == Format::Parquet {
+            stream_parquet(&mut rows, &sel, tx).await;
+            return;
+        }
         let mut out = String::with_capacity(STREAM_PIECE + 4096);
         match format {
             Format::Json => {
@@ -820,7 +829,7 @@ pub async fn features(
                 }
                 out.push_str("\r\n");
             }
-            Format::Ndjson => {}
+            Format::Ndjson | Format::Parquet => {}
         }
         let mut first = true;
         while let Some(row) = rows.next().await {
@@ -862,6 +871,31 @@ pub async fn features(
         Body::from_stream(rx),
     )
         .into_response())
+}
+
+/// Streams `rows` as a Parquet file, a row group at a time.
+async fn stream_parquet(
+    rows: &mut (impl futures::Stream<Item = Result<PgRow, sqlx::Error>> + Unpin),
+    sel: &Selection,
+    mut tx: futures::channel::mpsc::Sender<Result<Bytes, std::io::Error>>,
+) {
+    let written: Result<(), crate::feature_parquet::WriteError> = async {
+        let mut file = crate::feature_parquet::FeatureParquet::new(&sel.names)?;
+        while let Some(row) = rows.next().await {
+            if let Some(group) = file.push(&row?)? {
+                if tx.send(Ok(group)).await.is_err() {
+                    return Ok(()); // the client went away
+                }
+            }
+        }
+        let _ = tx.send(Ok(file.finish()?)).await;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = written {
+        tracing::error!(error = %e, "writing features as Parquet failed mid-answer");
+        let _ = tx.send(Err(std::io::Error::other(e))).await;
+    }
 }
 
 // ---------------------------------------------------------------------------------

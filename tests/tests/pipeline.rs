@@ -201,6 +201,74 @@ async fn a_streamed_recording_is_readable_and_audible_through_the_api() {
     assert!(lines
         .iter()
         .all(|l| l["psd"].as_array().is_some_and(|p| p.len() == 65)));
+    // Parquet: the same rows and values, read back by pyarrow.
+    let pq = reader
+        .get(&format!(
+            "/v1/sessions/{session}/features?from={first}&to={to}&features=rel_alpha,flat,seq_gaps,unit,psd&format=parquet"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(pq.status, 200, "{}", text(&pq));
+    assert_eq!(
+        pq.headers["content-type"].to_str().unwrap(),
+        "application/vnd.apache.parquet"
+    );
+    let file = std::env::temp_dir().join(format!("clisonix-features-{session}.parquet"));
+    std::fs::write(&file, &pq.body).unwrap();
+    let python = std::env::var("CLISONIX_PYTHON").expect(
+        "CLISONIX_PYTHON names the tests' Python environment: run the tests with ./dev test",
+    );
+    let out = std::process::Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/python/parquet_check.py"
+        ))
+        .arg(&file)
+        .args(["rel_alpha", "window_index", "channel_label", "window_start"])
+        .args(["flat", "seq_gaps", "unit", "psd"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pq: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(pq["rows"], 10 * 32);
+    assert_eq!(pq["types"]["window_start"], "timestamp[us, tz=UTC]");
+    assert_eq!(pq["types"]["psd"], "list<element: double not null>");
+    let json = reader
+        .get(&format!(
+            "/v1/sessions/{session}/features?from={first}&to={to}&features=rel_alpha,flat,seq_gaps,unit,psd"
+        ))
+        .await
+        .unwrap()
+        .json();
+    let json = json["rows"].as_array().unwrap();
+    assert_eq!(json.len(), 10 * 32);
+    for (i, r) in json.iter().enumerate() {
+        let named = &pq["named"];
+        for name in ["window_index", "channel_label", "flat", "seq_gaps", "unit"] {
+            assert_eq!(named[name][i], r[name], "row {i} {name}");
+        }
+        assert_eq!(
+            named["rel_alpha"][i].as_f64(),
+            r["rel_alpha"].as_f64(),
+            "row {i}"
+        );
+        let floats = |v: &Value| -> Vec<Option<f64>> {
+            v.as_array().unwrap().iter().map(Value::as_f64).collect()
+        };
+        assert_eq!(floats(&named["psd"][i]), floats(&r["psd"]), "row {i} psd");
+        assert_eq!(floats(&r["psd"]).len(), 65);
+    }
+    // The first row's start, as pyarrow prints it.
+    assert!(pq["named"]["window_start"][0]
+        .as_str()
+        .unwrap()
+        .starts_with(&rows[0]["window_start"].as_str().unwrap()[..19].replace('T', " ")));
+
     let bad = reader
         .get(&format!("/v1/sessions/{session}/features?features=nope"))
         .await
