@@ -72,6 +72,7 @@ impl KafkaSettings {
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
             .set("fetch.wait.max.ms", "20")
+            .set("fetch.min.bytes", "1048576")
             .set("session.timeout.ms", "10000")
             .set("partition.assignment.strategy", "cooperative-sticky");
         config

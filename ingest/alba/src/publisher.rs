@@ -276,6 +276,7 @@ pub fn producer_config(
             (max_in_flight_bytes / 1024 + 16 * 1024).to_string(),
         )
         .set("max.in.flight.requests.per.connection", "1")
+        .set("linger.ms", "20")
         .set("compression.type", "none")
         .set("message.copy.max.bytes", "0");
     config
@@ -560,6 +561,7 @@ mod tests {
             ("acks", "all"),
             ("enable.idempotence", "true"),
             ("max.in.flight.requests.per.connection", "1"),
+            ("linger.ms", "20"),
             ("compression.type", "none"),
             ("message.copy.max.bytes", "0"),
             ("message.timeout.ms", "10000"),
