@@ -26,7 +26,8 @@
 //!
 //! Run: `eval "$(./dev env)"; cargo bench -p clisonix-e2e --bench capacity`
 //! - `CLISONIX_CAPACITY_DEVICES`: the steps (default `100,250,500,750,1000,1250,1500`)
-//! - `CLISONIX_CAPACITY_SECONDS`: seconds streamed per device per step (default 60)
+//! - `CLISONIX_CAPACITY_SECONDS`: seconds streamed per device per step (default 60, at
+//!   most the recording's 238)
 //! - `CLISONIX_CAPACITY_AUDIO_SHARE`: the share of devices with audio (default 0.1)
 //!
 //! It builds the release binaries it runs (`cargo build --release`) first.
@@ -752,10 +753,18 @@ impl Bench {
         }
         let mut rss_max: BTreeMap<String, f64> = BTreeMap::new();
         let mut rss_first: BTreeMap<String, f64> = BTreeMap::new();
+        // After a fifth of the step (warmed up) and at its end: flat means these agree.
+        let mut rss_warm: BTreeMap<String, f64> = BTreeMap::new();
+        let mut rss_last: BTreeMap<String, f64> = BTreeMap::new();
+        let warm_after = Duration::from_secs_f64(self.seconds / 5.0);
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
             for (name, mb) in processes.rss() {
                 rss_first.entry(name.clone()).or_insert(mb);
+                if started.elapsed() >= warm_after {
+                    rss_warm.entry(name.clone()).or_insert(mb);
+                }
+                rss_last.insert(name.clone(), mb);
                 let e = rss_max.entry(name).or_insert(0.0);
                 *e = e.max(mb);
             }
@@ -895,10 +904,12 @@ impl Bench {
         let pipeline = everything - serving;
         let mut rss_line = String::new();
         for (name, mb) in &rss_max {
+            let at = |m: &BTreeMap<String, f64>| m.get(name).copied().unwrap_or(0.0);
             rss_line.push_str(&format!(
-                " {name} {:.0}→{:.0}",
-                rss_first.get(name).copied().unwrap_or(0.0),
-                mb
+                " {name} {:.0}→{:.0}→{:.0} ({mb:.0})",
+                at(&rss_first),
+                at(&rss_warm),
+                at(&rss_last),
             ));
         }
         let keeps_up = missing_live == 0 && live_ms.at(0.99) < 1000.0 && drained_s < 10.0;
@@ -929,7 +940,7 @@ impl Bench {
         );
         println!("      Postgres's CPU-s per device-hour by client:{pg_line}");
         println!(
-            "      RSS MB (start→max):{rss_line}; Postgres WAL {:.0} MB and audio objects {:.0} MB per device-hour",
+            "      RSS MB (start→a fifth in→end (max)):{rss_line}; Postgres WAL {:.0} MB and audio objects {:.0} MB per device-hour",
             (wal1 - wal0) as f64 / 1e6 / device_hours,
             audio1.saturating_sub(audio0) as f64 / 1e6 / device_hours
         );
@@ -951,6 +962,14 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.1);
+    // The devices play the reference recording once: a step cannot stream longer.
+    let recording = clisonix_player::recording::load(&common::recording_path(), 125)
+        .expect("the reference recording loads");
+    let longest = recording.frames.len() as f64 * recording.frame_seconds();
+    assert!(
+        seconds > 0.0 && seconds <= longest,
+        "CLISONIX_CAPACITY_SECONDS must be above 0 and at most the recording's {longest:.0} s"
+    );
     build_binaries();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
