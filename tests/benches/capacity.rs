@@ -41,6 +41,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
+use clisonix_e2e::procfs::{clock_ticks, stat_fields, ticks};
 use clisonix_e2e::{free_port, TestEnv};
 use clisonix_player::http::Client;
 use clisonix_schemas::SessionId;
@@ -148,35 +149,6 @@ async fn wait_healthy(url: &str, what: &str) {
 }
 
 // --- /proc ------------------------------------------------------------------------
-
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// Fields of /proc/<pid>/stat after the command name.
-fn stat_fields(pid: u32) -> Option<Vec<u64>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit(')').next()?;
-    Some(
-        rest.split_whitespace()
-            .skip(1)
-            .map(|f| f.parse().unwrap_or(0))
-            .collect(),
-    )
-}
-
-/// User + system ticks of `pid`, and of its children it has waited for.
-fn ticks(pid: u32) -> (u64, u64) {
-    // After the state: ppid pgrp session tty tpgid flags minflt cminflt majflt
-    // cmajflt utime stime cutime cstime.
-    stat_fields(pid).map_or((0, 0), |f| (f[10] + f[11], f[12] + f[13]))
-}
 
 fn rss_mb(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -12,26 +12,10 @@
 
 use std::time::Instant;
 
+use clisonix_e2e::procfs::{clock_ticks, ticks};
 use clisonix_e2e::TestEnv;
 use clisonix_gateway::{Application, Config};
 use tokio_util::sync::CancellationToken;
-
-/// User + system ticks of a process, from /proc.
-fn ticks(pid: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let f: Vec<u64> = s
-                .rsplit(')')
-                .next()?
-                .split_whitespace()
-                .skip(1)
-                .map(|v| v.parse().unwrap_or(0))
-                .collect();
-            Some(f[10] + f[11])
-        })
-        .unwrap_or(0)
-}
 
 /// Ticks of every Postgres process (the gateway's connections stay open).
 fn postgres_ticks() -> u64 {
@@ -44,18 +28,9 @@ fn postgres_ticks() -> u64 {
         .filter(|p| {
             std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "postgres")
         })
-        .map(|p| ticks(&p))
+        .filter_map(|p| p.parse().ok())
+        .map(|p| ticks(p).0)
         .sum()
-}
-
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 const COLUMNS: &str = "window_index, window_start, channel_index, channel_label, abs_delta, \
@@ -199,7 +174,7 @@ fn main() {
         let key = signed.read_key;
         let mut client = clisonix_player::http::Client::new(&gateway, &key).unwrap();
         let hz = clock_ticks();
-        let me = std::process::id().to_string();
+        let me = std::process::id();
         println!("through the API (GET /v1/sessions/{{id}}/features, every scalar feature), 11 answers each:");
         for (label, from, to) in [
             ("10 minutes", "2026-01-01T17:05:00Z", "2026-01-01T17:15:00Z"),
@@ -209,7 +184,7 @@ fn main() {
                 let path = format!("/v1/sessions/{session}/features?from={from}&to={to}&format={format}");
                 let mut times = Vec::new();
                 let mut bytes = 0;
-                let (me0, pg0) = (ticks(&me), postgres_ticks());
+                let (me0, pg0) = (ticks(me).0, postgres_ticks());
                 for _ in 0..11 {
                     let t = Instant::now();
                     let a = client.send("GET", &path, None, Vec::new(), Some(&key)).await.unwrap();
@@ -217,7 +192,7 @@ fn main() {
                     assert_eq!(a.status, 200);
                     bytes = a.body.len();
                 }
-                let (me1, pg1) = (ticks(&me), postgres_ticks());
+                let (me1, pg1) = (ticks(me).0, postgres_ticks());
                 times.sort();
                 let rows = if label == "10 minutes" { 300 * 32 } else { 1000 * 32 };
                 let per_row = |t: u64| t as f64 / hz / (11.0 * rows as f64) * 1e6;

@@ -3,6 +3,8 @@
 //! `DATABASE_URL`. Every test gets its own topics (a random prefix), consumer groups
 //! and database, so tests run in parallel and never see each other's data.
 
+pub mod procfs;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
